@@ -1,0 +1,190 @@
+"""Every training setting as a validated dataclass, plus TOML loading.
+
+The command line (``train.py``) only maps ``--kebab-case`` flags onto :class:`TrainConfig`;
+a TOML file given with ``--config`` supplies values first and flags override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line on stderr, exit code 2, on every rank."""
+
+
+ALGOS = ("pso-ps", "pa", "ssgd")
+DATASETS = ("mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic")
+FITNESS_MODES = ("train", "holdout")
+EXCHANGES = ("allgather", "best")
+GBEST_MEMORIES = ("round", "all")
+LR_SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UsageError(f"{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class PSOConfig:
+    """Coefficients of the particle-swarm step applied at every PSO-PS round."""
+
+    w: float = 0.5
+    """Inertia: the share of the previous velocity a particle keeps."""
+    c1: float = 0.5
+    """Cognitive coefficient: pull towards the particle's own best position."""
+    c2: float = 1.0
+    """Social coefficient: pull towards the swarm's global best position."""
+    vmax: float | None = None
+    """Clamp every velocity component to [-vmax, vmax]; None disables the clamp."""
+    fitness: str = "train"
+    """'train': mean training loss over the last sync period; 'holdout': loss on one fixed
+    batch that is the same on every rank."""
+    exchange: str = "allgather"
+    """'allgather': every rank receives every particle (O(P*N) bytes); 'best': MINLOC of the
+    fitness then a broadcast of the best particle (O(N) bytes)."""
+    gbest_memory: str = "round"
+    """'round': the global best is this round's best particle; 'all': the best ever seen."""
+    reset_momentum: bool = False
+    """Clear the local optimizer's state (momentum) after every round."""
+
+    def __post_init__(self) -> None:
+        for name in ("w", "c1", "c2"):
+            _non_negative(f"--{name}", getattr(self, name))
+        if self.vmax is not None:
+            _positive("--vmax", self.vmax)
+        _choice("fitness mode", self.fitness, FITNESS_MODES)
+        _choice("exchange", self.exchange, EXCHANGES)
+        _choice("gbest memory", self.gbest_memory, GBEST_MEMORIES)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run: algorithm, data, model, optimizer and output."""
+
+    algo: str = "pso-ps"
+    """Synchronisation algorithm: 'pso-ps', 'pa' (periodic averaging) or 'ssgd'."""
+    sync_every: int = 8
+    """Local steps between two rounds (PSO-PS and PA; SSGD synchronises every step)."""
+    dataset: str = "mnist1d"
+    """Dataset name; see data.py for the files each one reads."""
+    data_dir: str | None = None
+    """Folder holding the dataset files (mnist, fashion-mnist, cifar10)."""
+    model: str = "auto"
+    """A registered model name, 'auto' (the dataset's default) or 'package.module:function'."""
+    epochs: int = 30
+    """Passes over the training set."""
+    batch_size: int = 32
+    """Mini-batch size per rank."""
+    lr: float = 0.05
+    """Peak learning rate of the local SGD optimizer."""
+    lr_schedule: str = "cosine"
+    """'cosine' decays the learning rate to zero over the run; 'constant' keeps it."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay (L2)."""
+    seed: int = 0
+    """Seed for weights, data order and the swarm's random numbers."""
+    pso: PSOConfig = field(default_factory=PSOConfig)
+    """Particle-swarm settings (PSO-PS only)."""
+    device: str = "auto"
+    """'auto' (one GPU per rank when CUDA is present, else CPU), 'cpu' or 'cuda'."""
+    threads: int = 0
+    """CPU threads per rank; 0 shares the node's cores evenly between its ranks."""
+    metrics_out: str | None = None
+    """Write one JSON line per event (start, epoch, final) to this file (rank 0)."""
+    quiet: bool = False
+    """No progress bar and no per-epoch lines; errors and the final line only."""
+    max_steps: int = 0
+    """Stop after this many steps per rank (0: run all epochs); for quick checks."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pso, dict):
+            self.pso = PSOConfig(**self.pso)
+        _choice("algo", self.algo, ALGOS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        for name in ("sync_every", "batch_size", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
+                                 f"got {value!r}")
+        _positive("--lr", self.lr)
+        _non_negative("--momentum", self.momentum)
+        _non_negative("--weight-decay", self.weight_decay)
+        for name in ("threads", "max_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 0, "
+                                 f"got {value!r}")
+        if not self.model:
+            raise UsageError("--model must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-ready values (stored with every result)."""
+        return dataclasses.asdict(self)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file into the flat key space of the command line.
+
+    Keys may be written with '-' or '_'. PSO keys may sit at the top level or in a ``[pso]``
+    table. Unknown keys are an error, so a typo never passes silently.
+    """
+    try:
+        with Path(path).open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "pso" and isinstance(value, dict):
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key.replace("-", "_")] = value
+    known = (_field_names(TrainConfig) | _field_names(PSOConfig)) - {"pso"}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise UsageError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return flat
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Make a validated TrainConfig from flat settings (TOML values overridden by flags)."""
+    pso_names = _field_names(PSOConfig)
+    pso = {k: v for k, v in values.items() if k in pso_names}
+    top = {k: v for k, v in values.items() if k not in pso_names}
+    try:
+        return TrainConfig(**top, pso=PSOConfig(**pso))
+    except TypeError as exc:  # a wrongly typed value from TOML, e.g. a string for an int
+        raise UsageError(f"bad setting: {exc}") from None

@@ -1,0 +1,123 @@
+"""Moving tensors between ranks: the only module that calls MPI collectives on tensors.
+
+Every call takes contiguous buffers (mpi4py upper-case methods, no pickling) and counts the
+bytes this rank sends and the seconds it spends in MPI. Byte counts follow the
+bandwidth-optimal algorithms so the three training algorithms compare on equal terms:
+ring allreduce sends 2(P-1)/P of the buffer, allgather (P-1) times the block, a broadcast
+(pipelined) one buffer from the root and the same through each relay.
+
+CUDA tensors are handed to MPI directly only when the caller says the MPI library is
+CUDA-aware; otherwise they are staged through one pinned host buffer, allocated once and
+grown when a larger message comes.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+
+class Exchange:
+    """Collectives on flat tensors over ``comm``, with byte and time counters.
+
+    Args:
+        comm: the communicator (never looked up globally).
+        cuda_aware: pass CUDA tensors to MPI directly instead of staging them on the host.
+    """
+
+    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        self.cuda_aware = cuda_aware
+        self.bytes_sent = 0
+        self.seconds = 0.0
+        self.calls = 0
+        self._staging: torch.Tensor | None = None
+
+    @contextmanager
+    def _timed(self, nbytes: float):
+        start = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - start
+        self.bytes_sent += int(nbytes)
+        self.calls += 1
+
+    def _host(self, tensor: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+        """A host tensor MPI may read and write: ``tensor`` itself on CPU or when CUDA-aware,
+        else a slice of the pinned staging buffer."""
+        if tensor.device.type == "cpu":
+            return tensor
+        torch.cuda.current_stream(tensor.device).synchronize()  # MPI must see finished writes
+        if self.cuda_aware:
+            return tensor
+        numel = tensor.numel() if numel is None else numel
+        staging = self._staging
+        if staging is None or staging.numel() < numel or staging.dtype != tensor.dtype:
+            staging = torch.empty(numel, dtype=tensor.dtype, pin_memory=True)
+            self._staging = staging
+        return staging[:numel]
+
+    def allreduce_mean_(self, buf: torch.Tensor) -> None:
+        """Replace ``buf`` by its mean over all ranks, in place (one Allreduce)."""
+        if self.world_size == 1:
+            return
+        nbytes = buf.numel() * buf.element_size() * 2 * (self.world_size - 1) / self.world_size
+        with self._timed(nbytes):
+            host = self._host(buf)
+            if host is not buf:
+                host.copy_(buf.view(-1))
+            self.comm.Allreduce(MPI.IN_PLACE, host)
+            if host is not buf:
+                buf.view(-1).copy_(host)
+        buf.div_(self.world_size)
+
+    def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        """Gather every rank's ``send`` into the rows of ``recv`` (shape (P, *send.shape))."""
+        if self.world_size == 1:
+            recv[0].copy_(send)
+            return
+        nbytes = send.numel() * send.element_size() * (self.world_size - 1)
+        with self._timed(nbytes):
+            if send.device.type == "cpu" or self.cuda_aware:
+                self._host(send)  # synchronises the stream on CUDA
+                self.comm.Allgather(send, recv)
+                return
+            # Staged: one pinned buffer holds [send ; recv] so both sides are host memory.
+            host = self._host(send, send.numel() * (self.world_size + 1))
+            host_send, host_recv = host[: send.numel()], host[send.numel() :]
+            host_send.copy_(send.view(-1))
+            self.comm.Allgather(host_send, host_recv)
+            recv.view(-1).copy_(host_recv)
+
+    def bcast_(self, buf: torch.Tensor, root: int) -> None:
+        """Overwrite ``buf`` on every rank with the root's ``buf`` (one Bcast)."""
+        if self.world_size == 1:
+            return
+        with self._timed(buf.numel() * buf.element_size()):
+            host = self._host(buf)
+            if host is not buf and self.rank == root:
+                host.copy_(buf.view(-1))
+            self.comm.Bcast(host, root=root)
+            if host is not buf:
+                buf.view(-1).copy_(host)
+
+    def minloc(self, value: float) -> tuple[float, int]:
+        """The smallest ``value`` over all ranks and the lowest rank holding it (MINLOC)."""
+        if self.world_size == 1:
+            return value, self.rank
+        # align=True gives the C layout of struct {double; int} that MPI.DOUBLE_INT describes.
+        pair = np.dtype([("v", "f8"), ("r", "i4")], align=True)
+        send = np.array([(value, self.rank)], dtype=pair)
+        recv = np.empty_like(send)
+        with self._timed(12):
+            self.comm.Allreduce([send, MPI.DOUBLE_INT], [recv, MPI.DOUBLE_INT], op=MPI.MINLOC)
+        return float(recv["v"][0]), int(recv["r"][0])
+
+    def counters(self) -> dict[str, float]:
+        """Bytes sent, seconds in MPI and number of collectives so far on this rank."""
+        return {"comm_bytes": self.bytes_sent, "comm_s": self.seconds, "comm_calls": self.calls}

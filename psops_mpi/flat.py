@@ -1,0 +1,99 @@
+"""Tensors as views into one contiguous buffer, so a round sends the buffer as it is.
+
+After ``FlatParams(model)``, every parameter's ``.data`` is a view into ``flat.data`` and its
+``.grad`` a view into ``flat.grad``: an optimizer step writes straight into the buffer that
+MPI sends, and a collective's result is the model's new weights with nothing copied back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _bind(tensors: Sequence[torch.Tensor], buffer: torch.Tensor) -> list[torch.Tensor]:
+    """Copy each tensor into its slice of ``buffer`` and make the tensor a view of it."""
+    views = []
+    offset = 0
+    for tensor in tensors:
+        view = buffer[offset : offset + tensor.numel()].view_as(tensor)
+        view.copy_(tensor.detach())
+        tensor.data = view
+        views.append(view)
+        offset += tensor.numel()
+    return views
+
+
+def _common_dtype_device(tensors: Sequence[torch.Tensor], what: str) -> tuple:
+    kinds = {(t.dtype, t.device) for t in tensors}
+    if len(kinds) != 1:
+        raise ValueError(f"all {what} must share one dtype and device to be flattened, "
+                         f"found {sorted(str(k) for k in kinds)}")
+    return kinds.pop()
+
+
+class FlatParams:
+    """A model's trainable parameters (and their gradients) as one flat float buffer.
+
+    Args:
+        model: the model; its parameters become views of ``data``.
+        extra: slots reserved after the parameters in the same allocation. PSO-PS keeps the
+            particle's fitness there so ``packed`` = [weights ; fitness] goes out in one message.
+    """
+
+    def __init__(self, model: nn.Module, extra: int = 0) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        dtype, device = _common_dtype_device(self.params, "parameters")
+        self.numel = sum(p.numel() for p in self.params)
+        self.packed = torch.zeros(self.numel + extra, dtype=dtype, device=device)
+        self.data = self.packed[: self.numel]
+        _bind(self.params, self.data)
+        self.grad = torch.zeros_like(self.data)
+        self._grad_views = [
+            self.grad[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self._offsets())
+        ]
+        self.attach_grads()
+
+    def _offsets(self) -> list[int]:
+        offsets, total = [], 0
+        for p in self.params:
+            offsets.append(total)
+            total += p.numel()
+        return offsets
+
+    def attach_grads(self) -> None:
+        """Make every ``p.grad`` a view of ``grad`` again.
+
+        ``optimizer.zero_grad()`` sets grads to None by default; autograd then allocates new
+        tensors outside the buffer. Those are copied in and replaced by views, which costs
+        nothing when the grads are already views (the usual case after the first step).
+        """
+        for param, view in zip(self.params, self._grad_views):
+            if param.grad is None:
+                view.zero_()
+            elif param.grad.data_ptr() != view.data_ptr():
+                view.copy_(param.grad)
+            else:
+                continue
+            param.grad = view
+
+
+class FlatBuffers:
+    """A model's floating-point buffers (BatchNorm running statistics) as one flat buffer.
+
+    Integer buffers (``num_batches_tracked``) stay as they are: they are equal on every rank
+    and averaging them means nothing. ``data`` is None when the model has no float buffers.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.data: torch.Tensor | None = None
+        if self.buffers:
+            dtype, device = _common_dtype_device(self.buffers, "floating-point buffers")
+            total = sum(b.numel() for b in self.buffers)
+            self.data = torch.empty(total, dtype=dtype, device=device)
+            _bind(self.buffers, self.data)

@@ -1,0 +1,107 @@
+"""What a run tells its user: rank-0 progress bar and lines, JSON-lines metrics, versions."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import mpi4py
+import torch
+from mpi4py import MPI
+from tqdm import tqdm
+
+from psops_mpi.config import UsageError
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no inf/NaN: write them as null rather than produce an invalid file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class MetricsWriter:
+    """One JSON object per line, flushed at once so a killed job keeps what it wrote.
+
+    Args:
+        path: the file to write, or None to write nothing. Only rank 0 passes a path.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._fh: TextIO | None = None
+        if path is None:
+            return
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = Path(path).open("w", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write metrics file {path}: {exc.strerror}") from None
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(_jsonable({"event": event, **fields})) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def check_writable(path: str) -> None:
+    """Fail before training, not after it, when the metrics file cannot be created."""
+    parent = Path(path).resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write metrics file {path}: {probe} is not a directory")
+    if Path(path).is_dir():
+        raise UsageError(f"cannot write metrics file {path}: it is a directory")
+
+
+class Progress:
+    """Rank 0's progress bar (TTY only) and epoch lines; silent elsewhere and with quiet."""
+
+    def __init__(self, total_steps: int, enabled: bool, quiet: bool,
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.lines = enabled and not quiet
+        bar_enabled = self.lines and self.stream.isatty()
+        self.bar = tqdm(total=total_steps, disable=not bar_enabled, file=self.stream,
+                        dynamic_ncols=True, unit="step", leave=False)
+
+    def update(self, steps: int, **postfix: float) -> None:
+        self.bar.update(steps)
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def line(self, text: str) -> None:
+        if self.lines:
+            if self.bar.disable:
+                print(text, file=sys.stdout, flush=True)
+            else:
+                self.bar.write(text, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts stored with every result."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mpi4py": mpi4py.__version__,
+        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,289 @@
+"""The built-in models, the per-dataset defaults and loading of user models.
+
+Every factory takes ``(input_shape, num_classes)``, where ``input_shape`` excludes the batch
+dimension, and initialises its weights from the global torch RNG only, so seeding it before
+:func:`build_model` gives the same initial model on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from psops_mpi.config import UsageError
+
+Factory = Callable[[tuple[int, ...], int], nn.Module]
+
+
+def _summary(exc: BaseException) -> str:
+    """One-line 'Type: first line of message', so errors stay one line on stderr."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _need_dims(name: str, input_shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
+    if len(input_shape) not in dims:
+        want = " or ".join(str(d) for d in dims)
+        raise UsageError(f"{name} needs inputs of {want} dimension(s), got {len(input_shape)}")
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Two hidden layers of 256 units on the flattened input; suits any input shape."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+class _CNN1D(nn.Module):
+    """ConvBase of the MNIST-1D paper (Greydanus 2020): three strided convs and a linear."""
+
+    def __init__(self, channels: int, length: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(channels, 32, 5, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+        )
+        out = _conv_out(_conv_out(_conv_out(length, 5, 2, 1), 3, 2, 1), 3, 2, 1)
+        self.linear = nn.Linear(32 * out, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (B, L) signals, as mnist1d stores them, get a channel axis
+            x = x.unsqueeze(1)
+        return self.linear(self.features(x).flatten(1))
+
+
+def cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """MNIST-1D CNN for (C, L) or (L,) signals with L >= 8 (published ~94% test accuracy)."""
+    _need_dims("cnn1d", input_shape, (1, 2))
+    if input_shape[-1] < 8:
+        raise UsageError(f"cnn1d needs signals of length >= 8, got {input_shape[-1]}")
+    channels = input_shape[0] if len(input_shape) == 2 else 1
+    return _CNN1D(channels, input_shape[-1], num_classes)
+
+
+def lenet(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """LeNet-5 with ReLU and max pooling for (C, H, W) images, 28x28 in the original."""
+    _need_dims("lenet", input_shape, (3,))
+    channels, height, width = input_shape
+    # conv(pad 2) keeps the size, pool halves it, conv 5 removes 4, pool halves again
+    flat_h, flat_w = ((s // 2 - 4) // 2 for s in (height, width))
+    if min(flat_h, flat_w) < 1:
+        raise UsageError(f"lenet needs images of at least 12x12, got {height}x{width}")
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * flat_h * flat_w, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    # no conv bias: the BatchNorm shift that follows makes it redundant
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Small fast CIFAR CNN: five 3x3 conv-BN-ReLU layers, three pools, global average pool."""
+    _need_dims("cnn", input_shape, (3,))
+    return nn.Sequential(
+        *_conv_bn_relu(input_shape[0], 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2),
+        *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2),
+        *_conv_bn_relu(64, 128), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(128, num_classes),
+    )
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with the option-A (parameter-free) identity shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.stride = stride
+        self.pad = c_out - c_in
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 and self.pad == 0:
+            return x
+        # option A: subsample spatially and zero-pad the new channels, half on each side
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class _ResNetCifar(nn.Module):
+    """CIFAR ResNet of He et al. 2016 with ``blocks`` basic blocks in each of 3 stages."""
+
+    def __init__(self, channels: int, num_classes: int, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn_relu(channels, 16))
+        layers: list[nn.Module] = []
+        c_in = 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(blocks):
+                layers.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        self.stages = nn.Sequential(*layers)
+        self.linear = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stages(self.stem(x))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ResNet-20 for (C, H, W) images (about 0.27M parameters with 10 classes)."""
+    _need_dims("resnet20", input_shape, (3,))
+    return _ResNetCifar(input_shape[0], num_classes)
+
+
+MODELS: dict[str, Factory] = {
+    "mlp": mlp,
+    "cnn1d": cnn1d,
+    "lenet": lenet,
+    "cnn": cnn,
+    "resnet20": resnet20,
+}
+
+DEFAULT_MODELS: dict[str, str] = {
+    "mnist1d": "cnn1d",
+    "mnist": "lenet",
+    "fashion-mnist": "lenet",
+    "cifar10": "resnet20",
+    "synthetic": "mlp",
+}
+
+
+def _check_args(input_shape: tuple[int, ...], num_classes: int) -> None:
+    if not input_shape or not all(isinstance(s, int) and s > 0 for s in input_shape):
+        raise UsageError(f"input shape must be positive integers, got {input_shape!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise UsageError(f"number of classes must be a positive integer, got {num_classes!r}")
+
+
+def _resolve_auto(dataset: str | None) -> str:
+    if dataset not in DEFAULT_MODELS:
+        raise UsageError(f"model 'auto' has no default for dataset {dataset!r}; "
+                         f"defaults exist for: {', '.join(DEFAULT_MODELS)}")
+    return DEFAULT_MODELS[dataset]
+
+
+def _load_user_factory(spec: str) -> Callable[..., object]:
+    """Import 'package.module:function' and return the function."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"model {spec!r} must have the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # SyntaxError, ImportError or whatever the module raises
+        raise UsageError(f"model {spec!r}: cannot import module {module_name!r}: "
+                         f"{_summary(exc)}") from None
+    if not hasattr(module, attr):
+        raise UsageError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise UsageError(f"model {spec!r}: {attr!r} is not callable")
+    return factory
+
+
+def _call_user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    factory = _load_user_factory(spec)
+    try:
+        model = factory(input_shape=input_shape, num_classes=num_classes)
+    except Exception as exc:
+        raise UsageError(f"model {spec!r}: the factory raised {_summary(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model {spec!r}: the factory returned {type(model).__name__}, "
+                         f"not a torch.nn.Module")
+    return model
+
+
+def _call_registered(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    try:
+        return MODELS[name](input_shape, num_classes)
+    except Exception as exc:  # a shape the architecture cannot be built for
+        reason = str(exc) if isinstance(exc, UsageError) else _summary(exc)
+        raise UsageError(f"model {name!r} does not accept inputs of shape "
+                         f"{input_shape}: {reason}") from None
+
+
+def _check_forward(name: str, model: nn.Module, input_shape: tuple[int, ...],
+                   num_classes: int) -> None:
+    """Run one eval-mode forward pass on zeros so a shape mismatch fails now, clearly."""
+    was_training = model.training
+    model.eval()  # eval: BatchNorm running statistics stay untouched
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape, dtype=torch.float32))
+    except Exception as exc:
+        raise UsageError(f"model {name!r} does not accept inputs of shape {input_shape}: "
+                         f"{_summary(exc)}") from None
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_classes):
+        raise UsageError(f"model {name!r} gives outputs of shape {shape} for a batch of 2, "
+                         f"expected {(2, num_classes)}")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                dataset: str | None = None) -> nn.Module:
+    """Build a model by name and check that it accepts ``input_shape``.
+
+    Args:
+        name: A key of :data:`MODELS`, 'auto' (the default of ``dataset``) or
+            'package.module:function', called as ``function(input_shape=..., num_classes=...)``.
+        input_shape: Shape of one sample, without the batch dimension.
+        num_classes: Number of output logits.
+        dataset: Dataset name, needed only for 'auto'.
+
+    Returns:
+        The model, in train mode, initialised from the global torch RNG.
+
+    Raises:
+        UsageError: The name is unknown, the user factory fails, or the shapes do not fit.
+    """
+    input_shape = tuple(input_shape)
+    _check_args(input_shape, num_classes)
+    if name == "auto":
+        name = _resolve_auto(dataset)
+    if name in MODELS:
+        model = _call_registered(name, input_shape, num_classes)
+    elif ":" in name:
+        model = _call_user_factory(name, input_shape, num_classes)
+    else:
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, 'auto', "
+                         f"or give a user model as 'package.module:function'")
+    _check_forward(name, model, input_shape, num_classes)
+    return model
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements (trainable or not) of ``model``."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,29 @@
+"""Synchronisation policies: when and what the ranks exchange. One file per algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi.config import TrainConfig
+from psops_mpi.sync.base import Synchronizer
+from psops_mpi.sync.pa import PASync
+from psops_mpi.sync.pso_ps import PSOSync
+from psops_mpi.sync.ssgd import SSGDSync
+
+__all__ = ["PASync", "PSOSync", "SSGDSync", "Synchronizer", "make_sync"]
+
+
+def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+              comm: MPI.Comm, fitness_fn: Callable[[], torch.Tensor] | None = None,
+              cuda_aware: bool = False) -> Synchronizer:
+    """The synchroniser ``config.algo`` names, set up from the config."""
+    if config.algo == "ssgd":
+        return SSGDSync(model, optimizer, comm, 1, cuda_aware)
+    if config.algo == "pa":
+        return PASync(model, optimizer, comm, config.sync_every, cuda_aware)
+    return PSOSync(model, optimizer, comm, config.sync_every, config=config.pso,
+                   seed=config.seed, fitness_fn=fitness_fn, cuda_aware=cuda_aware)

@@ -1,0 +1,15 @@
+"""Periodic averaging (local SGD): one Allreduce of the flat weights every ``sync_every`` steps."""
+
+from __future__ import annotations
+
+from psops_mpi.sync.base import Synchronizer
+
+
+class PASync(Synchronizer):
+    """Replace every rank's weights by their mean over all ranks once per period."""
+
+    name = "pa"
+
+    def _round(self) -> None:
+        self.exchange.allreduce_mean_(self.flat.data)
+        self.average_buffers()

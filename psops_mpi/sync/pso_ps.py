@@ -1,0 +1,119 @@
+"""PSO-PS: every rank is a particle; every ``sync_every`` steps a particle-swarm step
+replaces averaging (Ye et al., IJCNN 2020, arXiv 2009.03816).
+
+A round: fitness f_k -> exchange (one Allgather of [x_k ; f_k], or MINLOC + Bcast of the best)
+-> personal and global bests -> PSO move of x_k, v_k in place -> average BatchNorm buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi.config import PSOConfig
+from psops_mpi.swarm import Swarm, select_best
+from psops_mpi.sync.base import Synchronizer
+
+
+class PSOSync(Synchronizer):
+    """Particle-swarm synchronisation of the ranks' weights.
+
+    Args:
+        model, optimizer, comm, sync_every, cuda_aware: as :class:`Synchronizer`.
+        config: PSO coefficients and options (default :class:`PSOConfig`); keyword overrides
+            such as ``w=0.6`` may be given instead.
+        seed: key of the swarm's random draws (with round and rank).
+        fitness_fn: returns the loss that is this particle's fitness, for
+            ``config.fitness == 'holdout'``; by default the mean training loss passed to
+            :meth:`after_step` since the last round.
+    """
+
+    name = "pso-ps"
+    extra_slots = 1
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 comm: MPI.Comm | None = None, sync_every: int = 8, *,
+                 config: PSOConfig | None = None, seed: int = 0,
+                 fitness_fn: Callable[[], torch.Tensor] | None = None,
+                 cuda_aware: bool = False, **overrides: object) -> None:
+        super().__init__(model, optimizer, comm, sync_every, cuda_aware)
+        cfg = config or PSOConfig()
+        self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
+        if self.config.fitness == "holdout" and fitness_fn is None:
+            raise ValueError("fitness 'holdout' needs a fitness_fn that returns the loss")
+        self.fitness_fn = fitness_fn
+        self.swarm = Swarm(self.flat.data, self.config, seed, self.rank)
+        n = self.flat.numel
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.flat.data.device)
+        self._fitness_slot = self.flat.packed[n:]
+        self._gathered = (
+            torch.empty((self.world_size, n + 1), dtype=self.flat.data.dtype,
+                        device=self.flat.data.device)
+            if self.config.exchange == "allgather" else None
+        )
+        self.last_fitness = math.inf
+
+    def _observe(self, loss: torch.Tensor | None) -> None:
+        if loss is not None:
+            self._loss_sum += loss.detach().to(self._loss_sum.dtype)  # stays on device
+
+    def _fitness(self) -> torch.Tensor:
+        """This particle's fitness for the round, as a 0-d tensor on the device."""
+        if self.config.fitness == "holdout":
+            return self.fitness_fn().detach().to(self._loss_sum.dtype)  # type: ignore[misc]
+        return self._loss_sum / max(self.steps_since_round, 1)
+
+    def _round(self) -> None:
+        fitness = self._fitness()
+        self._fitness_slot.copy_(fitness)
+        self.last_fitness = float(fitness)  # one host sync per round, not per step
+        if self._gathered is not None:
+            self._exchange_allgather()
+        else:
+            self._exchange_best()
+        self.swarm.move()
+        self.average_buffers()
+        if self.config.reset_momentum:
+            self.optimizer.state.clear()
+        self._loss_sum.zero_()
+
+    def _exchange_allgather(self) -> None:
+        gathered = self._gathered
+        self.exchange.allgather(self.flat.packed, gathered)
+        owner, best = select_best(gathered[:, -1])
+        self.swarm.offer_personal(self.last_fitness)
+        if self.swarm.accepts_global(best):
+            self.swarm.set_global(gathered[owner, :-1], best, owner)
+
+    def _exchange_best(self) -> None:
+        local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
+        best, owner = self.exchange.minloc(local)
+        self.swarm.offer_personal(self.last_fitness)
+        # Every rank holds the same (best, owner), so all take the same branch.
+        if self.swarm.accepts_global(best):
+            if self.rank == owner:
+                self.swarm.gbest.copy_(self.flat.data)
+            self.exchange.bcast_(self.swarm.gbest, root=owner)
+            self.swarm.set_global(self.swarm.gbest, best, owner)
+
+    @contextmanager
+    def consensus(self) -> Iterator[None]:
+        """Evaluate the swarm's answer, the global best position, then restore this particle."""
+        if self.swarm.gbest_owner < 0:  # no finite fitness yet: nothing better to offer
+            yield
+            return
+        saved = self.flat.data.clone()
+        self.flat.data.copy_(self.swarm.gbest)
+        try:
+            yield
+        finally:
+            self.flat.data.copy_(saved)
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "gbest_fitness": self.swarm.gbest_fitness,
+                "gbest_owner": self.swarm.gbest_owner}

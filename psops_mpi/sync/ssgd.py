@@ -1,0 +1,24 @@
+"""Synchronous SGD: one Allreduce of the flat gradient every step."""
+
+from __future__ import annotations
+
+from psops_mpi.sync.base import Synchronizer
+
+
+class SSGDSync(Synchronizer):
+    """Average gradients over all ranks after every backward pass (``sync_every`` is unused:
+    weights never diverge, so only BatchNorm statistics are averaged, at :meth:`flush`)."""
+
+    name = "ssgd"
+
+    def after_backward(self) -> None:
+        self.flat.attach_grads()
+        self.exchange.allreduce_mean_(self.flat.grad)
+
+    def after_step(self, loss=None) -> bool:
+        self.steps += 1
+        self.steps_since_round += 1
+        return False
+
+    def _round(self) -> None:
+        self.average_buffers()

@@ -1,0 +1,268 @@
+"""Command-line training: ``python -m psops_mpi.train`` (or ``psops-train``) under MPI.
+
+    mpiexec -n 4 python -m psops_mpi.train --algo pso-ps --sync-every 8
+    srun -n 16 --mpi=pmi2 python -m psops_mpi.train --dataset cifar10 --data-dir DATA
+
+parse -> config -> world -> data, model, synchroniser -> train loop -> final metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi import data as datasets
+from psops_mpi import models
+from psops_mpi.config import (ALGOS, DATASETS, DEVICES, EXCHANGES, FITNESS_MODES, GBEST_MEMORIES,
+                              LR_SCHEDULES, TrainConfig, UsageError, build_config, load_toml)
+from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
+from psops_mpi.sync import Synchronizer, make_sync
+from psops_mpi.world import World, abort_on_error, agree, init_world
+
+HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
+EVAL_BATCH = 1024
+LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-host sync)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the usual bad-input path, not usage text
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags map one to one onto TrainConfig / PSOConfig fields; defaults live there."""
+    d, pso = TrainConfig(), TrainConfig().pso
+    p = _Parser(prog="psops_mpi.train", argument_default=argparse.SUPPRESS,
+                description="Data-parallel training over MPI with PSO-PS, PA or SSGD.")
+    add = p.add_argument
+    add("--config", metavar="FILE.toml", help="settings file; flags given here override it")
+    add("--algo", choices=ALGOS, help=f"synchronisation algorithm (default {d.algo})")
+    add("--sync-every", type=int, metavar="N", help=f"local steps per round ({d.sync_every})")
+    add("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
+    add("--data-dir", metavar="DIR", help="folder holding the dataset files")
+    add("--model", help="model name, 'auto' or package.module:function (default auto)")
+    add("--epochs", type=int, help=f"passes over the training set ({d.epochs})")
+    add("--batch-size", type=int, help=f"mini-batch size per rank ({d.batch_size})")
+    add("--lr", type=float, help=f"peak learning rate ({d.lr})")
+    add("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
+    add("--momentum", type=float, help=f"SGD momentum ({d.momentum})")
+    add("--weight-decay", type=float, help=f"SGD weight decay ({d.weight_decay})")
+    add("--seed", type=int, help=f"seed of weights, data order and swarm ({d.seed})")
+    add("--w", type=float, help=f"PSO inertia ({pso.w})")
+    add("--c1", type=float, help=f"PSO pull to the personal best ({pso.c1})")
+    add("--c2", type=float, help=f"PSO pull to the global best ({pso.c2})")
+    add("--vmax", type=float, help="PSO velocity clamp (default none)")
+    add("--fitness", choices=FITNESS_MODES, help=f"particle fitness ({pso.fitness})")
+    add("--exchange", choices=EXCHANGES, help=f"PSO-PS exchange ({pso.exchange})")
+    add("--gbest-memory", choices=GBEST_MEMORIES, help=f"global best memory ({pso.gbest_memory})")
+    add("--reset-momentum", action="store_true", help="clear SGD momentum after each round")
+    add("--device", choices=DEVICES, help=f"device per rank ({d.device})")
+    add("--threads", type=int, help="CPU threads per rank (default: share the node's cores)")
+    add("--max-steps", type=int, metavar="N", help="stop after N steps per rank (0: no limit)")
+    add("--metrics-out", metavar="PATH", help="write JSON-lines metrics here (rank 0)")
+    add("--quiet", action="store_true", help="no progress bar or epoch lines")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Flags over the TOML file over the defaults, validated."""
+    given = vars(build_parser().parse_args(argv))
+    values = load_toml(given.pop("config")) if "config" in given else {}
+    values.update(given)
+    return build_config(values)
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built and checked before the first step."""
+
+    config: TrainConfig
+    world: World
+    dataset: datasets.Dataset
+    batches: datasets.ShardedBatches
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sync: Synchronizer
+    metrics: MetricsWriter
+
+
+def prepare(argv: list[str] | None, comm: MPI.Comm) -> Run:
+    """Parse, validate and build everything; any bad input raises UsageError here."""
+    config = parse_config(argv)
+    if config.model == "auto":  # store the resolved name with the results
+        config.model = models.DEFAULT_MODELS[config.dataset]
+    if config.metrics_out:
+        check_writable(config.metrics_out)
+    world = init_world(comm, config.device, config.threads)
+    dataset = datasets.load_dataset(config.dataset, config.data_dir, world.device)
+    batches = datasets.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
+                                      config.seed)
+    torch.manual_seed(config.seed)
+    model = models.build_model(config.model, dataset.input_shape, dataset.num_classes,
+                               config.dataset).to(world.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    fitness_fn = None
+    if config.pso.fitness == "holdout":
+        holdout = datasets.holdout_batch(dataset, HOLDOUT_SIZE, config.seed)
+        fitness_fn = lambda: holdout_loss(model, *holdout)  # noqa: E731
+    sync = make_sync(config, model, optimizer, comm, fitness_fn)
+    metrics = MetricsWriter(config.metrics_out if world.is_root else None)
+    return Run(config, world, dataset, batches, model, optimizer, sync, metrics)
+
+
+@torch.no_grad()
+def holdout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss on the fixed holdout batch, in eval mode (no BatchNorm statistics updated)."""
+    was_training = model.training
+    model.eval()
+    loss = F.cross_entropy(model(x), y)
+    model.train(was_training)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: MPI.Comm) -> tuple:
+    """Mean loss and accuracy over the whole test set, each rank taking its own part."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
+    for start in range(0, len(x), EVAL_BATCH):
+        out = model(x[start : start + EVAL_BATCH])
+        target = y[start : start + EVAL_BATCH]
+        totals[0] += F.cross_entropy(out, target, reduction="sum")
+        totals[1] += (out.argmax(1) == target).sum()
+        totals[2] += len(target)
+    model.train()
+    summed = reduce_sum(totals.cpu().numpy(), comm)
+    return summed[0] / summed[2], summed[1] / summed[2]
+
+
+def reduce_sum(values: np.ndarray, comm: MPI.Comm) -> np.ndarray:
+    """Sum a few float64 numbers over ranks (metrics only: not counted as training traffic)."""
+    out = np.array(values, dtype=np.float64)
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, out)
+    return out
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
+
+
+def train(run: Run) -> dict[str, Any]:
+    """The training loop; returns the final metrics (the same on every rank)."""
+    cfg, world, model, optimizer, sync = run.config, run.world, run.model, run.optimizer, run.sync
+    total_steps = run.batches.steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    test_x, test_y = datasets.eval_shard(run.dataset, world.rank, world.world_size)
+    progress = Progress(total_steps, world.is_root, cfg.quiet)
+    start, step = time.perf_counter(), 0
+    for epoch in range(cfg.epochs):
+        sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, correct, count
+        for x, y in run.batches.epoch(epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, total_steps)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            optimizer.zero_grad(set_to_none=False)  # keep grads as views of the flat buffer
+            loss.backward()
+            sync.after_backward()
+            optimizer.step()
+            sync.after_step(loss)
+            sums += torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum(),
+                                 torch.tensor(len(y), device=y.device)]).double()
+            step += 1
+            if step % LOG_EVERY == 0 or step == total_steps:
+                progress.update(step - progress.bar.n, loss=float(sums[0] / sums[2]),
+                                acc=float(sums[1] / sums[2]),
+                                samples_s=step * len(y) * world.world_size
+                                / (time.perf_counter() - start))
+            if step >= total_steps:
+                break
+        record = end_of_epoch(run, epoch, sums, test_x, test_y, start)
+        progress.line(epoch_line(record, cfg.epochs))
+        if step >= total_steps:
+            break
+    progress.close()
+    return {**record, "steps": step}
+
+
+def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, start: float) -> dict[str, Any]:
+    """Synchronise, evaluate the swarm's consensus model, and write the epoch's metrics."""
+    sync, comm = run.sync, run.world.comm
+    sync.flush()
+    with sync.consensus():
+        test_loss, test_acc = evaluate(run.model, test_x, test_y, comm)
+    train_sums = reduce_sum(sums.cpu().numpy(), comm)
+    stats = sync.stats()
+    comm_mean = reduce_sum(np.array([stats["comm_bytes"], stats["comm_s"]]), comm)
+    comm_mean /= run.world.world_size
+    wall = time.perf_counter() - start
+    record = {
+        "epoch": epoch + 1, "train_loss": train_sums[0] / train_sums[2],
+        "train_acc": train_sums[1] / train_sums[2], "test_loss": test_loss,
+        "test_acc": test_acc, "wall_s": wall, "rounds": stats["rounds"],
+        "comm_bytes_per_rank": int(comm_mean[0]), "comm_s": comm_mean[1],
+        "samples_per_s": stats["steps"] * run.config.batch_size * run.world.world_size / wall,
+    }
+    if "gbest_fitness" in stats:
+        record["gbest_fitness"] = stats["gbest_fitness"]
+    run.metrics.write("epoch", **record)
+    return record
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.4f}  test loss {record['test_loss']:.4f} "
+            f"acc {record['test_acc']:.4f}  {record['samples_per_s']:.0f} samples/s  "
+            f"comm {record['comm_s']:.2f}s")
+
+
+def describe(run: Run) -> str:
+    cfg, world = run.config, run.world
+    rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
+    return (f"psops_mpi: {cfg.algo} ({rule}) on {cfg.dataset}, model {cfg.model} with "
+            f"{run.sync.flat.numel:,} parameters, {world.world_size} rank(s) on "
+            f"{world.device.type}, {run.batches.steps_per_epoch} steps/epoch of "
+            f"{cfg.batch_size} per rank")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m psops_mpi.train`` and ``psops-train``."""
+    comm = MPI.COMM_WORLD
+    try:
+        run = agree(comm, lambda: prepare(argv, comm))
+        if not run.config.quiet and run.world.is_root:
+            print(describe(run), flush=True)
+        run.metrics.write("start", config=run.config.to_dict(), world_size=comm.Get_size(),
+                          num_params=run.sync.flat.numel, environment=environment())
+        final = train(run)
+        final = {**final, "world_size": comm.Get_size(), "num_params": run.sync.flat.numel,
+                 "config": run.config.to_dict()}
+        run.metrics.write("final", **final)
+        run.metrics.close()
+        if run.world.is_root:
+            print(f"final: test acc {final['test_acc']:.4f}  test loss {final['test_loss']:.4f}"
+                  f"  {final['wall_s']:.1f}s  {final['steps']} steps", flush=True)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        abort_on_error(comm, exc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Unit tests of psops_mpi.models: the built-in models, 'auto' and user-model loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from psops_mpi.config import UsageError
+from psops_mpi.models import DEFAULT_MODELS, MODELS, build_model, num_parameters
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# every registered model on the input shapes it is meant for
+CASES = [
+    ("cnn1d", (1, 40)),
+    ("mlp", (1, 40)),
+    ("lenet", (1, 28, 28)),
+    ("mlp", (1, 28, 28)),
+    ("cnn", (3, 32, 32)),
+    ("resnet20", (3, 32, 32)),
+    ("mlp", (3, 32, 32)),
+    ("mlp", (32,)),
+]
+
+
+@pytest.fixture
+def user_models_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make 'tests.helpers' importable whatever directory pytest was started from."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+
+
+def _usage_error(name: str, input_shape: tuple[int, ...] = (1, 40)) -> str:
+    with pytest.raises(UsageError) as info:
+        build_model(name, input_shape, 10)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_every_registered_model_is_covered() -> None:
+    assert {name for name, _ in CASES} == set(MODELS)
+
+
+@pytest.mark.parametrize(("name", "shape"), CASES)
+def test_forward_and_backward(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10)
+    assert model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    out = model(torch.randn(4, *shape))
+    assert out.shape == (4, 10)
+    torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all(), pname
+
+
+@pytest.mark.parametrize(("name", "shape"), CASES)
+def test_same_seed_gives_same_init(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(7)
+    first = build_model(name, shape, 10).state_dict()
+    torch.manual_seed(7)
+    second = build_model(name, shape, 10).state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_different_seed_gives_different_init() -> None:
+    torch.manual_seed(1)
+    first = build_model("cnn1d", (1, 40), 10).state_dict()
+    torch.manual_seed(2)
+    second = build_model("cnn1d", (1, 40), 10).state_dict()
+    assert not torch.equal(first["linear.weight"], second["linear.weight"])
+
+
+def test_resnet20_size() -> None:
+    assert 260_000 <= num_parameters(build_model("resnet20", (3, 32, 32), 10)) <= 280_000
+
+
+def test_cnn1d_accepts_other_lengths_and_unbatched_channel() -> None:
+    model = build_model("cnn1d", (1, 8), 3)
+    assert model(torch.randn(2, 1, 8)).shape == (2, 3)
+    model = build_model("cnn1d", (40,), 10)
+    assert model(torch.randn(2, 40)).shape == (2, 10)
+
+
+def test_lenet_other_square_size() -> None:
+    assert build_model("lenet", (1, 32, 32), 10)(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_num_parameters_counts_elements() -> None:
+    assert num_parameters(torch.nn.Linear(3, 2)) == 8
+
+
+@pytest.mark.parametrize(("dataset", "expected"), sorted(DEFAULT_MODELS.items()))
+def test_auto_picks_dataset_default(dataset: str, expected: str) -> None:
+    assert DEFAULT_MODELS[dataset] == expected
+    shapes = {"cnn1d": (1, 40), "lenet": (1, 28, 28), "resnet20": (3, 32, 32), "mlp": (32,)}
+    torch.manual_seed(3)
+    auto = build_model("auto", shapes[expected], 10, dataset=dataset)
+    torch.manual_seed(3)
+    named = build_model(expected, shapes[expected], 10)
+    assert type(auto) is type(named)
+    assert num_parameters(auto) == num_parameters(named)
+
+
+def test_documented_defaults() -> None:
+    assert DEFAULT_MODELS == {
+        "mnist1d": "cnn1d",
+        "mnist": "lenet",
+        "fashion-mnist": "lenet",
+        "cifar10": "resnet20",
+        "synthetic": "mlp",
+    }
+
+
+def test_auto_without_known_dataset() -> None:
+    with pytest.raises(UsageError, match="auto"):
+        build_model("auto", (1, 40), 10, dataset=None)
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_user_model_builds() -> None:
+    model = build_model("tests.helpers.user_models:tiny_mlp", (1, 40), 10)
+    assert model(torch.zeros(3, 1, 40)).shape == (3, 10)
+
+
+def test_unknown_name() -> None:
+    message = _usage_error("nosuchmodel")
+    assert "nosuchmodel" in message
+    assert all(name in message for name in MODELS)
+    assert "package.module:function" in message
+
+
+def test_missing_module() -> None:
+    message = _usage_error("psops_no_such_module:f")
+    assert "psops_no_such_module" in message
+    assert "ModuleNotFoundError: No module named 'psops_no_such_module'" in message
+
+
+def test_module_with_syntax_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "psops_broken_syntax.py").write_text("def f(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    message = _usage_error("psops_broken_syntax:f")
+    assert "psops_broken_syntax" in message
+    assert "SyntaxError" in message
+
+
+def test_module_raising_at_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "psops_raises_on_import.py").write_text("raise KeyError('no config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    message = _usage_error("psops_raises_on_import:f")
+    assert "psops_raises_on_import" in message
+    assert "KeyError" in message
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_missing_attribute() -> None:
+    message = _usage_error("tests.helpers.user_models:no_such_factory")
+    assert "no_such_factory" in message
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_attribute_not_callable() -> None:
+    assert "not callable" in _usage_error("tests.helpers.user_models:NOT_CALLABLE")
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_factory_returns_non_module() -> None:
+    message = _usage_error("tests.helpers.user_models:returns_int")
+    assert "int" in message
+    assert "nn.Module" in message
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_factory_raises() -> None:
+    assert "RuntimeError: boom" in _usage_error("tests.helpers.user_models:raises")
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_user_model_that_rejects_the_input_shape() -> None:
+    message = _usage_error("tests.helpers.user_models:fixed_input", (1, 40))
+    assert "does not accept inputs of shape (1, 40)" in message
+
+
+@pytest.mark.usefixtures("user_models_importable")
+def test_user_model_with_wrong_output_shape() -> None:
+    message = _usage_error("tests.helpers.user_models:wrong_output", (1, 40))
+    assert "(2, 11)" in message
+    assert "(2, 10)" in message
+
+
+def test_lenet_on_1d_input() -> None:
+    message = _usage_error("lenet", (1, 40))
+    assert "lenet" in message
+    assert "does not accept inputs of shape (1, 40)" in message
+
+
+def test_forward_check_restores_train_mode() -> None:
+    assert build_model("cnn", (3, 32, 32), 10).training
+
+
+def test_bad_input_shape() -> None:
+    with pytest.raises(UsageError, match="input shape"):
+        build_model("mlp", (0, 4), 10)
