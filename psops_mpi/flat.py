@@ -54,7 +54,7 @@ class FlatParams:
         _bind(self.params, self.data)
         self.grad = torch.zeros_like(self.data)
         self._grad_views = [
-            self.grad[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self._offsets())
+            self.grad[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self._offsets(), strict=True)
         ]
         self.attach_grads()
 
@@ -72,7 +72,7 @@ class FlatParams:
         tensors outside the buffer. Those are copied in and replaced by views, which costs
         nothing when the grads are already views (the usual case after the first step).
         """
-        for param, view in zip(self.params, self._grad_views):
+        for param, view in zip(self.params, self._grad_views, strict=True):
             if param.grad is None:
                 view.zero_()
             elif param.grad.data_ptr() != view.data_ptr():

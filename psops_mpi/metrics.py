@@ -41,7 +41,7 @@ class MetricsWriter:
             return
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fh = Path(path).open("w", encoding="utf-8")
+            self._fh = Path(path).open("w", encoding="utf-8")  # noqa: SIM115 - lives for the run
         except OSError as exc:
             raise UsageError(f"cannot write metrics file {path}: {exc.strerror}") from None
 

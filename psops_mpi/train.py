@@ -22,8 +22,19 @@ from torch import nn
 
 from psops_mpi import data as datasets
 from psops_mpi import models
-from psops_mpi.config import (ALGOS, DATASETS, DEVICES, EXCHANGES, FITNESS_MODES, GBEST_MEMORIES,
-                              LR_SCHEDULES, TrainConfig, UsageError, build_config, load_toml)
+from psops_mpi.config import (
+    ALGOS,
+    DATASETS,
+    DEVICES,
+    EXCHANGES,
+    FITNESS_MODES,
+    GBEST_MEMORIES,
+    LR_SCHEDULES,
+    TrainConfig,
+    UsageError,
+    build_config,
+    load_toml,
+)
 from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
 from psops_mpi.sync import Synchronizer, make_sync
 from psops_mpi.world import World, abort_on_error, agree, init_world

@@ -1,0 +1,433 @@
+"""Datasets as on-device tensors, plus the per-rank sharding every algorithm trains on.
+
+Every loader checks its files strictly and reports a bad or missing file as one
+:class:`~psops_mpi.config.UsageError` line naming the file, never as a raw traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import pickle
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from psops_mpi.config import UsageError
+
+
+@dataclass
+class Dataset:
+    """A train/test split held as normalised float32 inputs and int64 labels on one device."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: bool
+    """Whether training batches get a random pad-4 crop and horizontal flip (cifar10)."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample."""
+        return tuple(self.x_train.shape[1:])
+
+
+DEFAULT_DATA_DIRS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+
+_SOURCES = {
+    "mnist": "Yann LeCun's MNIST page (http://yann.lecun.com/exdb/mnist/) or any MNIST mirror",
+    "fashion-mnist": "Zalando's fashion-mnist repository "
+    "(https://github.com/zalandoresearch/fashion-mnist) or Debian's dataset-fashion-mnist package",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (python or binary version)",
+}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_SUBDIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # torchvision's layout
+_NORM = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+_CIFAR_PY = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+_CIFAR_BIN = tuple(f"{n}.bin" for n in _CIFAR_PY)
+_NUM_CLASSES = 10
+_PAD = 4  # CIFAR augmentation: zero padding on each side before the random crop
+_SYNTHETIC_SEED = 1234  # fixed, so the synthetic set is the same whatever --seed says
+
+Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _normalise(images: np.ndarray, name: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 scaled to [0, 1] then standardised per channel."""
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _NORM[name])
+    return torch.from_numpy(images.astype(np.float32)).div_(255.0).sub_(mean).div_(std)
+
+
+def _labels(labels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
+
+
+# ---------------------------------------------------------------------------- IDX (MNIST)
+
+def _read_bytes(path: Path, source: str) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise UsageError(f"cannot read {path} ({_one_line(exc)}); "
+                         f"replace it with a fresh copy from {source}") from None
+
+
+def _parse_idx(buf: bytes, path: Path, ndim: int, source: str) -> np.ndarray:
+    """Strictly parse one IDX file of uint8 data with ``ndim`` dimensions."""
+    def bad(why: str) -> UsageError:
+        return UsageError(f"{path} is not a valid IDX file ({why}); "
+                          f"replace it with a fresh copy from {source}")
+
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise bad(f"only {len(buf)} bytes, shorter than its {header}-byte header")
+    magic, want = int.from_bytes(buf[:4], "big"), 0x800 | ndim
+    if magic != want:
+        raise bad(f"magic number 0x{magic:08x}, expected 0x{want:08x}")
+    dims = tuple(int(d) for d in np.frombuffer(buf, ">u4", count=ndim, offset=4))
+    if len(buf) - header != math.prod(dims):
+        raise bad(f"its header promises {math.prod(dims)} data bytes but it holds "
+                  f"{len(buf) - header}")
+    return np.frombuffer(buf, np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx_files(name: str, root: Path) -> list[Path]:
+    expected = ", ".join(f"{f}.gz" for f in _IDX_FILES)
+    if not root.is_dir():
+        raise UsageError(f"{name} data folder {root} does not exist; point --data-dir at a "
+                         f"folder holding {expected} (from {_SOURCES[name]})")
+    folders = (root, root / _IDX_SUBDIRS[name] / "raw")
+    for folder in folders:
+        paths = [folder / f"{f}.gz" if (folder / f"{f}.gz").is_file() else folder / f
+                 for f in _IDX_FILES]  # prefer the usual gzipped file, else the plain one
+        if all(p.is_file() for p in paths):
+            return paths
+    raise UsageError(f"{name} files not found: expected {expected} (gzipped or plain) in "
+                     f"{folders[0]} or {folders[1]}; get them from {_SOURCES[name]}")
+
+
+def _idx_pair(images: Path, labels: Path, source: str) -> tuple[np.ndarray, np.ndarray]:
+    x = _parse_idx(_read_bytes(images, source), images, 3, source)
+    y = _parse_idx(_read_bytes(labels, source), labels, 1, source)
+    if x.shape[1:] != (28, 28):
+        raise UsageError(f"{images} holds {x.shape[1]}x{x.shape[2]} images, expected 28x28; "
+                         f"replace it with a fresh copy from {source}")
+    if len(x) != len(y):
+        raise UsageError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels; "
+                         f"replace both with fresh copies from {source}")
+    if len(y) and int(y.max()) >= _NUM_CLASSES:
+        raise UsageError(f"{labels} holds label {int(y.max())}, expected 0..9; "
+                         f"replace it with a fresh copy from {source}")
+    return x[:, None], y
+
+
+def _load_idx(name: str, data_dir: str | None) -> Split:
+    if data_dir is None and name not in DEFAULT_DATA_DIRS:
+        raise UsageError(f"the {name} dataset needs --data-dir pointing at a folder holding "
+                         f"{', '.join(f'{f}.gz' for f in _IDX_FILES)} (from {_SOURCES[name]})")
+    paths = _find_idx_files(name, Path(data_dir or DEFAULT_DATA_DIRS[name]).expanduser())
+    x_tr, y_tr = _idx_pair(paths[0], paths[1], _SOURCES[name])
+    x_te, y_te = _idx_pair(paths[2], paths[3], _SOURCES[name])
+    return _normalise(x_tr, name), _labels(y_tr), _normalise(x_te, name), _labels(y_te)
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, 'latin1');
+    # any other codec is not something a CIFAR batch needs.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"codec {encoding!r}")
+    return text.encode("latin1")
+
+
+def _safe_globals() -> dict[tuple[str, str], object]:
+    try:  # numpy >= 2 moved the array internals to numpy._core
+        from numpy._core import multiarray, numeric
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+    found = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
+    table: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode, ("codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        table.update({(f"{core}.multiarray", k): v for k, v in found.items()})
+        table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return table
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only the few globals a pickled numpy array needs; refuses anything else."""
+
+    def __init__(self, fh: IO[bytes], path: Path) -> None:
+        super().__init__(fh, encoding="bytes")
+        self.path = path
+        self.allowed = _safe_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise UsageError(f"psops_mpi refuses to load {self.path}: it is not a plain CIFAR-10 "
+                         f"batch (it asks for {module}.{name}); replace it with a fresh copy "
+                         f"from {_SOURCES['cifar10']}")
+
+
+def _item(batch: dict, key: str) -> object:
+    return batch[key.encode()] if key.encode() in batch else batch.get(key)
+
+
+def _cifar_batch_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as fh:
+            batch = _CifarUnpickler(fh, path).load()
+    except UsageError:
+        raise
+    except Exception as exc:  # a corrupt pickle can fail in many ways; report them all alike
+        raise UsageError(f"cannot read {path} as a CIFAR-10 batch ({_one_line(exc)}); replace "
+                         f"it with a fresh copy from {_SOURCES['cifar10']}") from None
+    data = _item(batch, "data") if isinstance(batch, dict) else None
+    labels = _item(batch, "labels") if isinstance(batch, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072 and isinstance(labels, (list, tuple, np.ndarray))):
+        raise UsageError(f"{path} is not a CIFAR-10 batch: expected a dict with 'data' "
+                         f"(N x 3072 uint8) and 'labels'; get the files from "
+                         f"{_SOURCES['cifar10']}")
+    try:
+        return data, np.asarray(labels)
+    except ValueError:  # ragged nested lists: reported as bad labels by _cifar_batch
+        return data, np.zeros(0)
+
+
+def _cifar_batch_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = _read_bytes(path, _SOURCES["cifar10"])
+    if not raw or len(raw) % 3073:
+        raise UsageError(f"{path} holds {len(raw)} bytes, expected a non-zero multiple of "
+                         f"3073 (1 label + 3072 pixels per image); replace it with a fresh "
+                         f"copy from {_SOURCES['cifar10']}")
+    records = np.frombuffer(raw, np.uint8).reshape(-1, 3073)
+    return records[:, 1:], records[:, 0]
+
+
+def _cifar_batch(path: Path, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    data, labels = (_cifar_batch_bin if binary else _cifar_batch_py)(path)
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise UsageError(f"{path} holds {len(data)} images but its labels are not "
+                         f"{len(data)} integers; replace it from {_SOURCES['cifar10']}")
+    if len(labels) and not (labels.min() >= 0 and labels.max() < _NUM_CLASSES):
+        raise UsageError(f"{path} holds labels outside 0..9; replace it with a fresh copy "
+                         f"from {_SOURCES['cifar10']}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _find_cifar(data_dir: str | None) -> tuple[list[Path], bool]:
+    names = ", ".join(_CIFAR_PY)
+    if data_dir is None or not Path(data_dir).expanduser().is_dir():
+        where = "needs --data-dir" if data_dir is None else f"data folder {data_dir} not found"
+        raise UsageError(f"cifar10 {where}: give the cifar-10-batches-py folder (or its parent) "
+                         f"holding {names}, from {_SOURCES['cifar10']}")
+    root = Path(data_dir).expanduser()
+    for folder in (root, root / "cifar-10-batches-py", root / "cifar-10-batches-bin"):
+        for binary, files in ((False, _CIFAR_PY), (True, _CIFAR_BIN)):
+            if all((folder / f).is_file() for f in files):
+                return [folder / f for f in files], binary
+    raise UsageError(f"cifar10 files not found: expected {names} (or the .bin versions) in "
+                     f"{root}, {root / 'cifar-10-batches-py'} or {root / 'cifar-10-batches-bin'}"
+                     f"; get them from {_SOURCES['cifar10']}")
+
+
+def _load_cifar10(data_dir: str | None) -> Split:
+    paths, binary = _find_cifar(data_dir)
+    train = [_cifar_batch(p, binary) for p in paths[:-1]]
+    x_te, y_te = _cifar_batch(paths[-1], binary)
+    x_tr = np.concatenate([x for x, _ in train])
+    y_tr = np.concatenate([y for _, y in train])
+    return (_normalise(x_tr, "cifar10"), _labels(y_tr),
+            _normalise(x_te, "cifar10"), _labels(y_te))
+
+
+# ---------------------------------------------------------------------------- generated sets
+
+def _load_mnist1d(data_dir: str | None) -> Split:
+    from mnist1d.data import get_dataset_args, make_dataset  # slow import; only needed here
+
+    # make_dataset reseeds the global RNGs; loading data must not change the caller's streams.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            d = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+    def x(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.float32)).unsqueeze(1)
+
+    return x(d["x"]), _labels(d["y"]), x(d["x_test"]), _labels(d["y_test"])
+
+
+def _load_synthetic(data_dir: str | None) -> Split:
+    g = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    means = torch.randn(_NUM_CLASSES, 32, generator=g) * 1.5
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, _NUM_CLASSES, (n,), generator=g)
+        return means[y] + torch.randn(n, 32, generator=g), y
+
+    return (*draw(2048), *draw(512))
+
+
+_LOADERS: dict[str, Callable[[str | None], Split]] = {
+    "mnist1d": _load_mnist1d,
+    "mnist": lambda d: _load_idx("mnist", d),
+    "fashion-mnist": lambda d: _load_idx("fashion-mnist", d),
+    "cifar10": _load_cifar10,
+    "synthetic": _load_synthetic,
+}
+
+
+def load_dataset(name: str, data_dir: str | None, device: torch.device | str = "cpu") -> Dataset:
+    """Load a dataset by name and move it to ``device``.
+
+    Args:
+        name: one of mnist1d, mnist, fashion-mnist, cifar10, synthetic.
+        data_dir: folder with the dataset files (mnist, fashion-mnist, cifar10); else ignored.
+        device: where every tensor ends up.
+
+    Raises:
+        UsageError: unknown name, or missing or corrupt files.
+    """
+    if name not in _LOADERS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(_LOADERS)}")
+    x_tr, y_tr, x_te, y_te = _LOADERS[name](data_dir)
+    return Dataset(name, x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device),
+                   num_classes=_NUM_CLASSES, augment=name == "cifar10")
+
+
+# ---------------------------------------------------------------------------- batches
+
+def _derive_seed(tag: str, *nums: int) -> int:
+    """A 63-bit seed that depends on every part, so distinct streams never share a seed."""
+    text = ",".join([tag, *(str(int(n)) for n in nums)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _generator(seed: int) -> torch.Generator:
+    # Always a CPU generator: the same numbers on every rank whatever its device.
+    return torch.Generator().manual_seed(seed)
+
+
+def _crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+               flip: torch.Tensor) -> torch.Tensor:
+    """Crop HxW at per-sample offsets from the zero-padded batch, mirrored where ``flip``."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
+    cols = torch.arange(w, device=x.device)
+    rows = top[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = left[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * _PAD))
+    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random pad-4 crop and horizontal flip (p=0.5) of each image in a (B, C, H, W) batch."""
+    if x.dim() != 4:
+        raise UsageError(f"augment_batch expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    # Draw on the generator's device, then move: the draws do not depend on x's device.
+    offsets = torch.randint(0, 2 * _PAD + 1, (2, x.shape[0]), generator=generator,
+                            device=generator.device).to(x.device)
+    flip = (torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5)
+    return _crop_flip(x, offsets[0], offsets[1], flip.to(x.device))
+
+
+def holdout_batch(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min(size, N)`` training samples chosen from ``seed`` alone: the same on every rank."""
+    if size < 1:
+        raise UsageError(f"the holdout batch size must be positive, got {size}")
+    n = dataset.x_train.shape[0]
+    idx = torch.randperm(n, generator=_generator(_derive_seed("holdout", seed)))[:size]
+    idx = idx.to(dataset.x_train.device)
+    return dataset.x_train.index_select(0, idx), dataset.y_train.index_select(0, idx)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+
+
+def eval_shard(dataset: Dataset, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous part of the test set; the parts cover it exactly once."""
+    _check_rank(rank, world_size)
+    base, extra = divmod(dataset.x_test.shape[0], world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (rank < extra)
+    return dataset.x_test[start:stop], dataset.y_test[start:stop]
+
+
+class ShardedBatches:
+    """Per-rank mini-batches: each epoch one shared shuffle, cut into disjoint equal shards."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, batch_size: int,
+                 seed: int) -> None:
+        _check_rank(rank, world_size)
+        n = dataset.x_train.shape[0]
+        if world_size > n:
+            raise UsageError(f"more ranks ({world_size}) than training samples ({n}) in "
+                             f"{dataset.name}; use fewer ranks")
+        self.shard_len = n // world_size  # the remainder is dropped: equal shards everywhere
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
+        if batch_size > self.shard_len:
+            raise UsageError(f"--batch-size {batch_size} is larger than each rank's shard of "
+                             f"{self.shard_len} samples; use a smaller batch or fewer ranks")
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        # Ranks run collectives in lock step, so every rank must run this many steps.
+        self.steps_per_epoch = self.shard_len // batch_size
+
+    def shard_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's training-set indices for ``epoch``, on the data's device."""
+        n = self.dataset.x_train.shape[0]
+        perm = torch.randperm(n, generator=_generator(_derive_seed("shuffle", self.seed, epoch)))
+        start = self.rank * self.shard_len
+        return perm[start:start + self.shard_len].to(self.dataset.x_train.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x, y) batches of ``epoch`` from ``start_step`` on (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise UsageError(f"start step {start_step} is outside 0..{self.steps_per_epoch}, "
+                             f"the steps of one epoch")
+        return self._batches(epoch, start_step)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds, bs = self.dataset, self.batch_size
+        idx = self.shard_indices(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            batch = idx[step * bs:(step + 1) * bs]
+            x = ds.x_train.index_select(0, batch)
+            if ds.augment:
+                seed = _derive_seed("augment", self.seed, self.rank, epoch, step)
+                x = augment_batch(x, _generator(seed))
+            yield x, ds.y_train.index_select(0, batch)

@@ -1,0 +1,205 @@
+"""The synchronisers under MPI: SSGD, PA and PSO-PS against what each rank can compute alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi import PASync, PSOConfig, PSOSync, SSGDSync
+from psops_mpi.swarm import select_best
+
+pytestmark = pytest.mark.mpi(min_size=2)
+COMM = MPI.COMM_WORLD
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def bn_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def global_batch(step: int, per_rank: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same batch of size P*per_rank on every rank, different per step."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    n = per_rank * COMM.Get_size()
+    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def my_part(x: torch.Tensor, per_rank: int = 4) -> slice:
+    return slice(COMM.Get_rank() * per_rank, (COMM.Get_rank() + 1) * per_rank)
+
+
+def gathered(t: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.as_tensor(a) for a in COMM.allgather(t.detach().clone().numpy())]
+
+
+def flat_of(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def sgd_step(model, opt, sync, x, y) -> torch.Tensor:
+    opt.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if sync is not None:
+        sync.after_backward()
+    opt.step()
+    if sync is not None:
+        sync.after_step(loss)
+    return loss
+
+
+@pytest.mark.parametrize("cls", [SSGDSync, PASync, PSOSync])
+def test_every_rank_starts_from_rank_zero_weights(cls) -> None:
+    model = bn_net(seed=COMM.Get_rank())  # deliberately different on every rank
+    expected = flat_of(bn_net(seed=0))
+    cls(model, torch.optim.SGD(model.parameters(), lr=0.1), COMM)
+    assert torch.equal(flat_of(model), expected)
+
+
+def test_ssgd_matches_single_process_sgd_on_the_concatenated_batch() -> None:
+    model, reference = mlp(1), mlp(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sync = SSGDSync(model, opt, COMM)
+    for step in range(10):
+        x, y = global_batch(step)
+        part = my_part(x)
+        sgd_step(model, opt, sync, x[part], y[part])
+        sgd_step(reference, ref_opt, None, x, y)
+    weights = gathered(flat_of(model))
+    assert all(torch.equal(w, weights[0]) for w in weights)  # identical on every rank
+    assert torch.allclose(flat_of(model), flat_of(reference), atol=1e-5)
+    assert not torch.allclose(flat_of(model), flat_of(mlp(1)))  # and it did train
+
+
+def test_pa_every_step_with_plain_sgd_matches_ssgd() -> None:
+    pa_model, ssgd_model = mlp(2), mlp(2)
+    pa_opt = torch.optim.SGD(pa_model.parameters(), lr=0.2)
+    ssgd_opt = torch.optim.SGD(ssgd_model.parameters(), lr=0.2)
+    pa, ssgd = PASync(pa_model, pa_opt, COMM, 1), SSGDSync(ssgd_model, ssgd_opt, COMM)
+    for step in range(8):
+        x, y = global_batch(step)
+        part = my_part(x)
+        sgd_step(pa_model, pa_opt, pa, x[part], y[part])
+        sgd_step(ssgd_model, ssgd_opt, ssgd, x[part], y[part])
+    assert pa.rounds == 8
+    assert torch.allclose(flat_of(pa_model), flat_of(ssgd_model), atol=1e-6)
+
+
+def fitness_of(rank: int, round_index: int, size: int) -> float:
+    """Known on every rank: ties on purpose, and rank 0 is NaN on odd rounds."""
+    if rank == 0 and round_index % 2 == 1:
+        return math.nan
+    return float((3 * rank + 5 * round_index) % max(size - 1, 1))
+
+
+def run_rounds(exchange: str, memory: str, num_rounds: int = 6) -> list[tuple]:
+    """Train a PSO-PS swarm whose losses are fixed numbers; return what rank saw per round."""
+    model = mlp(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = PSOConfig(w=0.5, c1=0.5, c2=1.0, exchange=exchange, gbest_memory=memory)
+    sync = PSOSync(model, opt, COMM, sync_every=2, config=cfg, seed=7)
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    seen = []
+    for r in range(num_rounds):
+        for step in range(2):
+            x, y = global_batch(10 * r + step)
+            part = my_part(x)
+            sgd_step(model, opt, None, x[part], y[part])
+            positions = gathered(sync.flat.data)  # what each particle is before the round
+            sync.after_step(torch.tensor(fitness_of(rank, r, size)))
+        seen.append((sync.swarm.gbest_owner, sync.swarm.gbest_fitness,
+                     sync.swarm.gbest.clone(), positions, flat_of(model)))
+    return seen
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "best"])
+def test_every_rank_agrees_on_gbest_and_nan_never_wins(exchange: str) -> None:
+    size = COMM.Get_size()
+    for r, (owner, fitness, gbest, positions, _) in enumerate(run_rounds(exchange, "round")):
+        expected_owner, expected = select_best(
+            torch.tensor([fitness_of(k, r, size) for k in range(size)]))
+        assert (owner, fitness) == (expected_owner, expected)
+        assert torch.equal(gbest, positions[owner])  # the owner's position, sent exactly
+        assert math.isfinite(fitness)
+        agreed = COMM.allgather((owner, fitness, gbest.sum().item()))
+        assert all(a == agreed[0] for a in agreed)
+
+
+def test_both_exchanges_follow_the_same_trajectory() -> None:
+    via_allgather = run_rounds("allgather", "all")
+    via_best = run_rounds("best", "all")
+    for a, b in zip(via_allgather, via_best, strict=True):
+        assert a[:2] == b[:2]
+        assert torch.equal(a[4], b[4])  # same weights after every round
+    fitness = [f for _, f, *_ in via_allgather]
+    assert fitness == sorted(fitness, reverse=True)  # memory 'all' never gets worse
+
+
+def test_rounds_average_batchnorm_statistics_and_can_reset_momentum() -> None:
+    model = bn_net(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sync = PSOSync(model, opt, COMM, sync_every=3, reset_momentum=True)
+    for step in range(3):
+        x, y = global_batch(step)
+        part = my_part(x)
+        sgd_step(model, opt, sync, x[part] * (COMM.Get_rank() + 1), y[part])
+    buffers = gathered(sync.buffers.data)
+    assert all(torch.allclose(b, buffers[0]) for b in buffers)
+    assert sync.rounds == 1 and len(opt.state) == 0
+
+
+def test_consensus_evaluates_gbest_then_restores_the_particle() -> None:
+    model = mlp(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sync = PSOSync(model, opt, COMM, sync_every=100)
+    x, y = global_batch(0)
+    part = my_part(x)
+    sgd_step(model, opt, sync, x[part], y[part])
+    sync.flush()
+    mine = flat_of(model)
+    with sync.consensus():
+        inside = gathered(flat_of(model))
+    assert all(torch.equal(w, inside[0]) for w in inside)  # one model on every rank
+    assert torch.equal(inside[0], sync.swarm.gbest)
+    assert torch.equal(flat_of(model), mine)
+
+
+def test_library_loop_learns_with_holdout_fitness() -> None:
+    """A user's own loop: four calls per step, as the README shows."""
+    gen = torch.Generator().manual_seed(5)
+    centers = torch.randn(3, 6, generator=gen) * 3
+    labels = torch.randint(0, 3, (600,), generator=gen)
+    data = centers[labels] + torch.randn(600, 6, generator=gen)
+    model = mlp(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def holdout() -> torch.Tensor:
+        with torch.no_grad():
+            return F.cross_entropy(model(data[:100]), labels[:100])
+
+    sync = PSOSync(model, opt, COMM, sync_every=4, fitness="holdout", fitness_fn=holdout)
+    start = holdout().item()
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    for _epoch in range(5):
+        for i in range(rank * 16, 600, 16 * size):
+            loss = F.cross_entropy(model(data[i : i + 16]), labels[i : i + 16])
+            opt.zero_grad()
+            loss.backward()
+            sync.after_backward()
+            opt.step()
+            sync.after_step(loss)
+    sync.flush()
+    with sync.consensus():
+        end = holdout().item()
+    assert sync.rounds >= 5 and end < 0.5 * start

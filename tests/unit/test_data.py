@@ -1,0 +1,456 @@
+"""Unit tests of psops_mpi.data: the file readers, their errors, sharding and augmentation.
+
+Every dataset file is written here, in its real on-disk format, inside ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from psops_mpi.config import UsageError
+from psops_mpi.data import (
+    DEFAULT_DATA_DIRS,
+    Dataset,
+    ShardedBatches,
+    _crop_flip,
+    augment_batch,
+    eval_shard,
+    holdout_batch,
+    load_dataset,
+)
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def _usage_error(call: Callable[[], object]) -> str:
+    """Run ``call``, expect a UsageError, and return its one-line message."""
+    with pytest.raises(UsageError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------- IDX writers
+
+def _idx(arr: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic 0x0000080N, big-endian dims, raw bytes."""
+    header = struct.pack(">I", 0x800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _write(path: Path, payload: bytes, gz: bool) -> Path:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def _write_idx_set(folder: Path, gz: bool = True, n_train: int = 12,
+                   n_test: int = 5) -> dict[str, np.ndarray]:
+    """Write the four MNIST-style files; return the arrays written, keyed by base name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        IDX_FILES[0]: rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        IDX_FILES[1]: rng.integers(0, 10, n_train, dtype=np.uint8),
+        IDX_FILES[2]: rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        IDX_FILES[3]: rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, arr in arrays.items():
+        _write(folder / name, _idx(arr), gz)
+    return arrays
+
+
+def test_mnist_gz_values_and_normalisation(tmp_path: Path) -> None:
+    arrays = _write_idx_set(tmp_path)
+    ds = load_dataset("mnist", str(tmp_path))
+    assert ds.x_train.shape == (12, 1, 28, 28) and ds.x_test.shape == (5, 1, 28, 28)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and not ds.augment
+    raw = torch.from_numpy(arrays[IDX_FILES[0]]).float().unsqueeze(1)
+    torch.testing.assert_close(ds.x_train, (raw / 255 - 0.1307) / 0.3081)
+    assert ds.y_test.tolist() == arrays[IDX_FILES[3]].tolist()
+
+
+def test_fashion_plain_files_in_torchvision_subfolder(tmp_path: Path) -> None:
+    arrays = _write_idx_set(tmp_path / "FashionMNIST" / "raw", gz=False)
+    ds = load_dataset("fashion-mnist", str(tmp_path))
+    raw = torch.from_numpy(arrays[IDX_FILES[2]]).float().unsqueeze(1)
+    torch.testing.assert_close(ds.x_test, (raw / 255 - 0.2860) / 0.3530)
+    assert ds.y_train.tolist() == arrays[IDX_FILES[1]].tolist()
+
+
+def _bad_magic(p: Path) -> None:
+    p.write_bytes(b"\x00\x00\x08\x02" + p.read_bytes()[4:])
+
+
+def _truncated(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:-7])
+
+
+def _trailing(p: Path) -> None:
+    p.write_bytes(p.read_bytes() + b"\x00")
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(b"garbage, not an IDX file at all")
+
+
+def _mismatch(p: Path) -> None:
+    p.write_bytes(_idx(np.zeros(11, np.uint8)))  # 11 labels for 12 images
+
+
+def _big_label(p: Path) -> None:
+    p.write_bytes(_idx(np.full(12, 10, np.uint8)))
+
+
+@pytest.mark.parametrize("corrupt, target", [
+    (_bad_magic, IDX_FILES[0]), (_truncated, IDX_FILES[0]), (_trailing, IDX_FILES[3]),
+    (_garbage, IDX_FILES[1]), (_mismatch, IDX_FILES[1]), (_big_label, IDX_FILES[1]),
+])
+def test_corrupt_plain_idx_is_a_usage_error(tmp_path: Path, corrupt: Callable[[Path], None],
+                                            target: str) -> None:
+    _write_idx_set(tmp_path, gz=False)
+    corrupt(tmp_path / target)
+    assert f"{tmp_path / target}" in _usage_error(lambda: load_dataset("mnist", str(tmp_path)))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[: len(b) // 2],  # truncated gzip stream
+    lambda b: b"\x1f\x8b" + b"\xff" * 40,  # gzip magic followed by garbage
+    lambda b: b"not gzip at all",
+    lambda b: b[:20] + bytes(x ^ 0x5A for x in b[20:-8]) + b[-8:],  # corrupt deflate data
+])
+def test_corrupt_gzip_is_a_usage_error(tmp_path: Path, damage: Callable[[bytes], bytes]) -> None:
+    _write_idx_set(tmp_path)
+    path = tmp_path / f"{IDX_FILES[0]}.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    assert str(path) in _usage_error(lambda: load_dataset("mnist", str(tmp_path)))
+
+
+def test_gzipped_payload_errors_name_the_gz_file(tmp_path: Path) -> None:
+    _write_idx_set(tmp_path)
+    _write(tmp_path / IDX_FILES[2], _idx(np.zeros((5, 28, 27), np.uint8)), gz=True)
+    message = _usage_error(lambda: load_dataset("mnist", str(tmp_path)))
+    assert f"{IDX_FILES[2]}.gz" in message and "28x28" in message
+
+
+def test_missing_folder_and_files_name_the_expected_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    message = _usage_error(lambda: load_dataset("mnist", str(missing)))
+    assert str(missing) in message and all(f in message for f in IDX_FILES)
+    _write_idx_set(tmp_path)
+    (tmp_path / f"{IDX_FILES[3]}.gz").unlink()
+    message = _usage_error(lambda: load_dataset("fashion-mnist", str(tmp_path)))
+    assert str(tmp_path) in message and all(f in message for f in IDX_FILES)
+    assert "FashionMNIST" in message and "zalando" in message.lower()
+
+
+def test_mnist_without_data_dir_asks_for_it() -> None:
+    message = _usage_error(lambda: load_dataset("mnist", None))
+    assert "--data-dir" in message and IDX_FILES[0] in message
+
+
+def test_unknown_dataset_lists_the_choices() -> None:
+    message = _usage_error(lambda: load_dataset("imagenet", None))
+    assert "imagenet" in message and "cifar10" in message and "mnist1d" in message
+
+
+@pytest.mark.skipif(not Path(DEFAULT_DATA_DIRS["fashion-mnist"]).is_dir(),
+                    reason="Debian's dataset-fashion-mnist package is not installed")
+def test_fashion_mnist_default_folder_loads_the_real_set() -> None:
+    ds = load_dataset("fashion-mnist", None)
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert abs(ds.x_train.mean().item()) < 0.01 and abs(ds.x_train.std().item() - 1) < 0.01
+    assert ds.y_train.bincount().tolist() == [6000] * 10
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+def _cifar_arrays(n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n).tolist()
+
+
+def _py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as Python 2's cPickle wrote it: py2 str (SHORT_BINSTRING) keys and payload."""
+    def s(text: bytes) -> bytes:
+        return b"U" + bytes([len(text)]) + text
+
+    def i(value: int) -> bytes:
+        return b"J" + struct.pack("<i", value)
+
+    raw = data.tobytes()
+    dtype = (b"cnumpy\ndtype\n(" + s(b"u1") + i(0) + i(1) + b"tR(" + i(3) + s(b"|")
+             + b"NNN" + i(-1) + i(-1) + i(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(" + i(0) + b"t"
+             + s(b"b") + b"tR(" + i(1) + b"(" + b"".join(i(d) for d in data.shape) + b"t"
+             + dtype + b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb")
+    return (b"\x80\x02}(" + s(b"batch_label") + s(b"training batch 1 of 5") + s(b"labels")
+            + b"](" + b"".join(i(v) for v in labels) + b"e" + s(b"data") + array + b"u.")
+
+
+def _write_cifar_py(folder: Path, n: int = 4, style: str = "bytes") -> list[np.ndarray]:
+    """Write the six python-version batches; return the data arrays in file order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, name in enumerate(CIFAR_FILES):
+        data, labels = _cifar_arrays(n, k)
+        if style == "py2":
+            payload = _py2_pickle(data, labels)
+        else:
+            key = (lambda t: t.encode()) if style == "bytes" else str
+            payload = pickle.dumps({key("data"): data, key("labels"): labels}, protocol=2)
+        (folder / name).write_bytes(payload)
+        written.append(data)
+    return written
+
+
+def _write_cifar_bin(folder: Path, n: int = 4) -> list[np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, name in enumerate(CIFAR_FILES):
+        data, labels = _cifar_arrays(n, k)
+        records = np.concatenate([np.array(labels, np.uint8)[:, None], data], axis=1)
+        (folder / f"{name}.bin").write_bytes(records.tobytes())
+        written.append(data)
+    return written
+
+
+def _cifar_expected(data: list[np.ndarray]) -> torch.Tensor:
+    raw = torch.from_numpy(np.concatenate(data)).float().view(-1, 3, 32, 32)
+    return (raw / 255 - CIFAR_MEAN) / CIFAR_STD
+
+
+@pytest.mark.parametrize("style, sub", [("bytes", "cifar-10-batches-py"), ("str", ""),
+                                        ("py2", "cifar-10-batches-py")])
+def test_cifar_python_batches(tmp_path: Path, style: str, sub: str) -> None:
+    data = _write_cifar_py(tmp_path / "cifar-10-batches-py", style=style)
+    ds = load_dataset("cifar10", str(tmp_path / sub))
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
+    assert ds.augment and ds.y_train.dtype == torch.int64
+    torch.testing.assert_close(ds.x_train, _cifar_expected(data[:5]))
+    torch.testing.assert_close(ds.x_test, _cifar_expected(data[5:]))
+    assert ds.y_test.tolist() == _cifar_arrays(4, 5)[1]
+
+
+def test_cifar_binary_batches(tmp_path: Path) -> None:
+    data = _write_cifar_bin(tmp_path / "cifar-10-batches-bin")
+    ds = load_dataset("cifar10", str(tmp_path))
+    torch.testing.assert_close(ds.x_train, _cifar_expected(data[:5]))
+    assert ds.y_train.tolist() == [v for k in range(5) for v in _cifar_arrays(4, k)[1]]
+
+
+class _Evil:
+    """Unpickling this calls ``func(arg)``: what a booby-trapped batch would do."""
+
+    def __init__(self, func: Callable[[str], object], arg: str) -> None:
+        self.func, self.arg = func, arg
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (self.func, (self.arg,))
+
+
+@pytest.mark.parametrize("attack", ["system", "exec"])
+def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path, attack: str) -> None:
+    _write_cifar_py(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = (_Evil(os.system, f"touch '{marker}'") if attack == "system"
+            else _Evil(exec, f"open({str(marker)!r}, 'w').close()"))
+    target = tmp_path / "data_batch_3"
+    target.write_bytes(pickle.dumps({b"data": evil, b"labels": [0]}, protocol=2))
+    message = _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
+    assert str(target) in message and "not a plain CIFAR-10 batch" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x02garbage",
+    b"",
+    pickle.dumps([1, 2, 3], protocol=2),
+    pickle.dumps({b"data": np.zeros((4, 3071), np.uint8), b"labels": [0] * 4}, protocol=2),
+    pickle.dumps({b"data": np.zeros((4, 3072), np.int16), b"labels": [0] * 4}, protocol=2),
+    pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, protocol=2),
+    pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, protocol=2),
+    pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, -1]}, protocol=2),
+    pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], [1, 2]]}, protocol=2),
+    pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}, protocol=2),
+])
+def test_corrupt_cifar_pickle_is_a_usage_error(tmp_path: Path, payload: bytes) -> None:
+    _write_cifar_py(tmp_path)
+    (tmp_path / "test_batch").write_bytes(payload)
+    message = _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
+    assert str(tmp_path / "test_batch") in message
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-1], lambda b: b"", lambda b: b"\x0a" + b[1:]])
+def test_corrupt_cifar_binary_is_a_usage_error(tmp_path: Path,
+                                               damage: Callable[[bytes], bytes]) -> None:
+    _write_cifar_bin(tmp_path)
+    path = tmp_path / "data_batch_2.bin"
+    path.write_bytes(damage(path.read_bytes()))
+    assert str(path) in _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
+
+
+def test_cifar_missing_folder_files_and_data_dir(tmp_path: Path) -> None:
+    assert "--data-dir" in _usage_error(lambda: load_dataset("cifar10", None))
+    missing = tmp_path / "nowhere"
+    assert str(missing) in _usage_error(lambda: load_dataset("cifar10", str(missing)))
+    _write_cifar_py(tmp_path)
+    (tmp_path / "data_batch_4").unlink()
+    message = _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
+    assert "data_batch_4" in message and "test_batch" in message and str(tmp_path) in message
+
+
+# ---------------------------------------------------------------------------- generated sets
+
+def test_mnist1d_shapes_and_global_rng_untouched() -> None:
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    ds = load_dataset("mnist1d", None)
+    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+
+
+def test_synthetic_is_deterministic_and_learnable_shape() -> None:
+    state = torch.get_rng_state()
+    a, b = load_dataset("synthetic", None), load_dataset("synthetic", None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.x_train.shape == (2048, 32) and a.x_test.shape == (512, 32)
+    assert a.input_shape == (32,) and a.num_classes == 10
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert set(a.y_train.tolist()) == set(range(10))
+
+
+# ---------------------------------------------------------------------------- batches
+
+def _toy(n: int = 50, augment: bool = False) -> Dataset:
+    """Sample i is filled with the value i, so a batch shows which samples it holds."""
+    shape = (3, 8, 8) if augment else (2,)
+    x = torch.arange(n, dtype=torch.float32).view(n, *[1] * len(shape)).expand(n, *shape)
+    y = torch.arange(n) % 10
+    return Dataset("toy", x.contiguous(), y, x[:7].contiguous(), y[:7], 10, augment)
+
+
+def _ids(x: torch.Tensor) -> list[int]:
+    return x.flatten(1)[:, 0].long().tolist()
+
+
+def test_shards_are_disjoint_and_equal_in_steps() -> None:
+    ds = _toy(50)
+    loaders = [ShardedBatches(ds, r, 4, 5, seed=3) for r in range(4)]
+    assert {b.steps_per_epoch for b in loaders} == {2}  # 12 samples per rank, 2 full batches
+    shards = [set(b.shard_indices(0).tolist()) for b in loaders]
+    assert all(len(s) == 12 for s in shards) and len(set().union(*shards)) == 48
+    for b in loaders:
+        batches = list(b.epoch(0))
+        assert len(batches) == 2 and all(x.shape == (5, 2) for x, _ in batches)
+        seen = [i for x, _ in batches for i in _ids(x)]
+        assert set(seen) <= shards[b.rank] and len(set(seen)) == 10
+        assert all(torch.equal(y, torch.tensor(_ids(x)) % 10) for x, y in batches)
+
+
+def test_shuffle_depends_on_seed_and_epoch_only() -> None:
+    ds = _toy(50)
+    order = [_ids(x) for x, _ in ShardedBatches(ds, 1, 2, 4, seed=0).epoch(0)]
+    assert order == [_ids(x) for x, _ in ShardedBatches(ds, 1, 2, 4, seed=0).epoch(0)]
+    assert order != [_ids(x) for x, _ in ShardedBatches(ds, 1, 2, 4, seed=0).epoch(1)]
+    assert order != [_ids(x) for x, _ in ShardedBatches(ds, 1, 2, 4, seed=1).epoch(0)]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_start_step_reproduces_the_tail_of_an_epoch(augment: bool) -> None:
+    batches = ShardedBatches(_toy(40, augment), 0, 2, 3, seed=5)
+    full = list(batches.epoch(2))
+    tail = list(batches.epoch(2, start_step=4))
+    assert len(full) == batches.steps_per_epoch == 6 and len(tail) == 2
+    for (x1, y1), (x2, y2) in zip(full[4:], tail, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert list(batches.epoch(2, start_step=6)) == []
+    _usage_error(lambda: batches.epoch(2, start_step=7))
+
+
+def test_augmented_batches_are_cropped_or_flipped() -> None:
+    ds = _toy(40, augment=True)
+    x, _ = next(ShardedBatches(ds, 0, 1, 40, seed=0).epoch(0))
+    plain = ds.x_train.index_select(0, ShardedBatches(ds, 0, 1, 40, seed=0).shard_indices(0))
+    assert x.shape == plain.shape and not torch.equal(x, plain)
+
+
+def test_sharding_errors() -> None:
+    ds = _toy(10)
+    assert "more ranks (11) than training samples (10)" in _usage_error(
+        lambda: ShardedBatches(ds, 0, 11, 1, seed=0))
+    message = _usage_error(lambda: ShardedBatches(ds, 0, 3, 4, seed=0))
+    assert "--batch-size 4 is larger than each rank's shard of 3 samples" in message
+    _usage_error(lambda: ShardedBatches(ds, 3, 3, 1, seed=0))
+    _usage_error(lambda: ShardedBatches(ds, 0, 2, 0, seed=0))
+
+
+def _all_views(img: torch.Tensor) -> list[torch.Tensor]:
+    """Every pad-4 crop of one (C, H, W) image, unflipped and flipped: the reference."""
+    _, h, w = img.shape
+    padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
+    crops = [padded[:, i:i + h, j:j + w] for i in range(9) for j in range(9)]
+    return crops + [c.flip(-1) for c in crops]
+
+
+def test_augment_batch_crops_and_flips_like_the_reference() -> None:
+    x = torch.rand(64, 3, 6, 5) + 1  # no zeros, so padding is visible
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, augment_batch(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, augment_batch(x, torch.Generator().manual_seed(1)))
+    assert sum(not torch.equal(o, i) for o, i in zip(out, x, strict=True)) > 32
+    for o, i in zip(out, x, strict=True):
+        assert any(torch.equal(o, view) for view in _all_views(i))
+
+
+def test_crop_flip_centre_cases() -> None:
+    x = torch.rand(5, 3, 8, 8)
+    centre = torch.full((5,), 4)
+    flip = torch.ones(5, dtype=torch.bool)
+    torch.testing.assert_close(_crop_flip(x, centre, centre, flip), x.flip(-1), rtol=0, atol=0)
+    torch.testing.assert_close(_crop_flip(x, centre, centre, ~flip), x, rtol=0, atol=0)
+
+
+def test_holdout_batch_depends_on_seed_only() -> None:
+    ds = _toy(30)
+    x1, y1 = holdout_batch(ds, 8, seed=4)
+    x2, y2 = holdout_batch(ds, 8, seed=4)
+    assert x1.shape == (8, 2) and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert len(set(_ids(x1))) == 8
+    assert _ids(holdout_batch(ds, 8, seed=5)[0]) != _ids(x1)
+    assert holdout_batch(ds, 100, seed=4)[0].shape == (30, 2)
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 7, 9])
+def test_eval_shard_covers_the_test_set_once(world_size: int) -> None:
+    ds = _toy(20)  # 7 test samples
+    parts = [eval_shard(ds, r, world_size) for r in range(world_size)]
+    assert [i for x, _ in parts for i in _ids(x)] == list(range(7))
+    assert max(len(x) for x, _ in parts) - min(len(x) for x, _ in parts) <= 1
+    assert all(torch.equal(y, torch.tensor(_ids(x)) % 10) for x, y in parts)
