@@ -53,8 +53,9 @@ class PSOConfig:
 
     w: float = 0.5
     """Inertia: the share of the previous velocity a particle keeps."""
-    c1: float = 0.5
-    """Cognitive coefficient: pull towards the particle's own best position."""
+    c1: float = 0.0
+    """Cognitive coefficient: pull towards the particle's own best position. Off by default:
+    on MNIST-1D every c1 > 0 we tried lowered accuracy (README, "Choosing the defaults")."""
     c2: float = 1.0
     """Social coefficient: pull towards the swarm's global best position."""
     vmax: float | None = None
@@ -94,11 +95,11 @@ class TrainConfig:
     """Folder holding the dataset files (mnist, fashion-mnist, cifar10)."""
     model: str = "auto"
     """A registered model name, 'auto' (the dataset's default) or 'package.module:function'."""
-    epochs: int = 30
+    epochs: int = 60
     """Passes over the training set."""
     batch_size: int = 32
     """Mini-batch size per rank."""
-    lr: float = 0.05
+    lr: float = 0.1
     """Peak learning rate of the local SGD optimizer."""
     lr_schedule: str = "cosine"
     """'cosine' decays the learning rate to zero over the run; 'constant' keeps it."""

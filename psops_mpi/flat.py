@@ -53,8 +53,10 @@ class FlatParams:
         self.data = self.packed[: self.numel]
         _bind(self.params, self.data)
         self.grad = torch.zeros_like(self.data)
+        offsets = self._offsets()
         self._grad_views = [
-            self.grad[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self._offsets(), strict=True)
+            self.grad[o : o + p.numel()].view_as(p)
+            for p, o in zip(self.params, offsets, strict=True)
         ]
         self.attach_grads()
 

@@ -74,8 +74,8 @@ class Progress:
                  stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.lines = enabled and not quiet
-        bar_enabled = self.lines and self.stream.isatty()
-        self.bar = tqdm(total=total_steps, disable=not bar_enabled, file=self.stream,
+        self.shown = self.lines and self.stream.isatty()
+        self.bar = tqdm(total=total_steps, disable=not self.shown, file=self.stream,
                         dynamic_ncols=True, unit="step", leave=False)
 
     def update(self, steps: int, **postfix: float) -> None:

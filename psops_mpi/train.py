@@ -195,7 +195,7 @@ def train(run: Run) -> dict[str, Any]:
             sums += torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum(),
                                  torch.tensor(len(y), device=y.device)]).double()
             step += 1
-            if step % LOG_EVERY == 0 or step == total_steps:
+            if progress.shown and (step % LOG_EVERY == 0 or step == total_steps):
                 progress.update(step - progress.bar.n, loss=float(sums[0] / sums[2]),
                                 acc=float(sums[1] / sums[2]),
                                 samples_s=step * len(y) * world.world_size

@@ -34,3 +34,54 @@ def fixed_input(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def wrong_output(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A model with one logit too many."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))
+
+
+def _world_rank() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def fails_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A factory that fails on rank 1 only: every rank must still stop with one message."""
+    if _world_rank() == 1:
+        raise RuntimeError("no model for rank 1")
+    return tiny_mlp(input_shape, num_classes)
+
+
+class _ExplodesLater(nn.Module):
+    """Trains normally, then raises on rank 1 at its 20th training forward pass."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 20 and _world_rank() == 1:
+                raise RuntimeError("simulated failure in the middle of training")
+        return self.inner(x)
+
+
+def explodes_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _ExplodesLater(tiny_mlp(input_shape, num_classes))
+
+
+class _NanOnRankZero(nn.Module):
+    """Outputs NaN on rank 0 while training: its fitness must never become the global best."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training and _world_rank() == 0:
+            return out * float("nan")
+        return out
+
+
+def nan_on_rank_zero(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _NanOnRankZero(tiny_mlp(input_shape, num_classes))

@@ -87,5 +87,5 @@ def test_move_waits_for_a_global_best_then_moves() -> None:
     swarm.move()
     assert torch.equal(swarm.x, torch.zeros(3)) and swarm.round == 1
     swarm.set_global(torch.ones(3), 1.0, owner=1)
-    swarm.move(deterministic=True)  # v = c2 * (g - x) = 1.0 with the default c2
+    swarm.move(deterministic=True)  # v = c2 * (g - x) with x = 0, g = 1
     assert torch.allclose(swarm.x, torch.full((3,), PSOConfig().c2))

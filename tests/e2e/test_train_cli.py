@@ -1,0 +1,168 @@
+"""End to end: `mpiexec -n P python -m psops_mpi.train` as a user runs it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.launch import launch
+
+FINAL_KEYS = {"event", "test_acc", "test_loss", "wall_s", "comm_bytes_per_rank", "comm_s",
+              "steps", "world_size", "config"}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_default_run_learns_mnist1d_and_writes_final_metrics(tmp_path: Path) -> None:
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--epochs", "10", "--metrics-out", str(metrics)], ranks=2)
+    assert res.returncode == 0, res.stderr
+    events = read_metrics(metrics)
+    assert events[0]["event"] == "start" and events[0]["world_size"] == 2
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == list(range(1, 11))
+    final = events[-1]
+    assert final["event"] == "final" and FINAL_KEYS <= set(final)
+    assert final["test_acc"] > 0.7  # chance is 0.1
+    assert final["config"]["algo"] == "pso-ps" and final["config"]["model"] == "cnn1d"
+    assert final["world_size"] == 2 and final["comm_bytes_per_rank"] > 0
+    assert "final: test acc" in res.stdout
+
+
+@pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-ps"])
+def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--algo", algo, "--dataset", "synthetic", "--epochs", "3", "--quiet",
+                  "--exchange", "best", "--metrics-out", str(metrics)], ranks=4)
+    assert res.returncode == 0, res.stderr
+    final = read_metrics(metrics)[-1]
+    assert final["world_size"] == 4 and final["config"]["algo"] == algo
+    assert final["test_acc"] > 0.5
+
+
+def test_single_process_without_mpiexec(tmp_path: Path) -> None:
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--dataset", "synthetic", "--max-steps", "30", "--metrics-out", str(metrics)],
+                 ranks=0)
+    assert res.returncode == 0, res.stderr
+    final = read_metrics(metrics)[-1]
+    assert final["steps"] == 30 and final["world_size"] == 1 and final["comm_bytes_per_rank"] == 0
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("psops-train")
+    assert exe is not None, "psops-train missing: install the package (pip install -e .)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--sync-every" in out.stdout
+
+
+def write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
+    magic = 0x803 if array.ndim == 3 else 0x801
+    raw = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+    with gzip.open(path, "wb") as fh:
+        fh.write(raw[: len(raw) - truncate])
+
+
+def mnist_dir(tmp_path: Path, num_train: int = 20, truncate: int = 0) -> Path:
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", num_train), ("t10k", 10)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)),
+                  truncate if prefix == "train" else 0)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return folder
+
+
+def bad_cifar_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"this is not a pickle at all")
+    return folder
+
+
+BAD_INPUTS = {
+    "unknown algo": (["--algo", "sgd"], "invalid choice: 'sgd'"),
+    "unknown dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    "unknown model": (["--model", "vgg99"], "unknown model 'vgg99'"),
+    "model that does not import": (["--model", "nosuchpkg.mod:make"], "cannot import module"),
+    "zero sync period": (["--sync-every", "0"], "--sync-every must be a positive integer"),
+    "zero batch": (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    "zero epochs": (["--epochs", "0"], "--epochs must be a positive integer"),
+    "negative lr": (["--lr", "-0.1"], "--lr must be a positive number"),
+    "nan coefficient": (["--w", "nan"], "--w must be a finite number >= 0"),
+    "negative coefficient": (["--c2", "-1"], "--c2 must be a finite number >= 0"),
+    "missing data dir": (["--dataset", "mnist", "--data-dir", "{tmp}/nowhere"],
+                         "train-images-idx3-ubyte"),
+    "missing data files": (["--dataset", "cifar10", "--data-dir", "{tmp}"], "cifar-10-batches"),
+    "truncated idx": (["--dataset", "mnist", "--data-dir", "{truncated}"],
+                      "train-images-idx3-ubyte"),
+    "corrupt cifar": (["--dataset", "cifar10", "--data-dir", "{cifar}"], "data_batch_1"),
+    "more ranks than samples": (["--dataset", "mnist", "--data-dir", "{one_sample}"],
+                                "more ranks (2) than training samples (1)"),
+    "unreadable config": (["--config", "{tmp}/bad.toml"], "cannot read config file"),
+    "missing config": (["--config", "{tmp}/none.toml"], "does not exist"),
+    "model failing on one rank": (["--dataset", "synthetic", "--model",
+                                   "tests.helpers.user_models:fails_on_rank_one"],
+                                  "on rank 1: model"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("bad")
+    (base / "bad.toml").write_text("algo = = 'pa'\n")
+    for name in ("truncated", "one_sample"):
+        (base / name).mkdir()
+    return {
+        "tmp": str(base),
+        "truncated": str(mnist_dir(base / "truncated", truncate=100)),
+        "one_sample": str(mnist_dir(base / "one_sample", num_train=1)),
+        "cifar": str(bad_cifar_dir(base)),
+    }
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_one_line_and_exit_code_2(case: str, bad_files: dict) -> None:
+    args, needle = BAD_INPUTS[case]
+    res = launch([a.format(**bad_files) for a in args], ranks=2, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr  # one line for the whole job, no traceback
+    assert lines[0].startswith("psops_mpi: error: ") and needle in lines[0], lines[0]
+
+
+def test_launcher_and_mpi_mismatch_is_refused() -> None:
+    res = launch(["--dataset", "synthetic"], ranks=0, env={"OMPI_COMM_WORLD_SIZE": "2"})
+    assert res.returncode == 2
+    assert "MPI sees a world of size 1" in res.stderr and "--mpi=pmi2" in res.stderr
+
+
+def test_failure_on_one_rank_ends_the_whole_job_quickly() -> None:
+    res = launch(["--dataset", "synthetic", "--model",
+                  "tests.helpers.user_models:explodes_on_rank_one", "--quiet"], ranks=2,
+                 timeout=120)
+    assert res.returncode != 0
+    assert "psops_mpi: rank 1 failed, aborting the job: RuntimeError: simulated failure" \
+        in res.stderr
+    assert res.seconds < 60
+
+
+def test_nan_particle_never_becomes_gbest(tmp_path: Path) -> None:
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--dataset", "synthetic", "--model",
+                  "tests.helpers.user_models:nan_on_rank_zero", "--epochs", "2", "--quiet",
+                  "--metrics-out", str(metrics)], ranks=2)
+    assert res.returncode == 0, res.stderr
+    epochs = [e for e in read_metrics(metrics) if e["event"] == "epoch"]
+    assert all(e["gbest_fitness"] is not None for e in epochs)  # finite (NaN would be null)
+    assert read_metrics(metrics)[-1]["test_acc"] > 0.3  # the swarm's answer is rank 1's model

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit + end-to-end tests, then the MPI tier at 2 and 4 ranks.
+# Every MPI launch is bounded by `timeout` so a failing rank can never hang the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1  # 4 ranks on a 2-core machine must not fight over threads
+
+ruff check .
+python -m pytest tests/unit tests/e2e -q
+for ranks in 2 4; do
+    echo "== MPI tests on $ranks ranks"
+    # Only rank 0 reports; the other ranks' results reach it through the exit code.
+    timeout -k 10 600 mpiexec -n "$ranks" python tests/mpi/run_rank.py -q -p no:cacheprovider
+done
