@@ -64,7 +64,7 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.exchange import Exchange
-from psops_mpi.flat import FlatParams
+from psops_mpi.flat import FlatParams, flat_buffer
 from psops_mpi.world import init_world
 
 Op = Callable[[], None]
@@ -192,7 +192,8 @@ def bench_allgather(comm: MPI.Comm, ex: Exchange, n: int, warmup: int, repeats: 
     p = comm.Get_size()
     flat = flat_params(n)
     flat.packed.fill_(comm.Get_rank() + 1.0)
-    gathered = torch.empty((p, n + 1), dtype=torch.float32)
+    # Allocated as PSOSync allocates it, so the page size matches a real round.
+    gathered = flat_buffer(p * (n + 1), torch.float32, "cpu").view(p, n + 1)
     send = np.full(n + 1, comm.Get_rank() + 1.0, dtype=np.float32)
     recv = np.empty((p, n + 1), dtype=np.float32)
     ops: dict[str, Op] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -67,6 +68,35 @@ def check_writable(path: str) -> None:
         raise UsageError(f"cannot write metrics file {path}: it is a directory")
 
 
+LAUNCHERS = ("mpiexec", "mpiexec.hydra", "mpirun", "orterun", "prterun", "srun")
+
+
+def _launcher_stderr_is_terminal(max_depth: int = 6) -> bool:
+    """Whether the MPI launcher this rank descends from writes to a terminal (Linux /proc).
+
+    mpiexec starts ranks in sessions of their own with piped output, so a rank cannot see the
+    terminal its user watches; the launcher's own stderr tells.
+    """
+    pid = os.getppid()
+    for _ in range(max_depth):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            if name in LAUNCHERS:
+                return os.readlink(f"/proc/{pid}/fd/2").startswith(("/dev/pts/", "/dev/tty"))
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
+def interactive(stream: TextIO) -> bool:
+    """Whether a person watches this run: the stream is a terminal, or the MPI launcher's is.
+    Batch jobs and CI get plain lines instead of a progress bar."""
+    return stream.isatty() or _launcher_stderr_is_terminal()
+
+
 class Progress:
     """Rank 0's progress bar (TTY only) and epoch lines; silent elsewhere and with quiet."""
 
@@ -74,7 +104,7 @@ class Progress:
                  stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.lines = enabled and not quiet
-        self.shown = self.lines and self.stream.isatty()
+        self.shown = self.lines and interactive(self.stream)
         self.bar = tqdm(total=total_steps, disable=not self.shown, file=self.stream,
                         dynamic_ncols=True, unit="step", leave=False)
 

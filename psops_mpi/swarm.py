@@ -14,6 +14,7 @@ import math
 import torch
 
 from psops_mpi.config import PSOConfig
+from psops_mpi.flat import flat_buffer
 
 _MASK64 = (1 << 64) - 1
 
@@ -96,10 +97,10 @@ class Swarm:
         self.config = config
         self.seed = seed
         self.rank = rank
-        self.v = torch.zeros_like(x)
-        self.pbest = x.detach().clone()
+        self.v = flat_buffer(x.numel(), x.dtype, x.device)
+        self.pbest = flat_buffer(x.numel(), x.dtype, x.device).copy_(x)
         self.pbest_fitness = math.inf
-        self.gbest = x.detach().clone()
+        self.gbest = flat_buffer(x.numel(), x.dtype, x.device).copy_(x)
         self.gbest_fitness = math.inf
         self.gbest_owner = -1
         self.round = 0

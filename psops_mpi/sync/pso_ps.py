@@ -16,6 +16,7 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.config import PSOConfig
+from psops_mpi.flat import flat_buffer
 from psops_mpi.swarm import Swarm, select_best
 from psops_mpi.sync.base import Synchronizer
 
@@ -52,8 +53,8 @@ class PSOSync(Synchronizer):
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.flat.data.device)
         self._fitness_slot = self.flat.packed[n:]
         self._gathered = (
-            torch.empty((self.world_size, n + 1), dtype=self.flat.data.dtype,
-                        device=self.flat.data.device)
+            flat_buffer(self.world_size * (n + 1), self.flat.data.dtype,
+                       self.flat.data.device).view(self.world_size, n + 1)
             if self.config.exchange == "allgather" else None
         )
         self.last_fitness = math.inf

@@ -75,3 +75,12 @@ def test_model_without_buffers_and_mixed_dtypes() -> None:
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         FlatParams(frozen)
+
+
+def test_large_cpu_buffers_come_zeroed_in_the_right_dtype() -> None:
+    from psops_mpi.flat import flat_buffer
+
+    for numel in (10, 2_000_000):  # below and above the huge-page threshold
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            buf = flat_buffer(numel, dtype, "cpu")
+            assert buf.shape == (numel,) and buf.dtype == dtype and not buf.any()
