@@ -21,6 +21,15 @@ import torch
 from mpi4py import MPI
 
 
+def _mpi(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """What to hand to mpi4py: a numpy view of a CPU tensor (mpi4py reads numpy's buffer
+    protocol about 20 us faster per call than a tensor's DLPack export, which matters for
+    every-step SSGD on small models), else the tensor itself (CUDA, or dtypes numpy lacks)."""
+    if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
+        return tensor.numpy()
+    return tensor
+
+
 class Exchange:
     """Collectives on flat tensors over ``comm``, with byte and time counters.
 
@@ -48,8 +57,8 @@ class Exchange:
         self.calls += 1
 
     def _host(self, tensor: torch.Tensor, numel: int | None = None) -> torch.Tensor:
-        """A host tensor MPI may read and write: ``tensor`` itself on CPU or when CUDA-aware,
-        else a slice of the pinned staging buffer."""
+        """A tensor MPI may read and write: ``tensor`` itself on CPU or when CUDA-aware, else
+        a slice of the pinned staging buffer."""
         if tensor.device.type == "cpu":
             return tensor
         torch.cuda.current_stream(tensor.device).synchronize()  # MPI must see finished writes
@@ -71,7 +80,7 @@ class Exchange:
             host = self._host(buf)
             if host is not buf:
                 host.copy_(buf.view(-1))
-            self.comm.Allreduce(MPI.IN_PLACE, host)
+            self.comm.Allreduce(MPI.IN_PLACE, _mpi(host))
             if host is not buf:
                 buf.view(-1).copy_(host)
         buf.div_(self.world_size)
@@ -85,13 +94,13 @@ class Exchange:
         with self._timed(nbytes):
             if send.device.type == "cpu" or self.cuda_aware:
                 self._host(send)  # synchronises the stream on CUDA
-                self.comm.Allgather(send, recv)
+                self.comm.Allgather(_mpi(send), _mpi(recv))
                 return
             # Staged: one pinned buffer holds [send ; recv] so both sides are host memory.
             host = self._host(send, send.numel() * (self.world_size + 1))
             host_send, host_recv = host[: send.numel()], host[send.numel() :]
             host_send.copy_(send.view(-1))
-            self.comm.Allgather(host_send, host_recv)
+            self.comm.Allgather(_mpi(host_send), _mpi(host_recv))
             recv.view(-1).copy_(host_recv)
 
     def bcast_(self, buf: torch.Tensor, root: int) -> None:
@@ -102,7 +111,7 @@ class Exchange:
             host = self._host(buf)
             if host is not buf and self.rank == root:
                 host.copy_(buf.view(-1))
-            self.comm.Bcast(host, root=root)
+            self.comm.Bcast(_mpi(host), root=root)
             if host is not buf:
                 buf.view(-1).copy_(host)
 

@@ -71,10 +71,13 @@ class Synchronizer:
         self.steps += 1
         self.steps_since_round += 1
         self._observe(loss)
-        if self.steps_since_round >= self.sync_every:
+        if self._round_due():
             self.sync_round()
             return True
         return False
+
+    def _round_due(self) -> bool:
+        return self.steps_since_round >= self.sync_every
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         """Hook for synchronisers that need the loss (PSO-PS fitness)."""

@@ -15,10 +15,8 @@ class SSGDSync(Synchronizer):
         self.flat.attach_grads()
         self.exchange.allreduce_mean_(self.flat.grad)
 
-    def after_step(self, loss=None) -> bool:
-        self.steps += 1
-        self.steps_since_round += 1
-        return False
+    def _round_due(self) -> bool:
+        return False  # gradients were averaged already; rounds happen only at flush()
 
     def _round(self) -> None:
         self.average_buffers()
