@@ -65,7 +65,7 @@ from torch import nn
 
 from psops_mpi.exchange import Exchange
 from psops_mpi.flat import FlatParams, flat_buffer
-from psops_mpi.world import init_world
+from psops_mpi.world import init_world, node_local
 
 Op = Callable[[], None]
 MB = 1e6
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("exchange_bench: needs at least 2 ranks, e.g. mpiexec -n 2 python "
               "bench/exchange_bench.py", file=sys.stderr)
         return 2
-    init_world(comm, device="cpu", threads=args.threads)  # torch threads as in training
+    init_world(comm, node_local(comm), device="cpu", threads=args.threads)  # as in training
     ex = Exchange(comm)
     for n in args.sizes:
         check_allgather(comm, ex, n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from psops_mpi.config import (
 )
 from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
 from psops_mpi.sync import Synchronizer, make_sync
-from psops_mpi.world import World, abort_on_error, agree, init_world
+from psops_mpi.world import World, abort_on_error, agree, init_world, node_local
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
 EVAL_BATCH = 1024
@@ -47,6 +48,10 @@ LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-hos
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line through the usual bad-input path, not usage text
         raise UsageError(message)
+
+    def print_help(self, file=None) -> None:  # once per job, not once per rank
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            super().print_help(file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,18 +107,20 @@ class Run:
     batches: datasets.ShardedBatches
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    sync: Synchronizer
+    fitness_fn: Callable[[], torch.Tensor] | None
     metrics: MetricsWriter
+    sync: Synchronizer | None = None  # made once every rank agreed that the input is good
 
 
-def prepare(argv: list[str] | None, comm: MPI.Comm) -> Run:
-    """Parse, validate and build everything; any bad input raises UsageError here."""
+def prepare(argv: list[str] | None, comm: MPI.Comm, local: tuple[int, int]) -> Run:
+    """Parse, validate and build everything but the synchroniser; bad input raises
+    UsageError here. No collectives: this may fail on some ranks only."""
     config = parse_config(argv)
     if config.model == "auto":  # store the resolved name with the results
         config.model = models.DEFAULT_MODELS[config.dataset]
     if config.metrics_out:
         check_writable(config.metrics_out)
-    world = init_world(comm, config.device, config.threads)
+    world = init_world(comm, local, config.device, config.threads)
     dataset = datasets.load_dataset(config.dataset, config.data_dir, world.device)
     batches = datasets.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
                                       config.seed)
@@ -126,9 +133,8 @@ def prepare(argv: list[str] | None, comm: MPI.Comm) -> Run:
     if config.pso.fitness == "holdout":
         holdout = datasets.holdout_batch(dataset, HOLDOUT_SIZE, config.seed)
         fitness_fn = lambda: holdout_loss(model, *holdout)  # noqa: E731
-    sync = make_sync(config, model, optimizer, comm, fitness_fn)
     metrics = MetricsWriter(config.metrics_out if world.is_root else None)
-    return Run(config, world, dataset, batches, model, optimizer, sync, metrics)
+    return Run(config, world, dataset, batches, model, optimizer, fitness_fn, metrics)
 
 
 @torch.no_grad()
@@ -255,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m psops_mpi.train`` and ``psops-train``."""
     comm = MPI.COMM_WORLD
     try:
-        run = agree(comm, lambda: prepare(argv, comm))
+        local = node_local(comm)
+        run = agree(comm, lambda: prepare(argv, comm, local))
+        run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn)
         if not run.config.quiet and run.world.is_root:
             print(describe(run), flush=True)
         run.metrics.write("start", config=run.config.to_dict(), world_size=comm.Get_size(),

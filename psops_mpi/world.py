@@ -103,17 +103,30 @@ def cpu_threads(requested: int, local_size: int) -> int:
     return max(1, share)
 
 
-def init_world(comm: MPI.Comm | None = None, device: str = "auto", threads: int = 0) -> World:
-    """Describe this rank: ranks, node-local rank, device and CPU threads.
+def node_local(comm: MPI.Comm) -> tuple[int, int]:
+    """This rank's index among the ranks on its node, and their number (a collective)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def init_world(comm: MPI.Comm, local: tuple[int, int], device: str = "auto",
+               threads: int = 0) -> World:
+    """Describe this rank: ranks, device and CPU threads. No collectives, so it may fail on
+    some ranks only (inside :func:`agree`).
+
+    Args:
+        comm: the job's communicator.
+        local: (node-local rank, ranks on the node), from :func:`node_local`.
+        device, threads: as ``--device`` and ``--threads``.
 
     Raises:
         UsageError: the launch is inconsistent or the device cannot be had.
     """
-    comm = MPI.COMM_WORLD if comm is None else comm
     check_launch(comm.Get_size())
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    local_rank, local_size = local.Get_rank(), local.Get_size()
-    local.Free()
+    local_rank, local_size = local
     dev = choose_device(device, local_rank)
     if dev.type == "cpu":
         torch.set_num_threads(cpu_threads(threads, local_size))
@@ -127,6 +140,7 @@ def error_line(message: str) -> str:
 
 def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank; if it raises UsageError on any rank, every rank exits with 2.
+    ``fn`` must not call collectives: a rank that fails early would miss them.
 
     Bad input is found before training by every rank, but not always by all of them (a file
     missing on one node): a small allgather of the messages lets every rank stop together

@@ -13,32 +13,42 @@ from psops_mpi.exchange import Exchange
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device")),
+]
+
+
 @pytest.fixture
 def ex() -> Exchange:
     return Exchange(MPI.COMM_WORLD)
 
 
-def test_allreduce_mean(ex: Exchange) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_allreduce_mean(ex: Exchange, device: str) -> None:
     size, rank = ex.world_size, ex.rank
-    buf = torch.arange(1001, dtype=torch.float32) * (rank + 1)
+    buf = torch.arange(1001, dtype=torch.float32, device=device) * (rank + 1)
     ex.allreduce_mean_(buf)
     expected = torch.arange(1001, dtype=torch.float32) * (size + 1) / 2  # mean of 1..size
-    assert torch.allclose(buf, expected)
+    assert torch.allclose(buf.cpu(), expected)
     assert ex.bytes_sent == int(1001 * 4 * 2 * (size - 1) / size) and ex.calls == 1
 
 
-def test_allgather_rows(ex: Exchange) -> None:
-    send = torch.full((7,), float(ex.rank))
-    recv = torch.empty((ex.world_size, 7))
+@pytest.mark.parametrize("device", DEVICES)
+def test_allgather_rows(ex: Exchange, device: str) -> None:
+    send = torch.full((7,), float(ex.rank), device=device)
+    recv = torch.empty((ex.world_size, 7), device=device)
     ex.allgather(send, recv)
     for row in range(ex.world_size):
         assert torch.all(recv[row] == row)
     assert ex.bytes_sent == 7 * 4 * (ex.world_size - 1)
 
 
-def test_bcast_from_last_rank(ex: Exchange) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_bcast_from_last_rank(ex: Exchange, device: str) -> None:
     root = ex.world_size - 1
-    buf = torch.full((5,), float(ex.rank))
+    buf = torch.full((5,), float(ex.rank), device=device)
     ex.bcast_(buf, root)
     assert torch.all(buf == root)
 
