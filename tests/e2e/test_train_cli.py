@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from tests.helpers.formats import CIFAR_FILES, write_cifar_py, write_file, write_idx_set
 from tests.helpers.launch import launch
 
 FINAL_KEYS = {"event", "test_acc", "test_loss", "wall_s", "comm_bytes_per_rank", "comm_s",
@@ -64,30 +64,36 @@ def test_console_script_is_installed() -> None:
     assert out.returncode == 0 and "--sync-every" in out.stdout
 
 
-def write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
-    magic = 0x803 if array.ndim == 3 else 0x801
-    raw = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
-    with gzip.open(path, "wb") as fh:
-        fh.write(raw[: len(raw) - truncate])
-
-
-def mnist_dir(tmp_path: Path, num_train: int = 20, truncate: int = 0) -> Path:
-    folder = tmp_path / "mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", num_train), ("t10k", 10)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)),
-                  truncate if prefix == "train" else 0)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+def mnist_dir(base: Path, num_train: int = 20, truncate: int = 0) -> Path:
+    """MNIST files in base/mnist; ``truncate`` cuts bytes off the training images."""
+    folder = base / "mnist"
+    write_idx_set(folder, n_train=num_train, n_test=10)
+    if truncate:
+        images = folder / "train-images-idx3-ubyte.gz"
+        with gzip.open(images) as fh:
+            payload = fh.read()
+        write_file(images.with_suffix(""), payload[:-truncate], gz=True)
     return folder
 
 
-def bad_cifar_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "cifar-10-batches-py"
+def bad_cifar_dir(base: Path) -> Path:
+    folder = base / "cifar-10-batches-py"
     folder.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for name in CIFAR_FILES:
         (folder / name).write_bytes(b"this is not a pickle at all")
     return folder
+
+
+def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
+    write_cifar_py(tmp_path / "cifar-10-batches-py", n=32)  # 160 train, 32 test images
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet20",
+                  "--epochs", "2", "--batch-size", "16", "--sync-every", "2",
+                  "--metrics-out", str(metrics)], ranks=2)
+    assert res.returncode == 0, res.stderr
+    final = read_metrics(metrics)[-1]
+    assert final["config"]["dataset"] == "cifar10" and final["steps"] == 2 * (80 // 16)
+    assert final["num_params"] == 269_722 and math.isfinite(final["test_loss"])
 
 
 BAD_INPUTS = {
@@ -121,8 +127,6 @@ BAD_INPUTS = {
 def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     base = tmp_path_factory.mktemp("bad")
     (base / "bad.toml").write_text("algo = = 'pa'\n")
-    for name in ("truncated", "one_sample"):
-        (base / name).mkdir()
     return {
         "tmp": str(base),
         "truncated": str(mnist_dir(base / "truncated", truncate=100)),

@@ -5,11 +5,9 @@ Every dataset file is written here, in its real on-disk format, inside ``tmp_pat
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
 import random
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +26,16 @@ from psops_mpi.data import (
     holdout_batch,
     load_dataset,
 )
+from tests.helpers.formats import (
+    IDX_FILES,
+    cifar_arrays,
+    idx_bytes,
+    write_cifar_bin,
+    write_cifar_py,
+    write_file,
+    write_idx_set,
+)
 
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
@@ -47,40 +51,8 @@ def _usage_error(call: Callable[[], object]) -> str:
 
 # ---------------------------------------------------------------------------- IDX writers
 
-def _idx(arr: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array: magic 0x0000080N, big-endian dims, raw bytes."""
-    header = struct.pack(">I", 0x800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def _write(path: Path, payload: bytes, gz: bool) -> Path:
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as fh:
-            fh.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
-
-
-def _write_idx_set(folder: Path, gz: bool = True, n_train: int = 12,
-                   n_test: int = 5) -> dict[str, np.ndarray]:
-    """Write the four MNIST-style files; return the arrays written, keyed by base name."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    arrays = {
-        IDX_FILES[0]: rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        IDX_FILES[1]: rng.integers(0, 10, n_train, dtype=np.uint8),
-        IDX_FILES[2]: rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        IDX_FILES[3]: rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for name, arr in arrays.items():
-        _write(folder / name, _idx(arr), gz)
-    return arrays
-
-
 def test_mnist_gz_values_and_normalisation(tmp_path: Path) -> None:
-    arrays = _write_idx_set(tmp_path)
+    arrays = write_idx_set(tmp_path)
     ds = load_dataset("mnist", str(tmp_path))
     assert ds.x_train.shape == (12, 1, 28, 28) and ds.x_test.shape == (5, 1, 28, 28)
     assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
@@ -91,7 +63,7 @@ def test_mnist_gz_values_and_normalisation(tmp_path: Path) -> None:
 
 
 def test_fashion_plain_files_in_torchvision_subfolder(tmp_path: Path) -> None:
-    arrays = _write_idx_set(tmp_path / "FashionMNIST" / "raw", gz=False)
+    arrays = write_idx_set(tmp_path / "FashionMNIST" / "raw", gz=False)
     ds = load_dataset("fashion-mnist", str(tmp_path))
     raw = torch.from_numpy(arrays[IDX_FILES[2]]).float().unsqueeze(1)
     torch.testing.assert_close(ds.x_test, (raw / 255 - 0.2860) / 0.3530)
@@ -115,11 +87,11 @@ def _garbage(p: Path) -> None:
 
 
 def _mismatch(p: Path) -> None:
-    p.write_bytes(_idx(np.zeros(11, np.uint8)))  # 11 labels for 12 images
+    p.write_bytes(idx_bytes(np.zeros(11, np.uint8)))  # 11 labels for 12 images
 
 
 def _big_label(p: Path) -> None:
-    p.write_bytes(_idx(np.full(12, 10, np.uint8)))
+    p.write_bytes(idx_bytes(np.full(12, 10, np.uint8)))
 
 
 @pytest.mark.parametrize("corrupt, target", [
@@ -128,7 +100,7 @@ def _big_label(p: Path) -> None:
 ])
 def test_corrupt_plain_idx_is_a_usage_error(tmp_path: Path, corrupt: Callable[[Path], None],
                                             target: str) -> None:
-    _write_idx_set(tmp_path, gz=False)
+    write_idx_set(tmp_path, gz=False)
     corrupt(tmp_path / target)
     assert f"{tmp_path / target}" in _usage_error(lambda: load_dataset("mnist", str(tmp_path)))
 
@@ -140,15 +112,15 @@ def test_corrupt_plain_idx_is_a_usage_error(tmp_path: Path, corrupt: Callable[[P
     lambda b: b[:20] + bytes(x ^ 0x5A for x in b[20:-8]) + b[-8:],  # corrupt deflate data
 ])
 def test_corrupt_gzip_is_a_usage_error(tmp_path: Path, damage: Callable[[bytes], bytes]) -> None:
-    _write_idx_set(tmp_path)
+    write_idx_set(tmp_path)
     path = tmp_path / f"{IDX_FILES[0]}.gz"
     path.write_bytes(damage(path.read_bytes()))
     assert str(path) in _usage_error(lambda: load_dataset("mnist", str(tmp_path)))
 
 
 def test_gzipped_payload_errors_name_the_gz_file(tmp_path: Path) -> None:
-    _write_idx_set(tmp_path)
-    _write(tmp_path / IDX_FILES[2], _idx(np.zeros((5, 28, 27), np.uint8)), gz=True)
+    write_idx_set(tmp_path)
+    write_file(tmp_path / IDX_FILES[2], idx_bytes(np.zeros((5, 28, 27), np.uint8)), gz=True)
     message = _usage_error(lambda: load_dataset("mnist", str(tmp_path)))
     assert f"{IDX_FILES[2]}.gz" in message and "28x28" in message
 
@@ -157,7 +129,7 @@ def test_missing_folder_and_files_name_the_expected_files(tmp_path: Path) -> Non
     missing = tmp_path / "nowhere"
     message = _usage_error(lambda: load_dataset("mnist", str(missing)))
     assert str(missing) in message and all(f in message for f in IDX_FILES)
-    _write_idx_set(tmp_path)
+    write_idx_set(tmp_path)
     (tmp_path / f"{IDX_FILES[3]}.gz").unlink()
     message = _usage_error(lambda: load_dataset("fashion-mnist", str(tmp_path)))
     assert str(tmp_path) in message and all(f in message for f in IDX_FILES)
@@ -185,56 +157,6 @@ def test_fashion_mnist_default_folder_loads_the_real_set() -> None:
 
 # ---------------------------------------------------------------------------- CIFAR-10
 
-def _cifar_arrays(n: int, seed: int) -> tuple[np.ndarray, list[int]]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n).tolist()
-
-
-def _py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
-    """A batch as Python 2's cPickle wrote it: py2 str (SHORT_BINSTRING) keys and payload."""
-    def s(text: bytes) -> bytes:
-        return b"U" + bytes([len(text)]) + text
-
-    def i(value: int) -> bytes:
-        return b"J" + struct.pack("<i", value)
-
-    raw = data.tobytes()
-    dtype = (b"cnumpy\ndtype\n(" + s(b"u1") + i(0) + i(1) + b"tR(" + i(3) + s(b"|")
-             + b"NNN" + i(-1) + i(-1) + i(0) + b"tb")
-    array = (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(" + i(0) + b"t"
-             + s(b"b") + b"tR(" + i(1) + b"(" + b"".join(i(d) for d in data.shape) + b"t"
-             + dtype + b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb")
-    return (b"\x80\x02}(" + s(b"batch_label") + s(b"training batch 1 of 5") + s(b"labels")
-            + b"](" + b"".join(i(v) for v in labels) + b"e" + s(b"data") + array + b"u.")
-
-
-def _write_cifar_py(folder: Path, n: int = 4, style: str = "bytes") -> list[np.ndarray]:
-    """Write the six python-version batches; return the data arrays in file order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for k, name in enumerate(CIFAR_FILES):
-        data, labels = _cifar_arrays(n, k)
-        if style == "py2":
-            payload = _py2_pickle(data, labels)
-        else:
-            key = (lambda t: t.encode()) if style == "bytes" else str
-            payload = pickle.dumps({key("data"): data, key("labels"): labels}, protocol=2)
-        (folder / name).write_bytes(payload)
-        written.append(data)
-    return written
-
-
-def _write_cifar_bin(folder: Path, n: int = 4) -> list[np.ndarray]:
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for k, name in enumerate(CIFAR_FILES):
-        data, labels = _cifar_arrays(n, k)
-        records = np.concatenate([np.array(labels, np.uint8)[:, None], data], axis=1)
-        (folder / f"{name}.bin").write_bytes(records.tobytes())
-        written.append(data)
-    return written
-
-
 def _cifar_expected(data: list[np.ndarray]) -> torch.Tensor:
     raw = torch.from_numpy(np.concatenate(data)).float().view(-1, 3, 32, 32)
     return (raw / 255 - CIFAR_MEAN) / CIFAR_STD
@@ -243,20 +165,20 @@ def _cifar_expected(data: list[np.ndarray]) -> torch.Tensor:
 @pytest.mark.parametrize("style, sub", [("bytes", "cifar-10-batches-py"), ("str", ""),
                                         ("py2", "cifar-10-batches-py")])
 def test_cifar_python_batches(tmp_path: Path, style: str, sub: str) -> None:
-    data = _write_cifar_py(tmp_path / "cifar-10-batches-py", style=style)
+    data = write_cifar_py(tmp_path / "cifar-10-batches-py", style=style)
     ds = load_dataset("cifar10", str(tmp_path / sub))
     assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
     assert ds.augment and ds.y_train.dtype == torch.int64
     torch.testing.assert_close(ds.x_train, _cifar_expected(data[:5]))
     torch.testing.assert_close(ds.x_test, _cifar_expected(data[5:]))
-    assert ds.y_test.tolist() == _cifar_arrays(4, 5)[1]
+    assert ds.y_test.tolist() == cifar_arrays(4, 5)[1]
 
 
 def test_cifar_binary_batches(tmp_path: Path) -> None:
-    data = _write_cifar_bin(tmp_path / "cifar-10-batches-bin")
+    data = write_cifar_bin(tmp_path / "cifar-10-batches-bin")
     ds = load_dataset("cifar10", str(tmp_path))
     torch.testing.assert_close(ds.x_train, _cifar_expected(data[:5]))
-    assert ds.y_train.tolist() == [v for k in range(5) for v in _cifar_arrays(4, k)[1]]
+    assert ds.y_train.tolist() == [v for k in range(5) for v in cifar_arrays(4, k)[1]]
 
 
 class _Evil:
@@ -271,7 +193,7 @@ class _Evil:
 
 @pytest.mark.parametrize("attack", ["system", "exec"])
 def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path, attack: str) -> None:
-    _write_cifar_py(tmp_path)
+    write_cifar_py(tmp_path)
     marker = tmp_path / "pwned"
     evil = (_Evil(os.system, f"touch '{marker}'") if attack == "system"
             else _Evil(exec, f"open({str(marker)!r}, 'w').close()"))
@@ -295,7 +217,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path, attack: 
     pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]}, protocol=2),
 ])
 def test_corrupt_cifar_pickle_is_a_usage_error(tmp_path: Path, payload: bytes) -> None:
-    _write_cifar_py(tmp_path)
+    write_cifar_py(tmp_path)
     (tmp_path / "test_batch").write_bytes(payload)
     message = _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
     assert str(tmp_path / "test_batch") in message
@@ -304,7 +226,7 @@ def test_corrupt_cifar_pickle_is_a_usage_error(tmp_path: Path, payload: bytes) -
 @pytest.mark.parametrize("damage", [lambda b: b[:-1], lambda b: b"", lambda b: b"\x0a" + b[1:]])
 def test_corrupt_cifar_binary_is_a_usage_error(tmp_path: Path,
                                                damage: Callable[[bytes], bytes]) -> None:
-    _write_cifar_bin(tmp_path)
+    write_cifar_bin(tmp_path)
     path = tmp_path / "data_batch_2.bin"
     path.write_bytes(damage(path.read_bytes()))
     assert str(path) in _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
@@ -314,7 +236,7 @@ def test_cifar_missing_folder_files_and_data_dir(tmp_path: Path) -> None:
     assert "--data-dir" in _usage_error(lambda: load_dataset("cifar10", None))
     missing = tmp_path / "nowhere"
     assert str(missing) in _usage_error(lambda: load_dataset("cifar10", str(missing)))
-    _write_cifar_py(tmp_path)
+    write_cifar_py(tmp_path)
     (tmp_path / "data_batch_4").unlink()
     message = _usage_error(lambda: load_dataset("cifar10", str(tmp_path)))
     assert "data_batch_4" in message and "test_batch" in message and str(tmp_path) in message
