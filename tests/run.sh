@@ -10,5 +10,5 @@ python -m pytest tests/unit tests/e2e -q
 for ranks in 2 4; do
     echo "== MPI tests on $ranks ranks"
     # Only rank 0 reports; the other ranks' results reach it through the exit code.
-    timeout -k 10 600 mpiexec -n "$ranks" python tests/mpi/run_rank.py -q -p no:cacheprovider
+    timeout -k 10 300 mpiexec -n "$ranks" python tests/mpi/run_rank.py -q -p no:cacheprovider
 done
