@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from mpi4py import MPI
 from psops_mpi.config import UsageError
 
 T = TypeVar("T")
+ABORT_GRACE_S = 1.0  # seconds for the launcher to forward a failing rank's last words
 
 # Variables that launchers set to the number of tasks they started. If one of them says "more
 # than one" while COMM_WORLD has size 1, the MPI library and the launcher do not speak the
@@ -174,6 +176,10 @@ def abort_on_error(comm: MPI.Comm, exc: BaseException) -> NoReturn:
     summary = " ".join(f"{type(exc).__name__}: {exc}".split())
     print(f"{detail}psops_mpi: rank {rank} failed, aborting the job: {summary}",
           file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Output travels through pipes to the launcher, which may tear the job down on MPI_Abort
+    # before forwarding them: without this pause the reason was lost in about 1 run in 4.
+    time.sleep(ABORT_GRACE_S)
     comm.Abort(1)
     raise SystemExit(1)  # pragma: no cover - Abort does not return
 

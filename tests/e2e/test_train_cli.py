@@ -48,10 +48,11 @@ def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
     assert final["test_acc"] > 0.5
 
 
-def test_single_process_without_mpiexec(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranks", [0, 1], ids=["singleton", "mpiexec-n1"])
+def test_single_process(tmp_path: Path, ranks: int) -> None:
     metrics = tmp_path / "m.jsonl"
     res = launch(["--dataset", "synthetic", "--max-steps", "30", "--metrics-out", str(metrics)],
-                 ranks=0)
+                 ranks=ranks)
     assert res.returncode == 0, res.stderr
     final = read_metrics(metrics)[-1]
     assert final["steps"] == 30 and final["world_size"] == 1 and final["comm_bytes_per_rank"] == 0

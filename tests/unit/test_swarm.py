@@ -36,6 +36,18 @@ def test_rule_with_random_numbers_matches_the_formula() -> None:
     assert torch.allclose(x, x0 + v_expected, atol=1e-6)
 
 
+def test_same_key_same_step_other_key_other_step() -> None:
+    def step(key: int) -> torch.Tensor:
+        x, v = torch.zeros(64), torch.zeros(64)
+        pso_update_(x, v, torch.ones(64), -torch.ones(64), w=0.5, c1=1.0, c2=1.0, vmax=None,
+                    key=key)
+        return x
+
+    assert torch.equal(step(rng_key(0, 3, 1)), step(rng_key(0, 3, 1)))
+    assert not torch.equal(step(rng_key(0, 3, 1)), step(rng_key(0, 3, 2)))  # other rank
+    assert not torch.equal(step(rng_key(0, 3, 1)), step(rng_key(0, 4, 1)))  # other round
+
+
 def test_vmax_clamps_every_component_exactly() -> None:
     x, v = torch.zeros(4), torch.zeros(4)
     g = t(10.0, -10.0, 0.05, -0.05)
