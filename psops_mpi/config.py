@@ -1,11 +1,13 @@
 """Every training setting as a validated dataclass, plus TOML loading.
 
-The command line (``train.py``) only maps ``--kebab-case`` flags onto :class:`TrainConfig`;
-a TOML file given with ``--config`` supplies values first and flags override it.
+The command line only maps ``--kebab-case`` flags onto :class:`TrainConfig` (see
+:func:`build_parser`); a TOML file given with ``--config`` supplies values first and flags
+override it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
@@ -189,3 +191,59 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         return TrainConfig(**top, pso=PSOConfig(**pso))
     except TypeError as exc:  # a wrongly typed value from TOML, e.g. a string for an int
         raise UsageError(f"bad setting: {exc}") from None
+
+
+# ---- command line: flags map one to one onto the fields above
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the usual bad-input path, not usage text
+        raise UsageError(message)
+
+    def print_help(self, file=None) -> None:  # once per job, not once per rank
+        from mpi4py import MPI  # only when asked: config stays importable without MPI
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            super().print_help(file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags map one to one onto TrainConfig / PSOConfig fields; defaults live there."""
+    d, pso = TrainConfig(), TrainConfig().pso
+    p = _Parser(prog="psops_mpi.train", argument_default=argparse.SUPPRESS,
+                description="Data-parallel training over MPI with PSO-PS, PA or SSGD.")
+    add = p.add_argument
+    add("--config", metavar="FILE.toml", help="settings file; flags given here override it")
+    add("--algo", choices=ALGOS, help=f"synchronisation algorithm (default {d.algo})")
+    add("--sync-every", type=int, metavar="N", help=f"local steps per round ({d.sync_every})")
+    add("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
+    add("--data-dir", metavar="DIR", help="folder holding the dataset files")
+    add("--model", help="model name, 'auto' or package.module:function (default auto)")
+    add("--epochs", type=int, help=f"passes over the training set ({d.epochs})")
+    add("--batch-size", type=int, help=f"mini-batch size per rank ({d.batch_size})")
+    add("--lr", type=float, help=f"peak learning rate ({d.lr})")
+    add("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
+    add("--momentum", type=float, help=f"SGD momentum ({d.momentum})")
+    add("--weight-decay", type=float, help=f"SGD weight decay ({d.weight_decay})")
+    add("--seed", type=int, help=f"seed of weights, data order and swarm ({d.seed})")
+    add("--w", type=float, help=f"PSO inertia ({pso.w})")
+    add("--c1", type=float, help=f"PSO pull to the personal best ({pso.c1})")
+    add("--c2", type=float, help=f"PSO pull to the global best ({pso.c2})")
+    add("--vmax", type=float, help="PSO velocity clamp (default none)")
+    add("--fitness", choices=FITNESS_MODES, help=f"particle fitness ({pso.fitness})")
+    add("--exchange", choices=EXCHANGES, help=f"PSO-PS exchange ({pso.exchange})")
+    add("--gbest-memory", choices=GBEST_MEMORIES, help=f"global best memory ({pso.gbest_memory})")
+    add("--reset-momentum", action="store_true", help="clear SGD momentum after each round")
+    add("--device", choices=DEVICES, help=f"device per rank ({d.device})")
+    add("--threads", type=int, help="CPU threads per rank (default: share the node's cores)")
+    add("--max-steps", type=int, metavar="N", help="stop after N steps per rank (0: no limit)")
+    add("--metrics-out", metavar="PATH", help="write JSON-lines metrics here (rank 0)")
+    add("--quiet", action="store_true", help="no progress bar or epoch lines")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Flags over the TOML file over the defaults, validated."""
+    given = vars(build_parser().parse_args(argv))
+    values = load_toml(given.pop("config")) if "config" in given else {}
+    values.update(given)
+    return build_config(values)

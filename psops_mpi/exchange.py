@@ -43,10 +43,14 @@ class Exchange:
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self.cuda_aware = cuda_aware
+        self.reset_counters()
+        self._staging: torch.Tensor | None = None
+
+    def reset_counters(self) -> None:
+        """Start counting bytes, seconds and calls from zero."""
         self.bytes_sent = 0
         self.seconds = 0.0
         self.calls = 0
-        self._staging: torch.Tensor | None = None
 
     @contextmanager
     def _timed(self, nbytes: float):
@@ -71,18 +75,25 @@ class Exchange:
             self._staging = staging
         return staging[:numel]
 
+    @contextmanager
+    def _in_place(self, buf: torch.Tensor, upload: bool = True):
+        """Yield what MPI should work on in place for ``buf``; when that is a staging copy,
+        fill it first (if ``upload``) and copy the result back after."""
+        host = self._host(buf)
+        staged = host is not buf
+        if staged and upload:
+            host.copy_(buf.view(-1))
+        yield _mpi(host)
+        if staged:
+            buf.view(-1).copy_(host)
+
     def allreduce_mean_(self, buf: torch.Tensor) -> None:
         """Replace ``buf`` by its mean over all ranks, in place (one Allreduce)."""
         if self.world_size == 1:
             return
         nbytes = buf.numel() * buf.element_size() * 2 * (self.world_size - 1) / self.world_size
-        with self._timed(nbytes):
-            host = self._host(buf)
-            if host is not buf:
-                host.copy_(buf.view(-1))
-            self.comm.Allreduce(MPI.IN_PLACE, _mpi(host))
-            if host is not buf:
-                buf.view(-1).copy_(host)
+        with self._timed(nbytes), self._in_place(buf) as mpi_buf:
+            self.comm.Allreduce(MPI.IN_PLACE, mpi_buf)
         buf.div_(self.world_size)
 
     def allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
@@ -107,13 +118,9 @@ class Exchange:
         """Overwrite ``buf`` on every rank with the root's ``buf`` (one Bcast)."""
         if self.world_size == 1:
             return
-        with self._timed(buf.numel() * buf.element_size()):
-            host = self._host(buf)
-            if host is not buf and self.rank == root:
-                host.copy_(buf.view(-1))
-            self.comm.Bcast(_mpi(host), root=root)
-            if host is not buf:
-                buf.view(-1).copy_(host)
+        with (self._timed(buf.numel() * buf.element_size()),
+              self._in_place(buf, upload=self.rank == root) as mpi_buf):
+            self.comm.Bcast(mpi_buf, root=root)
 
     def minloc(self, value: float) -> tuple[float, int]:
         """The smallest ``value`` over all ranks and the lowest rank holding it (MINLOC)."""
@@ -123,7 +130,7 @@ class Exchange:
         pair = np.dtype([("v", "f8"), ("r", "i4")], align=True)
         send = np.array([(value, self.rank)], dtype=pair)
         recv = np.empty_like(send)
-        with self._timed(12):
+        with self._timed(send.nbytes):
             self.comm.Allreduce([send, MPI.DOUBLE_INT], [recv, MPI.DOUBLE_INT], op=MPI.MINLOC)
         return float(recv["v"][0]), int(recv["r"][0])
 

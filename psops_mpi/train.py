@@ -8,7 +8,6 @@ parse -> config -> world -> data, model, synchroniser -> train loop -> final met
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable
@@ -23,19 +22,7 @@ from torch import nn
 
 from psops_mpi import data as datasets
 from psops_mpi import models
-from psops_mpi.config import (
-    ALGOS,
-    DATASETS,
-    DEVICES,
-    EXCHANGES,
-    FITNESS_MODES,
-    GBEST_MEMORIES,
-    LR_SCHEDULES,
-    TrainConfig,
-    UsageError,
-    build_config,
-    load_toml,
-)
+from psops_mpi.config import TrainConfig, parse_config
 from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
 from psops_mpi.sync import Synchronizer, make_sync
 from psops_mpi.world import World, abort_on_error, agree, init_world, node_local
@@ -43,58 +30,6 @@ from psops_mpi.world import World, abort_on_error, agree, init_world, node_local
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
 EVAL_BATCH = 1024
 LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-host sync)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through the usual bad-input path, not usage text
-        raise UsageError(message)
-
-    def print_help(self, file=None) -> None:  # once per job, not once per rank
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            super().print_help(file)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Flags map one to one onto TrainConfig / PSOConfig fields; defaults live there."""
-    d, pso = TrainConfig(), TrainConfig().pso
-    p = _Parser(prog="psops_mpi.train", argument_default=argparse.SUPPRESS,
-                description="Data-parallel training over MPI with PSO-PS, PA or SSGD.")
-    add = p.add_argument
-    add("--config", metavar="FILE.toml", help="settings file; flags given here override it")
-    add("--algo", choices=ALGOS, help=f"synchronisation algorithm (default {d.algo})")
-    add("--sync-every", type=int, metavar="N", help=f"local steps per round ({d.sync_every})")
-    add("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
-    add("--data-dir", metavar="DIR", help="folder holding the dataset files")
-    add("--model", help="model name, 'auto' or package.module:function (default auto)")
-    add("--epochs", type=int, help=f"passes over the training set ({d.epochs})")
-    add("--batch-size", type=int, help=f"mini-batch size per rank ({d.batch_size})")
-    add("--lr", type=float, help=f"peak learning rate ({d.lr})")
-    add("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
-    add("--momentum", type=float, help=f"SGD momentum ({d.momentum})")
-    add("--weight-decay", type=float, help=f"SGD weight decay ({d.weight_decay})")
-    add("--seed", type=int, help=f"seed of weights, data order and swarm ({d.seed})")
-    add("--w", type=float, help=f"PSO inertia ({pso.w})")
-    add("--c1", type=float, help=f"PSO pull to the personal best ({pso.c1})")
-    add("--c2", type=float, help=f"PSO pull to the global best ({pso.c2})")
-    add("--vmax", type=float, help="PSO velocity clamp (default none)")
-    add("--fitness", choices=FITNESS_MODES, help=f"particle fitness ({pso.fitness})")
-    add("--exchange", choices=EXCHANGES, help=f"PSO-PS exchange ({pso.exchange})")
-    add("--gbest-memory", choices=GBEST_MEMORIES, help=f"global best memory ({pso.gbest_memory})")
-    add("--reset-momentum", action="store_true", help="clear SGD momentum after each round")
-    add("--device", choices=DEVICES, help=f"device per rank ({d.device})")
-    add("--threads", type=int, help="CPU threads per rank (default: share the node's cores)")
-    add("--max-steps", type=int, metavar="N", help="stop after N steps per rank (0: no limit)")
-    add("--metrics-out", metavar="PATH", help="write JSON-lines metrics here (rank 0)")
-    add("--quiet", action="store_true", help="no progress bar or epoch lines")
-    return p
-
-
-def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Flags over the TOML file over the defaults, validated."""
-    given = vars(build_parser().parse_args(argv))
-    values = load_toml(given.pop("config")) if "config" in given else {}
-    values.update(given)
-    return build_config(values)
 
 
 @dataclass
@@ -198,8 +133,9 @@ def train(run: Run) -> dict[str, Any]:
             sync.after_backward()
             optimizer.step()
             sync.after_step(loss)
-            sums += torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum(),
-                                 torch.tensor(len(y), device=y.device)]).double()
+            sums[0] += loss.detach() * len(y)  # stays on the device: no host sync per step
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += len(y)
             step += 1
             if progress.shown and (step % LOG_EVERY == 0 or step == total_steps):
                 progress.update(step - progress.bar.n, loss=float(sums[0] / sums[2]),

@@ -32,7 +32,6 @@ class Synchronizer:
         cuda_aware: hand CUDA buffers to MPI directly (only if the MPI library supports it).
     """
 
-    name = "base"
     extra_slots = 0  # slots after the weights in the flat buffer (PSO-PS: the fitness)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -59,9 +58,7 @@ class Synchronizer:
         self.exchange.bcast_(self.flat.data, root=0)
         if self.buffers.data is not None:
             self.exchange.bcast_(self.buffers.data, root=0)
-        self.exchange.bytes_sent = 0
-        self.exchange.seconds = 0.0
-        self.exchange.calls = 0
+        self.exchange.reset_counters()
 
     def after_backward(self) -> None:
         """Called after ``loss.backward()``, before ``optimizer.step()``."""

@@ -8,8 +8,6 @@ from psops_mpi.sync.base import Synchronizer
 class PASync(Synchronizer):
     """Replace every rank's weights by their mean over all ranks once per period."""
 
-    name = "pa"
-
     def _round(self) -> None:
         self.exchange.allreduce_mean_(self.flat.data)
         self.average_buffers()

@@ -34,7 +34,6 @@ class PSOSync(Synchronizer):
             :meth:`after_step` since the last round.
     """
 
-    name = "pso-ps"
     extra_slots = 1
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -73,6 +72,7 @@ class PSOSync(Synchronizer):
         fitness = self._fitness()
         self._fitness_slot.copy_(fitness)
         self.last_fitness = float(fitness)  # one host sync per round, not per step
+        self.swarm.offer_personal(self.last_fitness)
         if self._gathered is not None:
             self._exchange_allgather()
         else:
@@ -87,14 +87,12 @@ class PSOSync(Synchronizer):
         gathered = self._gathered
         self.exchange.allgather(self.flat.packed, gathered)
         owner, best = select_best(gathered[:, -1])
-        self.swarm.offer_personal(self.last_fitness)
         if self.swarm.accepts_global(best):
             self.swarm.set_global(gathered[owner, :-1], best, owner)
 
     def _exchange_best(self) -> None:
         local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
         best, owner = self.exchange.minloc(local)
-        self.swarm.offer_personal(self.last_fitness)
         # Every rank holds the same (best, owner), so all take the same branch.
         if self.swarm.accepts_global(best):
             if self.rank == owner:

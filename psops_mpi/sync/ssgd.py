@@ -9,8 +9,6 @@ class SSGDSync(Synchronizer):
     """Average gradients over all ranks after every backward pass (``sync_every`` is unused:
     weights never diverge, so only BatchNorm statistics are averaged, at :meth:`flush`)."""
 
-    name = "ssgd"
-
     def after_backward(self) -> None:
         self.flat.attach_grads()
         self.exchange.allreduce_mean_(self.flat.grad)

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from psops_mpi.config import PSOConfig, TrainConfig, UsageError, build_config, load_toml
-from psops_mpi.train import parse_config
+from psops_mpi.config import (
+    PSOConfig,
+    TrainConfig,
+    UsageError,
+    build_config,
+    load_toml,
+    parse_config,
+)
 
 
 def test_defaults_are_valid_and_resolve_to_plain_values() -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from psops_mpi.config import PSOConfig, TrainConfig
-from psops_mpi.train import build_parser
+from psops_mpi.config import PSOConfig, TrainConfig, build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| `(--[a-z0-9-]+)[^`]*` \| ([^|]+) \|", re.MULTILINE)
