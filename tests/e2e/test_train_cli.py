@@ -171,3 +171,17 @@ def test_nan_particle_never_becomes_gbest(tmp_path: Path) -> None:
     epochs = [e for e in read_metrics(metrics) if e["event"] == "epoch"]
     assert all(e["gbest_fitness"] is not None for e in epochs)  # finite (NaN would be null)
     assert read_metrics(metrics)[-1]["test_acc"] > 0.3  # the swarm's answer is rank 1's model
+
+
+def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path: Path) -> None:
+    def final(seed: int, name: str) -> dict:
+        metrics = tmp_path / name
+        res = launch(["--dataset", "synthetic", "--max-steps", "40", "--seed", str(seed),
+                      "--quiet", "--metrics-out", str(metrics)], ranks=2)
+        assert res.returncode == 0, res.stderr
+        return read_metrics(metrics)[-1]
+
+    first, again, other = final(3, "a.jsonl"), final(3, "b.jsonl"), final(4, "c.jsonl")
+    assert (first["test_loss"], first["gbest_fitness"]) == (again["test_loss"],
+                                                            again["gbest_fitness"])
+    assert first["test_loss"] != other["test_loss"]
