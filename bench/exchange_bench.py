@@ -50,14 +50,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import mpi4py
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -65,6 +62,7 @@ from torch import nn
 
 from psops_mpi.exchange import Exchange
 from psops_mpi.flat import FlatParams, flat_buffer
+from psops_mpi.metrics import environment as training_environment
 from psops_mpi.world import init_world, node_local
 
 Op = Callable[[], None]
@@ -255,17 +253,14 @@ def transparent_hugepages() -> dict[str, object]:
 
 
 def environment(comm: MPI.Comm) -> dict[str, object]:
+    """What training records (``psops_mpi.metrics.environment``) plus what this bench needs."""
     return {
+        **training_environment(),
         "P": comm.Get_size(),
-        "mpi_library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
         "mpi_version": "{}.{}".format(*MPI.Get_version()),
-        "mpi4py": mpi4py.__version__,
-        "torch": torch.__version__,
         "numpy": np.__version__,
-        "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         **transparent_hugepages(),
-        "hostname": socket.gethostname(),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
@@ -279,7 +274,7 @@ def table(env: dict[str, object], rows: Sequence[Row], repeats: int, warmup: int
     lines = [
         f"# exchange_bench  P={env['P']}  {env['mpi_library']}  "
         f"torch {env['torch']}  mpi4py {env['mpi4py']}  torch threads/rank "
-        f"{env['torch_threads']}  host {env['hostname']}  {env['date']}",
+        f"{env['torch_threads']}  host {env['host']}  {env['date']}",
         f"# THP mode {env['thp_mode']}, numpy madvise hugepage "
         f"{env['numpy_madvise_hugepage']}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}",
         f"# median of {repeats} iterations (after {warmup} warm-up), each the max over ranks; "

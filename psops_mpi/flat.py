@@ -21,10 +21,10 @@ def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device | str) -> t
     them with transparent huge pages; torch's allocator does not, and with 4 KiB pages a
     10M-float Allgather or Allreduce ran 10-25% slower here (bench/exchange_bench.py)."""
     device = torch.device(device)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type == "cpu" and nbytes >= _HUGE_PAGE_BYTES:
+    probe = torch.empty((), dtype=dtype)
+    if device.type == "cpu" and numel * probe.element_size() >= _HUGE_PAGE_BYTES:
         try:
-            np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+            np_dtype = probe.numpy().dtype
         except TypeError:  # bfloat16 and others numpy cannot hold
             return torch.zeros(numel, dtype=dtype, device=device)
         return torch.from_numpy(np.zeros(numel, dtype=np_dtype))

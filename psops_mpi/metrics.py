@@ -130,7 +130,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mpi4py": mpi4py.__version__,
-        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi_library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,

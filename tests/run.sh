@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1  # 4 ranks on a 2-core machine must not fight over threads
+# Test this checkout even if `pip install -e` last pointed at another one.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 ruff check .
 python -m pytest tests/unit tests/e2e -q
