@@ -32,6 +32,8 @@ EXCHANGES = ("allgather", "best")
 GBEST_MEMORIES = ("round", "all")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+PSO_KERNELS = ("fused", "reference")
+CUDA_AWARE = ("auto", "on", "off")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -72,6 +74,8 @@ class PSOConfig:
     """'round': the global best is this round's best particle; 'all': the best ever seen."""
     reset_momentum: bool = False
     """Clear the local optimizer's state (momentum) after every round."""
+    pso_kernel: str = "fused"
+    """'fused': the one-pass custom op (psops_mpi.kernels); 'reference': plain torch ops."""
 
     def __post_init__(self) -> None:
         for name in ("w", "c1", "c2"):
@@ -81,6 +85,7 @@ class PSOConfig:
         _choice("fitness mode", self.fitness, FITNESS_MODES)
         _choice("exchange", self.exchange, EXCHANGES)
         _choice("gbest memory", self.gbest_memory, GBEST_MEMORIES)
+        _choice("pso kernel", self.pso_kernel, PSO_KERNELS)
 
 
 @dataclass(kw_only=True)
@@ -123,6 +128,24 @@ class TrainConfig:
     """No progress bar and no per-epoch lines; errors and the final line only."""
     max_steps: int = 0
     """Stop after this many steps per rank (0: run all epochs); for quick checks."""
+    checkpoint_dir: str | None = None
+    """Folder of checkpoints (one sub-folder per checkpoint); None: no checkpoints."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: only the final one)."""
+    checkpoint_every_min: float = 0.0
+    """Also write one when this many minutes of wall-clock passed since the last (0: off)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are pruned."""
+    resume: str = "auto"
+    """'auto': the newest complete checkpoint in --checkpoint-dir, if any; 'none': start
+    fresh; or the path of one checkpoint folder."""
+    resume_strict: bool = False
+    """Refuse to resume at a world size other than the checkpoint's."""
+    cuda_aware: str = "auto"
+    """Hand CUDA buffers to MPI directly ('on'), stage them through pinned host memory
+    ('off'), or decide from what the MPI library reports ('auto')."""
+    allow_gpu_sharing: bool = False
+    """Allow more ranks on a node than it has GPUs (ranks then share GPUs round-robin)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.pso, dict):
@@ -131,6 +154,7 @@ class TrainConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("cuda-aware setting", self.cuda_aware, CUDA_AWARE)
         for name in ("sync_every", "batch_size", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -139,13 +163,18 @@ class TrainConfig:
         _positive("--lr", self.lr)
         _non_negative("--momentum", self.momentum)
         _non_negative("--weight-decay", self.weight_decay)
-        for name in ("threads", "max_steps"):
+        for name in ("threads", "max_steps", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 0, "
                                  f"got {value!r}")
         if not self.model:
             raise UsageError("--model must not be empty")
+        _non_negative("--checkpoint-every-min", self.checkpoint_every_min)
+        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+            raise UsageError(f"--keep-last must be an integer >= 1, got {self.keep_last!r}")
+        if not self.resume:
+            raise UsageError("--resume must be 'auto', 'none' or a checkpoint folder")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-ready values (stored with every result)."""
@@ -233,11 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--exchange", choices=EXCHANGES, help=f"PSO-PS exchange ({pso.exchange})")
     add("--gbest-memory", choices=GBEST_MEMORIES, help=f"global best memory ({pso.gbest_memory})")
     add("--reset-momentum", action="store_true", help="clear SGD momentum after each round")
+    add("--pso-kernel", choices=PSO_KERNELS, help=f"PSO update kernel ({pso.pso_kernel})")
     add("--device", choices=DEVICES, help=f"device per rank ({d.device})")
     add("--threads", type=int, help="CPU threads per rank (default: share the node's cores)")
     add("--max-steps", type=int, metavar="N", help="stop after N steps per rank (0: no limit)")
     add("--metrics-out", metavar="PATH", help="write JSON-lines metrics here (rank 0)")
     add("--quiet", action="store_true", help="no progress bar or epoch lines")
+    add("--checkpoint-dir", metavar="DIR", help="write checkpoints here (default: none)")
+    add("--checkpoint-every", type=int, metavar="K",
+        help="checkpoint every K steps (0: only at the end)")
+    add("--checkpoint-every-min", type=float, metavar="MIN",
+        help="also checkpoint every MIN minutes of wall-clock (0: off)")
+    add("--keep-last", type=int, metavar="N", help=f"checkpoints kept ({d.keep_last})")
+    add("--resume", metavar="{auto,none,PATH}",
+        help=f"resume from the newest checkpoint, none, or one folder ({d.resume})")
+    add("--resume-strict", action="store_true",
+        help="refuse to resume at another world size")
+    add("--cuda-aware", choices=CUDA_AWARE,
+        help=f"pass CUDA buffers to MPI directly ({d.cuda_aware})")
+    add("--allow-gpu-sharing", action="store_true",
+        help="allow more ranks per node than GPUs")
     return p
 
 
