@@ -25,7 +25,7 @@ from psops_mpi import models
 from psops_mpi.config import TrainConfig, parse_config
 from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
 from psops_mpi.sync import Synchronizer, make_sync
-from psops_mpi.world import World, abort_on_error, agree, init_world, node_local
+from psops_mpi.world import NodeLocal, World, abort_on_error, agree, init_world, node_local
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
 EVAL_BATCH = 1024
@@ -47,7 +47,7 @@ class Run:
     sync: Synchronizer | None = None  # made once every rank agreed that the input is good
 
 
-def prepare(argv: list[str] | None, comm: MPI.Comm, local: tuple[int, int]) -> Run:
+def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     """Parse, validate and build everything but the synchroniser; bad input raises
     UsageError here. No collectives: this may fail on some ranks only."""
     config = parse_config(argv)
@@ -55,7 +55,8 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: tuple[int, int]) -> R
         config.model = models.DEFAULT_MODELS[config.dataset]
     if config.metrics_out:
         check_writable(config.metrics_out)
-    world = init_world(comm, local, config.device, config.threads)
+    world = init_world(comm, local, config.device, config.threads, config.allow_gpu_sharing,
+                       config.cuda_aware)
     dataset = datasets.load_dataset(config.dataset, config.data_dir, world.device)
     batches = datasets.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
                                       config.seed)
@@ -199,11 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         local = node_local(comm)
         run = agree(comm, lambda: prepare(argv, comm, local))
-        run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn)
+        run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn,
+                             cuda_aware=run.world.cuda_aware.direct)
+        env = environment()
         if not run.config.quiet and run.world.is_root:
             print(describe(run), flush=True)
+            print(f"psops_mpi: {env['mpi_library']} (mpi4py {env['mpi4py']}); "
+                  f"{run.world.cuda_aware.describe()}", flush=True)
         run.metrics.write("start", config=run.config.to_dict(), world_size=comm.Get_size(),
-                          num_params=run.sync.flat.numel, environment=environment())
+                          num_params=run.sync.flat.numel, environment=env,
+                          cuda_aware=run.world.cuda_aware.describe())
         final = train(run)
         final = {**final, "world_size": comm.Get_size(), "num_params": run.sync.flat.numel,
                  "config": run.config.to_dict()}

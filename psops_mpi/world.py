@@ -7,17 +7,19 @@ communicator (COMM_WORLD by default) when the caller asks for it.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 
 import torch
 from mpi4py import MPI
 
 from psops_mpi.config import UsageError
+from psops_mpi.cuda_aware import CudaAwareDecision, resolve
 
 T = TypeVar("T")
 ABORT_GRACE_S = 1.0  # seconds for the launcher to forward a failing rank's last words
@@ -44,6 +46,9 @@ class World:
     local_rank: int
     local_size: int
     device: torch.device
+    cuda_aware: CudaAwareDecision = field(
+        default_factory=lambda: CudaAwareDecision(False, "tensors live on the cpu", needed=False))
+    """Whether CUDA buffers go to MPI directly or through pinned host memory, and why."""
 
     @property
     def is_root(self) -> bool:
@@ -71,20 +76,94 @@ def check_launch(world_size: int, environ: dict[str, str] | None = None) -> None
             )
 
 
-def choose_device(kind: str, local_rank: int) -> torch.device:
-    """One device per rank: ``cuda:<local rank>`` when CUDA is wanted and present, else CPU."""
+@dataclass(frozen=True)
+class NodeLocal:
+    """This rank's place among the ranks of its node, and the GPUs each of them sees."""
+
+    rank: int
+    size: int
+    gpus: tuple[tuple[str, ...], ...] = ()
+    """Per node-local rank, the physical ids of the GPUs it sees, in its CUDA index order;
+    empty when unknown (then every rank is taken to see what this one sees)."""
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """Physical ids (UUIDs) of the GPUs this process sees, in CUDA index order.
+
+    UUIDs, not indices: under Slurm every task may see its own GPU as ``cuda:0`` (with
+    ``CUDA_VISIBLE_DEVICES=0`` in each), and only the UUID tells whether two tasks were given
+    the same one.
+    """
+    if not torch.cuda.is_available():
+        return ()
+    listed = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    ids = []
+    for index in range(torch.cuda.device_count()):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        fallback = listed[index] if index < len(listed) and listed[index] else str(index)
+        ids.append(str(uuid) if uuid else fallback)
+    return tuple(ids)
+
+
+def assign_gpus(visible: Sequence[Sequence[str]], allow_sharing: bool = False) -> list[int | None]:
+    """Which GPU each rank of one node uses, as an index into the GPUs that rank sees.
+
+    Ranks in node-local order take the first of their GPUs that no rank took before. So with
+    every rank seeing all the node's GPUs, local rank r gets ``cuda:r``; with Slurm narrowing
+    ``CUDA_VISIBLE_DEVICES`` to one GPU per task (``--gpus-per-task=1``), every rank gets its
+    ``cuda:0``. Every rank computes the same answer from the same gathered lists.
+
+    Args:
+        visible: per node-local rank, the physical ids of the GPUs it sees (:func:`visible_gpus`).
+        allow_sharing: when a rank finds all its GPUs taken, give it the one that the fewest
+            ranks use (round-robin) instead of refusing.
+
+    Returns:
+        Per node-local rank, an index into its own list, or None for a rank that sees no GPU.
+
+    Raises:
+        UsageError: a rank would share a GPU and sharing was not allowed.
+    """
+    users: dict[str, int] = {}
+    chosen: list[int | None] = []
+    for gpus in visible:
+        if not gpus:
+            chosen.append(None)
+            continue
+        free = [i for i, gpu in enumerate(gpus) if gpu not in users]
+        if free:
+            index = free[0]
+        elif allow_sharing:
+            index = min(range(len(gpus)), key=lambda i: users[gpus[i]])
+        else:
+            num_gpus = len({gpu for gpus in visible for gpu in gpus})
+            raise UsageError(
+                f"{len(visible)} ranks on this node but only {num_gpus} GPU(s) for them, so "
+                "ranks would share a GPU: start at most one rank per GPU (for example "
+                f"`--ntasks-per-node={num_gpus} --gpus-per-task=1`), pass --allow-gpu-sharing "
+                "to share them round-robin, or use --device cpu"
+            )
+        users[gpus[index]] = users.get(gpus[index], 0) + 1
+        chosen.append(index)
+    return chosen
+
+
+def choose_device(kind: str, local: NodeLocal, allow_sharing: bool = False) -> torch.device:
+    """One device per rank: its own GPU (:func:`assign_gpus`) when CUDA is wanted and
+    present, else the CPU."""
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA device")
-    if kind in ("auto", "cuda") and torch.cuda.is_available():
-        num_gpus = torch.cuda.device_count()
-        if local_rank >= num_gpus:
-            raise UsageError(
-                f"local rank {local_rank} has no GPU of its own: this node shows {num_gpus} "
-                "GPU(s); start at most one rank per GPU or use --device cpu"
-            )
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if kind == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = local.gpus or (visible_gpus(),) * local.size
+    try:
+        index = assign_gpus(visible, allow_sharing)[local.rank]
+    except UsageError as exc:
+        raise UsageError(f"node {socket.gethostname()}: {exc}") from None
+    if index is None:  # pragma: no cover - CUDA is available to this rank, so it sees one
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def cpu_threads(requested: int, local_size: int) -> int:
@@ -105,34 +184,40 @@ def cpu_threads(requested: int, local_size: int) -> int:
     return max(1, share)
 
 
-def node_local(comm: MPI.Comm) -> tuple[int, int]:
-    """This rank's index among the ranks on its node, and their number (a collective)."""
+def node_local(comm: MPI.Comm) -> NodeLocal:
+    """This rank's index among the ranks on its node, their number, and the GPUs each sees
+    (a collective: one small allgather within the node)."""
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return local.Get_rank(), local.Get_size()
+        mine = visible_gpus()
+        gpus = tuple(local.allgather(mine)) if local.Get_size() > 1 else (mine,)
+        return NodeLocal(local.Get_rank(), local.Get_size(), gpus)
     finally:
         local.Free()
 
 
-def init_world(comm: MPI.Comm, local: tuple[int, int], device: str = "auto",
-               threads: int = 0) -> World:
-    """Describe this rank: ranks, device and CPU threads. No collectives, so it may fail on
-    some ranks only (inside :func:`agree`).
+def init_world(comm: MPI.Comm, local: NodeLocal | tuple[int, int], device: str = "auto",
+               threads: int = 0, allow_gpu_sharing: bool = False,
+               cuda_aware: str = "auto") -> World:
+    """Describe this rank: ranks, device, CPU threads and how CUDA buffers reach MPI. No
+    collectives, so it may fail on some ranks only (inside :func:`agree`).
 
     Args:
         comm: the job's communicator.
-        local: (node-local rank, ranks on the node), from :func:`node_local`.
-        device, threads: as ``--device`` and ``--threads``.
+        local: from :func:`node_local`.
+        device, threads, allow_gpu_sharing, cuda_aware: as the flags of the same names.
 
     Raises:
         UsageError: the launch is inconsistent or the device cannot be had.
     """
     check_launch(comm.Get_size())
-    local_rank, local_size = local
-    dev = choose_device(device, local_rank)
+    if not isinstance(local, NodeLocal):
+        local = NodeLocal(*local)
+    dev = choose_device(device, local, allow_gpu_sharing)
     if dev.type == "cpu":
-        torch.set_num_threads(cpu_threads(threads, local_size))
-    return World(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, dev)
+        torch.set_num_threads(cpu_threads(threads, local.size))
+    return World(comm, comm.Get_rank(), comm.Get_size(), local.rank, local.size, dev,
+                 resolve(cuda_aware, dev.type))
 
 
 def error_line(message: str) -> str:
