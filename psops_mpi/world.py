@@ -34,6 +34,9 @@ LAUNCHER_SIZE_VARS = {
     "PMI_SIZE": "a PMI launcher (MPICH/Hydra mpiexec, Intel MPI)",
     "MV2_COMM_WORLD_SIZE": "MVAPICH (mpirun_rsh)",
 }
+# The same launchers' index of this task: in such a mismatched launch every task is rank 0 of
+# its own world, and only the launcher's task 0 should print the error (not one line per task).
+LAUNCHER_RANK_VARS = ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 
 @dataclass
@@ -243,11 +246,21 @@ def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
     failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
     if not failed:
         return result  # type: ignore[return-value]
-    if comm.Get_rank() == 0:
+    if comm.Get_rank() == 0 and not _echo_of_task_zero(comm.Get_size()):
         rank, msg = failed[0]
         where = "" if len(failed) == len(messages) else f"on rank {rank}: "
         print(error_line(where + msg), file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _echo_of_task_zero(world_size: int, environ: dict[str, str] | None = None) -> bool:
+    """True for a size-1 world that the launcher started as task 1, 2, ... of several: its
+    error line would repeat task 0's."""
+    environ = os.environ if environ is None else environ
+    if world_size != 1:
+        return False
+    return any(environ.get(var, "").isdigit() and int(environ[var]) > 0
+               for var in LAUNCHER_RANK_VARS)
 
 
 def abort_on_error(comm: MPI.Comm, exc: BaseException) -> NoReturn:

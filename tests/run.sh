@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, unit + end-to-end tests, then the MPI tier at 2 and 4 ranks.
+# The whole test suite: lint, unit + end-to-end tests, the MPI tier at 2 and 4 ranks, then the
+# Slurm tier (a one-node Slurm on localhost; its tests skip, saying why, where it cannot start).
 # Every MPI launch is bounded by `timeout` so a failing rank can never hang the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,5 @@ for ranks in 2 4; do
     # Only rank 0 reports; the other ranks' results reach it through the exit code.
     timeout -k 10 300 mpiexec -n "$ranks" python tests/mpi/run_rank.py -q -p no:cacheprovider
 done
+echo "== Slurm tests"
+timeout -k 10 600 python -m pytest tests/slurm -q -rs -p no:cacheprovider

@@ -31,3 +31,12 @@ def test_threads_requested_or_shared(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_error_line_is_one_line() -> None:
     assert error_line("bad\n  thing") == "psops_mpi: error: bad thing"
+
+
+def test_only_the_launchers_first_task_reports_a_mismatched_launch() -> None:
+    from psops_mpi.world import _echo_of_task_zero
+
+    assert _echo_of_task_zero(1, {"SLURM_PROCID": "3"})
+    assert not _echo_of_task_zero(1, {"SLURM_PROCID": "0"})
+    assert not _echo_of_task_zero(1, {})
+    assert not _echo_of_task_zero(4, {"PMI_RANK": "3"})  # a real world: its rank 0 speaks

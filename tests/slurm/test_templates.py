@@ -1,0 +1,55 @@
+"""The sbatch templates, read as Slurm and bash read them (no Slurm needed)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.launch import REPO
+
+TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
+
+
+def directives(path: Path) -> tuple[list[str], list[str]]:
+    """The #SBATCH lines sbatch reads (those before the first command) and any after it."""
+    read, ignored, in_header = [], [], True
+    for line in path.read_text().splitlines()[1:]:
+        stripped = line.strip()
+        if in_header and stripped and not stripped.startswith("#"):
+            in_header = False
+        if line.startswith("#SBATCH"):
+            (read if in_header else ignored).append(line)
+    return read, ignored
+
+
+def test_the_three_templates_exist() -> None:
+    assert [p.name for p in TEMPLATES] == ["scaling.sbatch", "train_cpu.sbatch",
+                                           "train_gpu.sbatch"]
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_template_is_valid_bash_with_every_directive_in_the_header(path: Path) -> None:
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    read, ignored = directives(path)
+    assert ignored == [], f"sbatch ignores #SBATCH lines after the first command: {ignored}"
+    names = {line.split()[1].split("=")[0] for line in read}
+    assert {"--job-name", "--nodes", "--ntasks-per-node", "--time", "--output"} <= names
+
+
+@pytest.mark.parametrize("name", ["train_cpu.sbatch", "train_gpu.sbatch"])
+def test_training_templates_launch_with_matching_pmi_and_end_on_a_failed_rank(name: str) -> None:
+    text = (REPO / "slurm" / name).read_text()
+    assert 'srun --mpi="$PSOPS_MPI" --kill-on-bad-exit=1' in text
+    assert "-m psops_mpi.train" in text and "PSOPS_MPI=${PSOPS_MPI:-pmi2}" in text
+
+
+def test_gpu_template_asks_one_gpu_per_rank() -> None:
+    read, _ = directives(REPO / "slurm" / "train_gpu.sbatch")
+    assert "#SBATCH --gpus-per-task=1" in [line.split("  ")[0] for line in read]
+
+
+def test_scaling_template_runs_the_sweep_per_node_count() -> None:
+    text = (REPO / "slurm" / "scaling.sbatch").read_text()
+    assert 'bench/sweep.py --ranks "$ranks"' in text
