@@ -50,7 +50,9 @@ def test_cpu_template_runs_to_completion_through_sbatch(slurm: LocalSlurm,
     results, out = tmp_path / "results", tmp_path / "job.out"
     env = {**JOB_ENV, "PSOPS_ARGS": "--dataset synthetic --epochs 2 --quiet",
            "PSOPS_RESULTS": str(results), "PSOPS_PYTHON": sys.executable}
-    submitted = slurm.command(["sbatch", "--parsable", f"--output={out}",
+    # The local node declares more CPUs than the machine has; one thread per rank, as a user
+    # sets --cpus-per-task for their nodes (two threads each made this run 100x slower here).
+    submitted = slurm.command(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={out}",
                                str(REPO / "slurm" / "train_cpu.sbatch")],
                               timeout=60, cwd=REPO, env=env)
     assert submitted.returncode == 0, submitted.stderr
