@@ -50,6 +50,16 @@ def test_gpu_template_asks_one_gpu_per_rank() -> None:
     assert "#SBATCH --gpus-per-task=1" in [line.split("  ")[0] for line in read]
 
 
-def test_scaling_template_runs_the_sweep_per_node_count() -> None:
-    text = (REPO / "slurm" / "scaling.sbatch").read_text()
-    assert 'bench/sweep.py --ranks "$ranks"' in text
+def test_scaling_template_runs_the_sweep_once_per_node_count_that_fits() -> None:
+    # Run the job script's body as Slurm would on a 2-node allocation of 4 tasks per node,
+    # with `echo` in place of python so it prints the sweep commands instead of running them.
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4",
+           "SLURM_CPUS_PER_TASK": "8", "PSOPS_NODE_COUNTS": "1 2 4", "PSOPS_PYTHON": "echo",
+           "PSOPS_SWEEP_ARGS": "--quick --seeds 1"}
+    res = subprocess.run(["bash", str(REPO / "slurm" / "scaling.sbatch")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    sweeps = [line for line in res.stdout.splitlines() if line.startswith("bench/sweep.py")]
+    assert sweeps == ["bench/sweep.py --ranks 4 --quick --seeds 1",
+                      "bench/sweep.py --ranks 8 --quick --seeds 1"]
+    assert "skipping 4 nodes: the job has only 2" in res.stderr

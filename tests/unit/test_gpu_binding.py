@@ -75,6 +75,10 @@ def test_on_a_gpu_node_ranks_get_their_own_gpu() -> None:
 def test_init_world_accepts_a_plain_local_pair() -> None:
     from mpi4py import MPI
 
-    world = init_world(MPI.COMM_SELF, (0, 1), device="cpu", threads=1)
+    threads = torch.get_num_threads()
+    try:
+        world = init_world(MPI.COMM_SELF, (0, 1), device="cpu", threads=1)
+    finally:
+        torch.set_num_threads(threads)  # the other tests in this process keep theirs
     assert world.device.type == "cpu" and world.local_size == 1
     assert not world.cuda_aware.needed and not world.cuda_aware.direct
