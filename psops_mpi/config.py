@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume-strict", action="store_true",
         help="refuse to resume at another world size")
     add("--cuda-aware", choices=CUDA_AWARE,
-        help="CUDA buffers to MPI directly (on), through pinned host memory (off), or as the "
-             f"MPI library reports (auto; default {d.cuda_aware})")
+        help="CUDA buffers to MPI: on = directly, off = through pinned host memory, auto = "
+             f"as the MPI library reports ({d.cuda_aware})")
     add("--allow-gpu-sharing", action="store_true",
         help="allow more ranks per node than GPUs (shared round-robin)")
     return p
