@@ -85,9 +85,10 @@ def native_kernel() -> ctypes._CFuncPtr | None:
     """The compiled C kernel (built on first use), or None after one warning saying why."""
     if os.environ.get("PSOPS_CPU_KERNEL", "native") == "torch":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    name = os.environ.get("CC") or "cc"
+    compiler = shutil.which(name) or (shutil.which("gcc") if name == "cc" else None)
     if compiler is None:
-        _warn("no C compiler found (set CC, or install gcc)")
+        _warn(f"no C compiler {name!r} found (install gcc, or set CC to one)")
         return None
     errors = []
     for flags in FLAG_SETS:
