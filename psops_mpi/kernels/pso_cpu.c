@@ -72,7 +72,8 @@ void psops_pso_update_f32(float *x, float *v, const float *p, const float *g, in
                           float w, float c1, float c2, float vmax, int clamp, uint64_t key,
                           int random, int num_threads) {
     int64_t num_blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+    /* Below ~64K elements a parallel region costs more than it saves. */
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= 65536)
     for (int64_t b = 0; b < num_blocks; b++) {
         int64_t start = b * BLOCK;
         int64_t count = n - start < BLOCK ? n - start : BLOCK;
