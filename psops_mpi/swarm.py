@@ -98,6 +98,9 @@ class Swarm:
     """
 
     def __init__(self, x: torch.Tensor, config: PSOConfig, seed: int, rank: int) -> None:
+        if config.pso_kernel == "fused" and x.dtype != torch.float32:
+            raise ValueError(f"the fused PSO kernel updates float32 parameters, not {x.dtype}; "
+                             "use --pso-kernel reference for this model")
         self.x = x
         self.config = config
         self.seed = seed

@@ -256,3 +256,13 @@ def test_without_a_working_compiler_the_torch_path_runs_after_one_message(
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "CPU PSO kernel is unavailable" in line]
     assert len(lines) == 1 and reason in lines[0]
+
+
+def test_a_swarm_of_other_dtype_needs_the_reference_kernel() -> None:
+    with pytest.raises(ValueError, match="fused PSO kernel updates float32 parameters"):
+        Swarm(torch.zeros(3, dtype=torch.float64), PSOConfig(), seed=0, rank=0)
+    swarm = Swarm(torch.zeros(3, dtype=torch.float64), PSOConfig(pso_kernel="reference"),
+                  seed=0, rank=0)
+    swarm.set_global(torch.ones(3, dtype=torch.float64), 1.0, owner=0)
+    swarm.move()
+    assert bool((swarm.x > 0).all())
