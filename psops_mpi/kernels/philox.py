@@ -24,14 +24,12 @@ UNIFORM_SCALE = 2.0**-24
 def _mulhilo(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32 bits of a * c for a 32-bit constant a and uint32 values c (in int64).
 
-    The product can reach 2^64, past int64; splitting c into 16-bit halves keeps every
-    intermediate below 2^49, so no overflow happens anywhere.
+    The product can pass 2^63: int64 multiplication wraps modulo 2^64 (two's complement),
+    which keeps all 64 bits of the product, and the masks read both halves back unsigned.
+    The known-answer tests check this on the machine at hand.
     """
-    low_part = a * (c & 0xFFFF)  # < 2^48
-    mid = a * (c >> 16) + (low_part >> 16)  # a*c == mid * 2^16 + (low_part & 0xFFFF)
-    hi = mid >> 16
-    lo = ((mid & 0xFFFF) << 16) | (low_part & 0xFFFF)
-    return hi, lo
+    product = c * a
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
 def philox4x32(counter: tuple[torch.Tensor, ...], key: int) -> tuple[torch.Tensor, ...]:
@@ -49,10 +47,11 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: int) -> tuple[torch.Tenso
 def uniform_pair(key: int, start: int, count: int,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """r1, r2 (float32, shape (count,)) for elements start .. start+count-1 under ``key``."""
-    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    block = index >> 1
-    zero = torch.zeros_like(index)
-    words = philox4x32((block & _MASK32, block >> 32, zero, zero), key)
-    odd = (index & 1).bool()
-    u1, u2 = torch.where(odd, words[2], words[0]), torch.where(odd, words[3], words[1])
-    return (u1 >> 8).float() * UNIFORM_SCALE, (u2 >> 8).float() * UNIFORM_SCALE
+    first, end = start >> 1, (start + count + 1) >> 1  # the Philox blocks these elements use
+    block = torch.arange(first, end, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(block)
+    w0, w1, w2, w3 = philox4x32((block & _MASK32, block >> 32, zero, zero), key)
+    skip = start & 1  # an odd start begins with the second element of its block
+    r1 = torch.stack((w0, w2), dim=1).view(-1)[skip:skip + count]
+    r2 = torch.stack((w1, w3), dim=1).view(-1)[skip:skip + count]
+    return (r1 >> 8).float() * UNIFORM_SCALE, (r2 >> 8).float() * UNIFORM_SCALE
