@@ -14,9 +14,11 @@ traffic the step needs, 24 * N bytes (read x, v, p, g; write x, v), over the med
 ``copy_`` moves 8 * N bytes (read and write N floats). GB = 10**9 bytes. ``vs copy_`` is fused
 bandwidth / copy_ bandwidth; ``speedup`` is reference time / fused time.
 
-Method: one warm-up call of each variant (the CPU kernel is compiled or loaded then), then
-``--repeats`` rounds in which the three variants run once each in an order that rotates from
-round to round, so background load hits all of them alike; medians over the rounds. CUDA
+Method: first the fused op and the reference must agree on a small input (with r1 = r2 = 1),
+else the run stops; then one warm-up call of each variant (the CPU kernel is compiled or
+loaded then), then ``--repeats`` rounds in which the three variants run once each in an
+order that rotates from round to round, so background load hits all of them alike; medians
+over the rounds. CUDA
 calls are timed with a synchronize before and after. A size is skipped, with a message, when
 its ~9 N floats (four state tensors, the copy pair, the reference's temporaries) do not fit
 in the free memory. Threads: torch's default unless ``--threads``.
@@ -82,6 +84,17 @@ def timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     return run
 
 
+def check_agreement(device: torch.device) -> None:
+    """Stop before timing if the fused op and the reference disagree here (unit r1 = r2 = 1)."""
+    gen = torch.Generator().manual_seed(1)
+    x, v, p, g = (torch.randn(4099, generator=gen).to(device) for _ in range(4))
+    fused, ref = [x.clone(), v.clone()], [x.clone(), v.clone()]
+    pso_update_fused_(*fused, p, g, **COEFFICIENTS, key=1, deterministic=True)
+    pso_update_(*ref, p, g, **COEFFICIENTS, key=1, deterministic=True)
+    if not all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(fused, ref, strict=True)):
+        sys.exit("kernel_bench: the fused update disagrees with the reference on this device")
+
+
 def measure(n: int, device: torch.device, repeats: int) -> dict[str, float]:
     """Median seconds per call of each variant at size n."""
     gen = torch.Generator().manual_seed(n)
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} rounds per size; GB/s = 10^9 bytes/s")
     print(f"{'N':>11} {'fused GB/s':>11} {'ref GB/s':>9} {'copy_ GB/s':>11} {'vs copy_':>9} "
           f"{'speedup':>8} {'fused ms':>9} {'ref ms':>9}")
+    check_agreement(device)
     rows, skipped = [], []
     for n in (int(float(s)) for s in args.sizes.split(",")):
         need = FLOATS_NEEDED * 4 * n
