@@ -4,7 +4,8 @@ One rank is one particle k over a flat vector of N parameters:
     v_k <- w*v_k + c1*r1*(p_k - x_k) + c2*r2*(g - x_k)      (then |v_k| <= vmax if set)
     x_k <- x_k + v_k
 with r1, r2 ~ U[0, 1) drawn per element from a generator keyed by (seed, round, rank), so a
-resumed run draws the same numbers and no two particles or rounds share them.
+resumed run draws the same numbers and no two particles or rounds share them. ``Swarm.move``
+applies it with the fused custom op (``psops_mpi.kernels``) unless ``pso_kernel='reference'``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from psops_mpi.config import PSOConfig
 from psops_mpi.flat import flat_buffer
+from psops_mpi.kernels import pso_update_fused_
 
 _MASK64 = (1 << 64) - 1
 
@@ -48,6 +50,9 @@ def pso_update_(
     deterministic: bool = False,
 ) -> None:
     """Apply one PSO step to position ``x`` and velocity ``v`` in place (reference version).
+
+    Plain torch ops, about ten passes over memory, with draws from ``torch.Generator``; the
+    fused op (``psops_mpi.kernels.pso_update_fused_``) does it in one pass with Philox draws.
 
     Args:
         x, v, pbest, gbest: flat tensors of N elements, same dtype and device. # (N,)
@@ -93,6 +98,9 @@ class Swarm:
     """
 
     def __init__(self, x: torch.Tensor, config: PSOConfig, seed: int, rank: int) -> None:
+        if config.pso_kernel == "fused" and x.dtype != torch.float32:
+            raise ValueError(f"the fused PSO kernel updates float32 parameters, not {x.dtype}; "
+                             "use --pso-kernel reference for this model")
         self.x = x
         self.config = config
         self.seed = seed
@@ -133,7 +141,8 @@ class Swarm:
         """
         if self.gbest_owner >= 0:
             cfg = self.config
-            pso_update_(self.x, self.v, self.pbest, self.gbest, w=cfg.w, c1=cfg.c1, c2=cfg.c2,
-                        vmax=cfg.vmax, key=rng_key(self.seed, self.round, self.rank),
-                        deterministic=deterministic)
+            update = pso_update_ if cfg.pso_kernel == "reference" else pso_update_fused_
+            update(self.x, self.v, self.pbest, self.gbest, w=cfg.w, c1=cfg.c1, c2=cfg.c2,
+                   vmax=cfg.vmax, key=rng_key(self.seed, self.round, self.rank),
+                   deterministic=deterministic)
         self.round += 1

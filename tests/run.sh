@@ -10,6 +10,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 ruff check .
 python -m pytest tests/unit tests/e2e -q
+# Triton reads TRITON_INTERPRET when it is imported: its kernel's tests run in a process of their own.
+TRITON_INTERPRET=1 python -m pytest tests/unit/test_kernels_triton.py -q
 for ranks in 2 4; do
     echo "== MPI tests on $ranks ranks"
     # Only rank 0 reports; the other ranks' results reach it through the exit code.

@@ -1,0 +1,63 @@
+"""``torch.ops.psops.pso_update_``: the fused PSO update as one custom op on any device.
+
+It mutates x and v in place and has a fake implementation (shape and input checks only), so
+``torch.compile(fullgraph=True)`` keeps it in the graph without a break. CUDA tensors go to the
+Triton kernel (``pso_triton.py``), CPU tensors to the C kernel (``pso_cpu.py``); every path
+draws the same Philox numbers (``philox.py``) for the same key.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psops_mpi.kernels import pso_cpu
+from psops_mpi.kernels.checks import check_inputs
+
+
+@torch.library.custom_op("psops::pso_update_", mutates_args=("x", "v"))
+def _pso_update_op(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor, gbest: torch.Tensor,
+                   w: float, c1: float, c2: float, vmax: float | None, key: int,
+                   deterministic: bool) -> None:
+    check_inputs(x, v, pbest, gbest, key)
+    args = (w, c1, c2, vmax, key, deterministic)
+    if x.device.type == "cuda":
+        _triton_op()(x, v, pbest, gbest, *args)
+        return
+    native = pso_cpu.native_kernel() if x.device.type == "cpu" else None
+    if native is not None:
+        pso_cpu.update_native(native, x, v, pbest, gbest, *args)
+    else:
+        pso_cpu.update_torch(x, v, pbest, gbest, *args)
+
+
+@_pso_update_op.register_fake
+def _pso_update_fake(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor,
+                     gbest: torch.Tensor, w: float, c1: float, c2: float, vmax: float | None,
+                     key: int, deterministic: bool) -> None:
+    check_inputs(x, v, pbest, gbest, key)
+
+
+def _triton_op() -> torch._ops.OpOverloadPacket:
+    try:
+        import psops_mpi.kernels.pso_triton  # noqa: F401  (registers the op on import)
+    except ImportError as err:
+        raise RuntimeError("the fused PSO update on CUDA needs Triton (pip install triton); "
+                           "--pso-kernel reference avoids it") from err
+    return torch.ops.psops.pso_update_triton_
+
+
+def pso_update_fused_(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor,
+                      gbest: torch.Tensor, *, w: float, c1: float, c2: float,
+                      vmax: float | None, key: int, deterministic: bool = False) -> None:
+    """One PSO step on x and v in place, in one pass (``swarm.pso_update_``'s signature).
+
+    Args:
+        x, v, pbest, gbest: contiguous float32 tensors of one shape on one device. # (N,)
+        w, c1, c2: inertia, cognitive and social coefficients.
+        vmax: clamp for every velocity component, or None.
+        key: 63-bit seed of the Philox draws (``swarm.rng_key(seed, round, rank)``).
+        deterministic: use r1 = r2 = 1 (to compare implementations exactly).
+    """
+    torch.ops.psops.pso_update_(x, v, pbest, gbest, float(w), float(c1), float(c2),
+                                None if vmax is None else float(vmax), int(key),
+                                bool(deterministic))
