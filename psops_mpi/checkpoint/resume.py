@@ -181,7 +181,7 @@ def _changed_settings(meta: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def apply(run: Run, loaded: Loaded) -> ResumePoint:
     """Restore this rank's state and return where the loop continues."""
-    sync, shard, meta = run.sync, loaded.shard, loaded.meta
+    sync, shard = run.sync, loaded.shard
     assert sync is not None
     new_particle = loaded.sources[run.world.rank] is None
     st.restore_model(sync, shard)

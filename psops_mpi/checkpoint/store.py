@@ -23,10 +23,10 @@ from typing import Any
 # must be set before h5py loads the library. Files are also opened with locking=False.
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 
-from psops_mpi.config import UsageError  # noqa: E402
+from psops_mpi.config import UsageError
 
 FORMAT = "psops_mpi-checkpoint"
 VERSION = 1

@@ -1,4 +1,4 @@
-"""Models for the checkpoint tests, loaded through ``--model tests.helpers.checkpoint_models:...``."""
+"""Models for the checkpoint tests (`--model tests.helpers.checkpoint_models:bn_net`)."""
 
 from __future__ import annotations
 
