@@ -218,12 +218,35 @@ def fitness(value: Any) -> float:
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every folder in ``root`` named step-N holding a metadata file, oldest
-    first. Folders still being written have temporary names and no metadata: never listed."""
+    first. Folders still being written have temporary names and no metadata: never listed.
+
+    Age is the training progress (epoch and fraction of it), not the step number: after a
+    resume at another world size the step counter is rescaled, so a newer checkpoint may have
+    a smaller step; equal progress (a resize that trained nothing yet) goes by the time the
+    metadata was written. A metadata file that cannot be read counts as the newest, so that loading
+    it reports the damage instead of silently falling back to an older checkpoint.
+    """
     if not root.is_dir():
         return []
     found = []
     for entry in root.iterdir():
         match = STEP_DIR.match(entry.name)
         if match and (entry / METADATA).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+            step = int(match.group(1))
+            found.append((_progress(entry), _mtime(entry), step, entry))
+    return [(step, folder) for _, _, step, folder in sorted(found)]
+
+
+def _mtime(folder: Path) -> int:
+    try:
+        return (folder / METADATA).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _progress(folder: Path) -> float:
+    try:
+        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+        return meta["epoch"] + meta["step_in_epoch"] / meta["steps_per_epoch"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return math.inf
