@@ -160,7 +160,8 @@ def _check_optimizer(shard: Shard, sync: Synchronizer, where: str) -> None:
 # ---- restoring (after every rank agreed that its shard is good: nothing here may fail)
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(like.device)
+    # np.array, not np.ascontiguousarray: that one turns 0-d values into 1-d arrays.
+    return torch.from_numpy(np.array(array, order="C")).to(like.device)
 
 
 def restore_model(sync: Synchronizer, shard: Shard) -> None:
