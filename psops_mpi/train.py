@@ -22,7 +22,7 @@ from torch import nn
 
 from psops_mpi import data as datasets
 from psops_mpi import models
-from psops_mpi.checkpoint import Checkpointer, ResumePoint, resume
+from psops_mpi.checkpoint import Checkpointer, ResumePoint, resume_run
 from psops_mpi.config import TrainConfig, parse_config
 from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
 from psops_mpi.sync import Synchronizer, make_sync
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         local = node_local(comm)
         run = agree(comm, lambda: prepare(argv, comm, local))
         run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn)
-        run.start_at = resume(run)
+        run.start_at = resume_run(run)
         if not run.config.quiet and run.world.is_root:
             print(describe(run), flush=True)
         run.metrics.write("start", config=run.config.to_dict(), world_size=comm.Get_size(),

@@ -14,9 +14,9 @@ without MPI.
 """
 
 from psops_mpi.checkpoint.export import export_state_dict, inspect_lines
-from psops_mpi.checkpoint.resume import ResumePoint, plan_sources, resume
+from psops_mpi.checkpoint.resume import ResumePoint, plan_sources, resume_run
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.checkpoint.store import PAUSE_ENV, complete_checkpoints, read_metadata
 
 __all__ = ["PAUSE_ENV", "Checkpointer", "ResumePoint", "complete_checkpoints",
-           "export_state_dict", "inspect_lines", "plan_sources", "read_metadata", "resume"]
+           "export_state_dict", "inspect_lines", "plan_sources", "read_metadata", "resume_run"]

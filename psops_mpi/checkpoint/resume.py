@@ -273,7 +273,7 @@ def _resize_line(meta: dict[str, Any], sources: list[int | None], size: int, pso
                    "zero velocity and fresh optimizer state")
 
 
-def resume(run: Run) -> ResumePoint:
+def resume_run(run: Run) -> ResumePoint:
     """Resume ``run`` as its config says (a collective); a fresh start gives step 0."""
     loaded = agree(run.world.comm, lambda: load(run))
     if loaded is None:
