@@ -145,6 +145,12 @@ def _check_optimizer(shard: Shard, sync: Synchronizer, where: str) -> None:
         raise UsageError(f"{where}: optimizer state is for {shard.scalars['optimizer.class']}, "
                          f"this run uses {name}")
     params = _optimizer_params(sync.optimizer)
+    for key in shard.scalars:
+        if not key.startswith("optimizer.") or key == "optimizer.class":
+            continue
+        index = key.split(".")[1] if key.count(".") >= 2 else ""
+        if not (index.isdigit() and int(index) < len(params)):
+            raise UsageError(f"{where}: optimizer state {key!r} names no parameter of the model")
     for key, array in shard.arrays.items():
         if not key.startswith("optimizer/"):
             continue

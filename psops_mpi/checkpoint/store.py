@@ -127,7 +127,10 @@ def read_shard(path: Path, sha256: str, size: int) -> Shard:
     """
     if not path.is_file():
         raise UsageError(f"checkpoint shard {path} is missing")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read checkpoint shard {path}: {exc.strerror}") from None
     if len(raw) != size:
         raise UsageError(f"checkpoint shard {path} has {len(raw)} bytes, the metadata says "
                          f"{size}: the file is truncated or was replaced")
@@ -154,7 +157,11 @@ def verify_shard_file(path: Path, sha256: str, size: int) -> None:
     """Check a shard's size and checksum without parsing it."""
     if not path.is_file():
         raise UsageError(f"checkpoint shard {path} is missing")
-    if path.stat().st_size != size or sha256_of(path) != sha256:
+    try:
+        good = path.stat().st_size == size and sha256_of(path) == sha256
+    except OSError as exc:
+        raise UsageError(f"cannot read checkpoint shard {path}: {exc.strerror}") from None
+    if not good:
         raise UsageError(f"checkpoint shard {path} does not match its size and checksum in "
                          f"{METADATA}: the file is damaged or truncated")
 
@@ -211,7 +218,11 @@ def read_metadata(folder: Path) -> dict[str, Any]:
 
 def fitness(value: Any) -> float:
     """A fitness read back from JSON (null means none yet: +inf)."""
-    return math.inf if value is None else float(value)
+    if value is None:
+        return math.inf
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise UsageError(f"a fitness in {METADATA} is {value!r}, not a number")
 
 
 # ---- finding checkpoints
