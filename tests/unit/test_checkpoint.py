@@ -146,3 +146,28 @@ def test_check_shard_refuses_another_optimizer(tmp_path: Path) -> None:
     shard.scalars["optimizer.class"] = "Adam"
     with pytest.raises(UsageError, match="optimizer state is for Adam"):
         st.check_shard(shard, sync, "s.h5")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_round_trips_with_its_rng(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = net().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sync = PSOSync(model, opt, MPI.COMM_SELF, sync_every=3)
+    x, y = torch.randn(16, 6, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    for _ in range(4):
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        sync.after_step(loss)
+    shard = st.capture(sync, st.LoopPosition(4, 0, 4, torch.zeros(3, dtype=torch.float64), 0.0))
+    assert "rng/torch_cuda" in shard.arrays
+    sha, size = store.write_shard(tmp_path / "s.h5", shard, step=4)
+    back = store.read_shard(tmp_path / "s.h5", sha, size)
+    expected = sync.flat.data.clone()
+    sync.flat.data.zero_()
+    st.check_shard(back, sync, "s.h5")
+    st.restore_model(sync, back)
+    st.restore_rng(sync, back)
+    assert torch.equal(sync.flat.data, expected) and sync.flat.data.is_cuda
