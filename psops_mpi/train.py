@@ -157,7 +157,7 @@ def train(run: Run) -> dict[str, Any]:
             break
     progress.close()
     checkpoints.final(step, epoch, sums, start)
-    return {**record, "steps": step}
+    return {**record, "steps": step, "checkpoint_s": checkpoints.seconds}
 
 
 def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         if not run.config.quiet and run.world.is_root:
             print(describe(run), flush=True)
         run.metrics.write("start", config=run.config.to_dict(), world_size=comm.Get_size(),
-                          num_params=run.sync.flat.numel, environment=environment())
+                          num_params=run.sync.flat.numel, environment=environment(),
+                          resumed_from=run.start_at.folder and str(run.start_at.folder))
         final = train(run)
         final = {**final, "world_size": comm.Get_size(), "num_params": run.sync.flat.numel,
                  "config": run.config.to_dict()}

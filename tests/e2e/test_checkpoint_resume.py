@@ -96,5 +96,8 @@ def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str) -> None:
         last_event(tmp_path / "resumed.jsonl")
     for key in ("test_acc", "test_loss", "train_loss", "rounds", "steps"):
         assert resumed_final[key] == whole_final[key], key
+    start = json.loads((tmp_path / "resumed.jsonl").read_text().splitlines()[0])
+    assert start["resumed_from"] == str(broken / f"step-{LAST_COMPLETE:08d}")
+    assert resumed_final["checkpoint_s"] > 0
     # Pruning after the resume removed the partial write.
     assert not list(broken.glob(".tmp-*"))
