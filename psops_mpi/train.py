@@ -126,10 +126,11 @@ def train(run: Run) -> dict[str, Any]:
     checkpoints = Checkpointer(run, total_steps, at)
     start, step = time.perf_counter() - at.elapsed_s, at.step
     for epoch in range(at.epoch, cfg.epochs):
-        resumed = epoch == at.epoch and at.epoch_sums is not None
-        sums = (at.epoch_sums if resumed else  # loss, correct, count
-                torch.zeros(3, dtype=torch.float64, device=world.device))
-        for x, y in run.batches.epoch(epoch, at.start_step if epoch == at.epoch else 0):
+        first = epoch == at.epoch  # a resumed run continues inside this epoch
+        sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, correct, count
+        if first and at.epoch_sums is not None:
+            sums = at.epoch_sums
+        for x, y in run.batches.epoch(epoch, at.start_step if first else 0):
             if step >= total_steps:  # also when resumed from the end of the run
                 break
             for group in optimizer.param_groups:

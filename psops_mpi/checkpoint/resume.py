@@ -171,8 +171,9 @@ def _gbest_shard(meta: dict[str, Any]) -> int:
 
 def _changed_settings(meta: dict[str, Any], now: dict[str, Any]) -> list[str]:
     before = meta["config"]
-    flat_before = {**before, **before.get("pso", {})}
-    flat_now = {**now, **now.get("pso", {})}
+    pso_before = before.get("pso")
+    flat_before = {**before, **(pso_before if isinstance(pso_before, dict) else {})}
+    flat_now = {**now, **now["pso"]}
     return [f"{k} {flat_before.get(k)!r} -> {v!r}" for k, v in flat_now.items()
             if k != "pso" and k not in RUN_LOCAL and flat_before.get(k) != v]
 
