@@ -146,3 +146,15 @@ class Swarm:
                    vmax=cfg.vmax, key=rng_key(self.seed, self.round, self.rank),
                    deterministic=deterministic)
         self.round += 1
+
+    def scalar_state(self) -> dict[str, int | float]:
+        """The particle's scalars for a checkpoint (the tensors v, pbest, gbest are public)."""
+        return {"round": self.round, "pbest_fitness": self.pbest_fitness,
+                "gbest_fitness": self.gbest_fitness, "gbest_owner": self.gbest_owner}
+
+    def restore_scalar_state(self, state: dict[str, int | float]) -> None:
+        """Set what :meth:`scalar_state` gave; restoring ``round`` restores the random draws."""
+        self.round = int(state["round"])
+        self.pbest_fitness = float(state["pbest_fitness"])
+        self.gbest_fitness = float(state["gbest_fitness"])
+        self.gbest_owner = int(state["gbest_owner"])

@@ -22,6 +22,7 @@ from torch import nn
 
 from psops_mpi import data as datasets
 from psops_mpi import models
+from psops_mpi.checkpoint import Checkpointer, ResumePoint, resume_run
 from psops_mpi.config import TrainConfig, parse_config
 from psops_mpi.metrics import MetricsWriter, Progress, check_writable, environment
 from psops_mpi.sync import Synchronizer, make_sync
@@ -45,6 +46,7 @@ class Run:
     fitness_fn: Callable[[], torch.Tensor] | None
     metrics: MetricsWriter
     sync: Synchronizer | None = None  # made once every rank agreed that the input is good
+    start_at: ResumePoint | None = None  # where a resumed run continues
 
 
 def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
@@ -121,10 +123,17 @@ def train(run: Run) -> dict[str, Any]:
         total_steps = min(total_steps, cfg.max_steps)
     test_x, test_y = datasets.eval_shard(run.dataset, world.rank, world.world_size)
     progress = Progress(total_steps, world.is_root, cfg.quiet)
-    start, step = time.perf_counter(), 0
-    for epoch in range(cfg.epochs):
+    at = run.start_at or ResumePoint()
+    checkpoints = Checkpointer(run, total_steps, at)
+    start, step = time.perf_counter() - at.elapsed_s, at.step
+    for epoch in range(at.epoch, cfg.epochs):
+        first = epoch == at.epoch  # a resumed run continues inside this epoch
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, correct, count
-        for x, y in run.batches.epoch(epoch):
+        if first and at.epoch_sums is not None:
+            sums = at.epoch_sums
+        for x, y in run.batches.epoch(epoch, at.start_step if first else 0):
+            if step >= total_steps:  # also when resumed from the end of the run
+                break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, total_steps)
             out = model(x)
@@ -138,19 +147,19 @@ def train(run: Run) -> dict[str, Any]:
             sums[1] += (out.argmax(1) == y).sum()
             sums[2] += len(y)
             step += 1
+            checkpoints.after_step(step, epoch, sums, start)
             if progress.shown and (step % LOG_EVERY == 0 or step == total_steps):
                 progress.update(step - progress.bar.n, loss=float(sums[0] / sums[2]),
                                 acc=float(sums[1] / sums[2]),
                                 samples_s=step * len(y) * world.world_size
                                 / (time.perf_counter() - start))
-            if step >= total_steps:
-                break
         record = end_of_epoch(run, epoch, sums, test_x, test_y, start)
         progress.line(epoch_line(record, cfg.epochs))
         if step >= total_steps:
             break
     progress.close()
-    return {**record, "steps": step}
+    checkpoints.final(step, epoch, sums, start)
+    return {**record, "steps": step, "checkpoint_s": checkpoints.seconds}
 
 
 def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         run = agree(comm, lambda: prepare(argv, comm, local))
         run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn,
                              cuda_aware=run.world.cuda_aware.direct)
+        run.start_at = resume_run(run)
         env = environment()
         if not run.config.quiet and run.world.is_root:
             print(describe(run), flush=True)
@@ -209,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run.world.cuda_aware.describe()}", flush=True)
         run.metrics.write("start", config=run.config.to_dict(), world_size=comm.Get_size(),
                           num_params=run.sync.flat.numel, environment=env,
-                          cuda_aware=run.world.cuda_aware.describe())
+                          cuda_aware=run.world.cuda_aware.describe(),
+                          resumed_from=run.start_at.folder and str(run.start_at.folder))
         final = train(run)
         final = {**final, "world_size": comm.Get_size(), "num_params": run.sync.flat.numel,
                  "config": run.config.to_dict()}

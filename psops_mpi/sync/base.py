@@ -107,3 +107,21 @@ class Synchronizer:
     def stats(self) -> dict[str, float]:
         """Counters for metrics: steps, rounds, bytes sent and seconds spent in MPI."""
         return {"steps": self.steps, "rounds": self.rounds, **self.exchange.counters()}
+
+    def checkpoint_state(self) -> dict[str, int | float]:
+        """Scalar state a resumed run needs: step and round counters, and the MPI counters so
+        that metrics continue where they stopped."""
+        counters = self.exchange
+        return {"steps": self.steps, "rounds": self.rounds,
+                "steps_since_round": self.steps_since_round, "comm_bytes": counters.bytes_sent,
+                "comm_s": counters.seconds, "comm_calls": counters.calls}
+
+    def restore_checkpoint_state(self, state: dict[str, int | float]) -> None:
+        """Set the counters of :meth:`checkpoint_state` (the tensors are restored by the
+        caller: they are the model's, the optimizer's and the swarm's)."""
+        self.steps = int(state["steps"])
+        self.rounds = int(state["rounds"])
+        self.steps_since_round = int(state["steps_since_round"])
+        self.exchange.bytes_sent = int(state["comm_bytes"])
+        self.exchange.seconds = float(state["comm_s"])
+        self.exchange.calls = int(state["comm_calls"])

@@ -116,3 +116,14 @@ class PSOSync(Synchronizer):
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "gbest_fitness": self.swarm.gbest_fitness,
                 "gbest_owner": self.swarm.gbest_owner}
+
+    def checkpoint_state(self) -> dict[str, int | float]:
+        """Adds the fitness in progress: the loss summed since the last round (float64, so a
+        resumed round computes the very same fitness) and the last round's fitness."""
+        return {**super().checkpoint_state(), "loss_sum": float(self._loss_sum),
+                "last_fitness": self.last_fitness}
+
+    def restore_checkpoint_state(self, state: dict[str, int | float]) -> None:
+        super().restore_checkpoint_state(state)
+        self._loss_sum.fill_(float(state["loss_sum"]))
+        self.last_fitness = float(state["last_fitness"])

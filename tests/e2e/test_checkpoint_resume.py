@@ -1,0 +1,103 @@
+"""Exact resume after a real kill, and a kill during a checkpoint write (real mpiexec jobs).
+
+A job is killed with SIGKILL while every rank is paused inside the write of one checkpoint
+(the test hook PSOPS_MPI_TEST_PAUSE_IN_CHECKPOINT); ``--resume auto`` must then take the
+checkpoint before it, and the resumed run must end with bit-identical weights, optimizer and
+swarm state on every rank to a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from psops_mpi.checkpoint import PAUSE_ENV, complete_checkpoints
+from tests.helpers.launch import REPO, launch, mpiexec
+
+RUN = ["--epochs", "2", "--quiet", "--sync-every", "8"]  # mnist1d: 62 steps/epoch at 2 ranks
+EVERY, PAUSE_STEP, LAST_COMPLETE, FINAL = 18, 54, 36, 124  # 36 is mid-period and mid-epoch
+
+
+def start_paused_job(args: list[str], pause_step: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           PAUSE_ENV: str(pause_step)}
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "psops_mpi.train", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_when_paused(proc: subprocess.Popen, folder: Path, ranks: int = 2,
+                     timeout: float = 180) -> None:
+    """SIGKILL the whole job once every rank sits inside the checkpoint write."""
+    deadline = time.monotonic() + timeout
+    try:
+        while len(list(folder.glob("paused-rank-*"))) < ranks:
+            if proc.poll() is not None:
+                raise AssertionError(f"job ended before pausing: {proc.communicate()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("job never reached the checkpoint write")
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def final_state(folder: Path, rank: int) -> dict[str, np.ndarray]:
+    with h5py.File(folder / f"rank-{rank:05d}.h5", "r") as fh:
+        return {name: fh[name][()] for name in _datasets(fh)
+                if name.startswith(("model/", "swarm/", "optimizer/"))}
+
+
+def _datasets(fh: h5py.File) -> list[str]:
+    names: list[str] = []
+    fh.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return names
+
+
+def last_event(metrics: Path) -> dict:
+    return json.loads(metrics.read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("algo", ["pso-ps", "pa", "ssgd"])
+def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str) -> None:
+    args = [*RUN, "--algo", algo]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    res = launch([*args, "--checkpoint-dir", str(whole), "--metrics-out",
+                  str(tmp_path / "whole.jsonl")], ranks=2)
+    assert res.returncode == 0, res.stderr
+
+    killed_args = [*args, "--checkpoint-dir", str(broken), "--checkpoint-every", str(EVERY),
+                   "--keep-last", "5"]
+    proc = start_paused_job(killed_args, PAUSE_STEP)
+    kill_when_paused(proc, broken / f".tmp-step-{PAUSE_STEP:08d}")
+    # The interrupted write left a partial folder; only the earlier ones are complete.
+    assert [s for s, _ in complete_checkpoints(broken)] == [EVERY, LAST_COMPLETE]
+    assert list((broken / f".tmp-step-{PAUSE_STEP:08d}").glob("*.part"))
+
+    res = launch([*killed_args, "--resume", "auto", "--metrics-out",
+                  str(tmp_path / "resumed.jsonl")], ranks=2)
+    assert res.returncode == 0, res.stderr
+    for rank in range(2):
+        want = final_state(whole / f"step-{FINAL:08d}", rank)
+        got = final_state(broken / f"step-{FINAL:08d}", rank)
+        assert sorted(got) == sorted(want) and "model/position" in got
+        for name, array in want.items():
+            assert got[name].tobytes() == array.tobytes(), f"rank {rank}: {name} differs"
+    whole_final, resumed_final = last_event(tmp_path / "whole.jsonl"), \
+        last_event(tmp_path / "resumed.jsonl")
+    for key in ("test_acc", "test_loss", "train_loss", "rounds", "steps"):
+        assert resumed_final[key] == whole_final[key], key
+    start = json.loads((tmp_path / "resumed.jsonl").read_text().splitlines()[0])
+    assert start["resumed_from"] == str(broken / f"step-{LAST_COMPLETE:08d}")
+    assert resumed_final["checkpoint_s"] > 0
+    # Pruning after the resume removed the partial write.
+    assert not list(broken.glob(".tmp-*"))
