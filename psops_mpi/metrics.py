@@ -18,14 +18,14 @@ from tqdm import tqdm
 from psops_mpi.config import UsageError
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON has no inf/NaN: write them as null rather than produce an invalid file."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -48,7 +48,7 @@ class MetricsWriter:
 
     def write(self, event: str, **fields: Any) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(_jsonable({"event": event, **fields})) + "\n")
+            self._fh.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
             self._fh.flush()
 
     def close(self) -> None:

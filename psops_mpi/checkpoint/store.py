@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from psops_mpi.config import UsageError
+from psops_mpi.metrics import jsonable
 
 FORMAT = "psops_mpi-checkpoint"
 VERSION = 1
@@ -168,19 +169,9 @@ def verify_shard_file(path: Path, sha256: str, size: int) -> None:
 
 # ---- metadata
 
-def _json_safe(value: Any) -> Any:
-    """JSON has no inf/NaN: they become null (a fitness of null means 'none yet')."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_metadata(folder: Path, meta: dict[str, Any]) -> None:
-    write_atomic_text(folder / METADATA, json.dumps(_json_safe(meta), indent=1) + "\n")
+    # inf/NaN become null: a fitness of null means "none yet"
+    write_atomic_text(folder / METADATA, json.dumps(jsonable(meta), indent=1) + "\n")
 
 
 REQUIRED_KEYS = {"format": str, "version": int, "step": int, "epoch": int, "step_in_epoch": int,

@@ -39,8 +39,14 @@ def launch(args: list[str], ranks: int = 2, timeout: float = 180,
     if ranks:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return run_bounded(cmd, timeout, full_env)
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict[str, str],
+                cwd: Path = REPO) -> Result:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

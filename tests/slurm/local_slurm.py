@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.launch import Result, run_bounded
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "squeue", "sinfo", "scontrol")
 INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
@@ -101,18 +103,9 @@ class LocalSlurm:
     pid_files: list[Path] = field(default_factory=list)
 
     def command(self, args: list[str], timeout: float, cwd: Path | None = None,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                env: dict[str, str] | None = None) -> Result:
         """Run a Slurm client command; on timeout kill its whole process group and raise."""
-        proc = subprocess.Popen(args, cwd=cwd, env={**self.env, **(env or {})}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError(f"{args} did not end within {timeout}s\n{out}\n{err}") from None
-        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+        return run_bounded(args, timeout, {**self.env, **(env or {})}, cwd or Path.cwd())
 
     def wait_job(self, job_id: str, timeout: float) -> dict[str, str]:
         """Poll squeue until the job has left the queue; return its `scontrol show job`
