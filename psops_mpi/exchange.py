@@ -7,8 +7,9 @@ ring allreduce sends 2(P-1)/P of the buffer, allgather (P-1) times the block, a 
 (pipelined) one buffer from the root and the same through each relay.
 
 CUDA tensors are handed to MPI directly only when the caller says the MPI library is
-CUDA-aware; otherwise they are staged through one pinned host buffer, allocated once and
-grown when a larger message comes.
+CUDA-aware; otherwise they are staged through one pinned host buffer, allocated once:
+synchronisers size it up front with :meth:`Exchange.reserve` for their largest message (it
+still grows if a larger one comes).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class Exchange:
         self.seconds += time.perf_counter() - start
         self.bytes_sent += int(nbytes)
         self.calls += 1
+
+    def reserve(self, numel: int, like: torch.Tensor) -> None:
+        """Allocate the pinned staging buffer for messages of up to ``numel`` elements of
+        ``like``'s dtype now, if ``like`` will need staging (CUDA, not CUDA-aware)."""
+        if like.device.type == "cuda" and not self.cuda_aware:
+            self._staging = torch.empty(numel, dtype=like.dtype, pin_memory=True)
 
     def _host(self, tensor: torch.Tensor, numel: int | None = None) -> torch.Tensor:
         """A tensor MPI may read and write: ``tensor`` itself on CPU or when CUDA-aware, else

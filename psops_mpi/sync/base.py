@@ -48,10 +48,15 @@ class Synchronizer:
         self.flat = FlatParams(model, extra=self.extra_slots)
         self.buffers = FlatBuffers(model)
         self.exchange = Exchange(self.comm, cuda_aware=cuda_aware)
+        self.exchange.reserve(self._largest_message(), self.flat.packed)
         self.steps = 0
         self.rounds = 0
         self.steps_since_round = 0
         self._broadcast_initial_state()
+
+    def _largest_message(self) -> int:
+        """Elements in the largest buffer this synchroniser hands to the exchange."""
+        return self.flat.packed.numel()
 
     def _broadcast_initial_state(self) -> None:
         """All ranks start from rank 0's weights; setup traffic is not counted as training."""

@@ -41,9 +41,9 @@ class PSOSync(Synchronizer):
                  config: PSOConfig | None = None, seed: int = 0,
                  fitness_fn: Callable[[], torch.Tensor] | None = None,
                  cuda_aware: bool = False, **overrides: object) -> None:
-        super().__init__(model, optimizer, comm, sync_every, cuda_aware)
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
+        super().__init__(model, optimizer, comm, sync_every, cuda_aware)
         if self.config.fitness == "holdout" and fitness_fn is None:
             raise ValueError("fitness 'holdout' needs a fitness_fn that returns the loss")
         self.fitness_fn = fitness_fn
@@ -57,6 +57,11 @@ class PSOSync(Synchronizer):
             if self.config.exchange == "allgather" else None
         )
         self.last_fitness = math.inf
+
+    def _largest_message(self) -> int:
+        if self.config.exchange == "allgather":  # staged as one [send ; recv] buffer
+            return (self.world_size + 1) * self.flat.packed.numel()
+        return super()._largest_message()
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         if loss is not None:

@@ -75,3 +75,20 @@ def test_staging_buffer_is_allocated_once(device: torch.device) -> None:
         ex.bcast_(big, root=0)
     assert ex._staging.data_ptr() == first and ex._staging.is_pinned()
     assert torch.all(big == 1)
+
+
+def test_pso_ps_stages_through_one_buffer_sized_up_front(device: torch.device) -> None:
+    """The initial broadcast and the larger staged allgather of a round share one buffer."""
+    from psops_mpi.sync import PSOSync
+
+    model = torch.nn.Linear(32, 10).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = PSOSync(model, optimizer, MPI.COMM_WORLD, sync_every=1)
+    first = sync.exchange._staging.data_ptr()
+    for _ in range(3):
+        model(torch.ones(4, 32, device=device)).sum().backward()
+        sync.after_backward()
+        optimizer.step()
+        sync.after_step(torch.tensor(1.0, device=device))
+    assert sync.rounds == 3
+    assert sync.exchange._staging.data_ptr() == first
