@@ -65,3 +65,5 @@ def test_cpu_template_runs_to_completion_through_sbatch(slurm: LocalSlurm,
     final = read_metrics(results / "metrics.jsonl")[-1]
     assert final["world_size"] == 2 and final["config"]["epochs"] == 2
     assert final["config"]["dataset"] == "synthetic"  # PSOPS_ARGS reached the training
+    checkpoints = sorted((results / "checkpoints").glob("step-*/metadata.json"))
+    assert len(checkpoints) == 1  # the final one
