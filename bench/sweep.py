@@ -246,6 +246,9 @@ def run_one(spec: Spec, link: netem.EmulatedLink | None, launcher: list[str],
             os.killpg(proc.pid, signal.SIGKILL)
             _, err = proc.communicate()
             proc.returncode = 124
+        except BaseException:  # the sweep is stopped (SIGTERM, Ctrl-C): stop its job too
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         record["launch_s"] = round(time.monotonic() - start, 3)
         record["rc"] = proc.returncode
         events = ([json.loads(line) for line in metrics.read_text().splitlines()]
