@@ -401,15 +401,20 @@ def plot_speedup_vs_link(runs: list[Run], path: Path) -> bool:
                                  target)
                 group = [r for r in runs if setting(r) == key and r["algo"] == algo
                          and not r.get("variant") and (algo == "ddp" or r["sync_every"] == 16)]
-                values.append(speedup(base, ttt(group, target)[0]) or 0.0)
+                values.append(speedup(base, ttt(group, target)[0]) if group else -1.0)
             xs = [x + (i - 1) * 0.27 for x in range(len(links))]
-            ax.bar(xs, values, width=0.27, color=COLORS[algo], label=ALGO_LABEL[algo])
+            ax.bar(xs, [max(v or 0.0, 0.0) for v in values], width=0.27, color=COLORS[algo],
+                   label=ALGO_LABEL[algo])
+            for x, v in zip(xs, values, strict=True):
+                if v is None:  # ran, but never reached the target
+                    ax.text(x, 0.05, "not reached", rotation=90, ha="center", va="bottom",
+                            fontsize=7, color=COLORS[algo])
         ax.axhline(1, color=COLORS["ssgd"], ls="--", lw=1)
         ax.axhline(2, color="black", ls=":", lw=1)
         ax.set_xticks(range(len(links)), links)
         ax.set_title(f"{model} ({dataset}), {ranks} ranks, sync 16", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("time-to-target speedup vs SSGD\n(0 = target not reached)")
+    axes[0][0].set_ylabel("time-to-target speedup vs SSGD")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
