@@ -139,14 +139,20 @@ def environment_section(meta: dict, runs: list[Run]) -> list[str]:
         "- Links:",
     ]
     lines += [f"  - {desc}" for desc in meta.get("links", {}).values()]
+    for more in meta.get("resumed", []):
+        lines.append(f"- Then resumed with `{more.get('command', '?')}`: started "
+                     f"{more.get('started', '?')}, finished {more.get('finished', '?')}, "
+                     f"{fmt(more.get('duration_s'), '.0f')} s, "
+                     f"{more.get('planned_runs', '?')} runs planned.")
     return [*lines, ""]
 
 
 def ddp_section(runs: list[Run]) -> list[str]:
     """Our SSGD's throughput against DDP-gloo, per setting, from twin runs of the same seed."""
     lines = ["## Target: our SSGD's throughput ≥ 0.95 × DDP-gloo's", "",
-             "Same training (model, shards, optimizer, schedule, evaluation; final accuracies "
-             "below agree), psops_mpi's one flat `Allreduce` against "
+             "Same training (model, shards, optimizer, schedule, evaluation: the final "
+             "accuracies are equal at 2 ranks and differ by float rounding at 4, where the two "
+             "allreduces sum in different orders), psops_mpi's one flat `Allreduce` against "
              "`DistributedDataParallel` (gloo); samples/s over the whole run including "
              "per-epoch evaluation; each SSGD run was launched next to its DDP twin. Ratio = "
              "median over seeds of (ours / DDP) for the same seed.", "",

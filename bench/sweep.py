@@ -24,7 +24,9 @@ Seeds are done one after the other (``--seeds``); within a seed the runs are shu
 fixed seed so load from other jobs on the machine spreads evenly over the configurations,
 except that each psops_mpi SSGD run and its DDP twin stay next to each other (their
 throughput ratio is the comparison). Each run is appended to ``OUT/runs.jsonl`` as soon as it
-ends, so a partial sweep can be reported, and ``--resume`` skips runs already there.
+ends, so a partial sweep can be reported, and ``--resume`` skips runs already there and adds
+to them (for instance another seed: ``--resume --seeds 2 --datasets mnist1d``); each
+invocation's command, machine and duration are kept in ``OUT/sweep.json``.
 
 Run it (not under MPI itself: it starts one job per run)::
 
@@ -144,7 +146,9 @@ def build_plan(args: argparse.Namespace) -> list[list[Spec]]:
             _quick(plan, seed, algos, links, args.max_steps)
         else:
             _full(plan, seed, algos, links, args.max_steps)
-        passes.append(interleave(plan.specs, seed))
+        wanted = [s for s in plan.specs
+                  if args.datasets is None or s.dataset in args.datasets.split(",")]
+        passes.append(interleave(wanted, seed))
     return passes
 
 
@@ -292,6 +296,21 @@ def machine() -> dict:
             "mpiexec": shutil.which("mpiexec")}
 
 
+def previous_sweeps(path: Path) -> list[dict]:
+    """The invocations recorded so far: the first one, then any that resumed it."""
+    if not path.exists():
+        return []
+    meta = json.loads(path.read_text())
+    return [{k: v for k, v in meta.items() if k != "resumed"}, *meta.get("resumed", [])]
+
+
+def write_meta(path: Path, meta: dict, earlier: list[dict]) -> None:
+    """sweep.json: the first invocation at the top level, later ones under "resumed"."""
+    if earlier:
+        meta = {**earlier[0], "resumed": [*earlier[1:], meta]}
+    path.write_text(json.dumps(meta, indent=1))
+
+
 def done_keys(path: Path) -> set[str]:
     if not path.exists():
         return set()
@@ -308,6 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated: shm and/or rates (default shm,10gbit,1gbit; quick: "
                         "shm,1gbit); emulated rates need root")
     p.add_argument("--algos", default="ssgd,ddp,pa,pso-ps", help="comma-separated subset")
+    p.add_argument("--datasets", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--max-steps", type=int, default=0, help="cap every run (tests)")
     p.add_argument("--launcher", choices=("mpiexec", "srun"), default="mpiexec")
     p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi value (pmi2 for MPICH)")
@@ -357,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             "started": now(), "planned_runs": total, "seeds": args.seeds,
             "links": {lk: netem.describe(lk) for lk in args.links.split(",")},
             "machine": machine(), "load_avg_start": os.getloadavg()}
-    (out / "sweep.json").write_text(json.dumps(meta, indent=1))
+    earlier = previous_sweeps(out / "sweep.json") if args.resume else []
+    write_meta(out / "sweep.json", meta, earlier)
     start, count = time.monotonic(), 0
     try:
         with runs_path.open("a", encoding="utf-8") as fh:
@@ -379,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             link.close()
     meta.update(finished=now(), duration_s=round(time.monotonic() - start, 1),
                 load_avg_end=os.getloadavg())
-    (out / "sweep.json").write_text(json.dumps(meta, indent=1))
+    write_meta(out / "sweep.json", meta, earlier)
     print(f"sweep: {count} runs in {meta['duration_s']:.0f}s -> {runs_path}", flush=True)
     return 0
 
