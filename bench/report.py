@@ -119,6 +119,7 @@ def speedup(base: float | None, other: float | None) -> float | None:
 
 def environment_section(meta: dict, runs: list[Run]) -> list[str]:
     m = meta.get("machine", {})
+    planned = sum(x.get("planned_runs", 0) for x in [meta, *meta.get("resumed", [])]) or "?"
     loads = [r["load_avg"] for r in runs if "load_avg" in r]
     lines = [
         "## Environment",
@@ -126,7 +127,7 @@ def environment_section(meta: dict, runs: list[Run]) -> list[str]:
         f"- Command: `{meta.get('command', '?')}`; started {meta.get('started', '?')}, "
         f"finished {meta.get('finished', 'not finished (partial sweep)')}; "
         f"duration {fmt(meta.get('duration_s'), '.0f')} s; "
-        f"{len(runs)} of {meta.get('planned_runs', '?')} planned runs recorded, "
+        f"{len(runs)} of {planned} planned runs recorded (all invocations), "
         f"{len(ok(runs))} succeeded.",
         f"- CPU: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores; Python "
         f"{m.get('python', '?')}, torch {m.get('torch', '?')}, mpi4py {m.get('mpi4py', '?')}, "
@@ -249,12 +250,14 @@ def _headline(runs: list[Run], key: tuple) -> str:
     pso, reached, n = ttt(pick("pso-ps"), target)
     pa, _, _ = ttt(pick("pa"), target)
     if pso is None:
+        pa_text = ("did not reach it" if pa is None
+                   else f"{pa:.1f} s ({fmt(speedup(base, pa), '.2f')}×)")
         return (f"PSO-PS did not reach it (in {reached} of {n} seeds); SSGD "
-                f"{fmt(base, '.1f')} s, PA {fmt(pa, '.1f', 'not reached')} s.")
+                f"{fmt(base, '.1f')} s, PA {pa_text}.")
     ratio = speedup(base, pso)
     verdict = "met" if ratio is not None and ratio >= 2 else "not met"
     return (f"PSO-PS {pso:.1f} s against SSGD {fmt(base, '.1f')} s: **{fmt(ratio, '.2f')}×** "
-            f"(target ≥ 2×: {verdict}); PA {fmt(pa, '.1f', 'not reached')} s "
+            f"(target ≥ 2×: {verdict}); PA {fmt(pa, '.1f', 'not reached')} "
             f"({fmt(speedup(base, pa), '.2f')}×).")
 
 

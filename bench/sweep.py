@@ -37,8 +37,9 @@ Run it (not under MPI itself: it starts one job per run)::
 With ``--launcher srun`` each job is started by ``srun -n P --mpi=pmi2`` (MPICH; give
 ``--srun-mpi pmix`` for Open MPI) inside the current allocation; emulated links need
 ``mpiexec`` (Slurm starts its tasks outside the namespace) and real links need no emulation.
-The full sweep took about 50 minutes on a shared 2-core VM (bench/results/REPORT.md states the
-measured duration); ``--quick`` about 2 minutes.
+Duration on a 2-core VM shared with other jobs: the full sweep (130 runs, seeds 0 and 1)
+51 minutes; a third seed (``--resume --seeds 2``) added 15 minutes; ``--quick`` about 2 minutes
+(bench/results/REPORT.md states each invocation's measured duration).
 """
 
 from __future__ import annotations
