@@ -46,6 +46,17 @@ def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+def mlp_wide(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Two hidden layers of 1024 units: over 1M parameters on any input (1.1M on MNIST-1D),
+    with little compute per parameter, so synchronisation traffic dominates a step."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, num_classes),
+    )
+
+
 class _CNN1D(nn.Module):
     """ConvBase of the MNIST-1D paper (Greydanus 2020): three strided convs and a linear."""
 
@@ -165,6 +176,7 @@ def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 MODELS: dict[str, Factory] = {
     "mlp": mlp,
+    "mlp-wide": mlp_wide,
     "cnn1d": cnn1d,
     "lenet": lenet,
     "cnn": cnn,

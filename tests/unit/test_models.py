@@ -22,6 +22,7 @@ CASES = [
     ("resnet20", (3, 32, 32)),
     ("mlp", (3, 32, 32)),
     ("mlp", (32,)),
+    ("mlp-wide", (1, 40)),
 ]
 
 
@@ -77,6 +78,11 @@ def test_different_seed_gives_different_init() -> None:
 
 def test_resnet20_size() -> None:
     assert 260_000 <= num_parameters(build_model("resnet20", (3, 32, 32), 10)) <= 280_000
+
+
+def test_mlp_wide_is_communication_heavy() -> None:
+    # the benchmarks' >= 1M-parameter model: exactly two 1024-unit layers on MNIST-1D
+    assert num_parameters(build_model("mlp-wide", (1, 40), 10)) == 1_101_834
 
 
 def test_cnn1d_accepts_other_lengths_and_unbatched_channel() -> None:

@@ -1,0 +1,410 @@
+"""The training sweep: PSO-PS against PA, SSGD and PyTorch DDP, on real data and emulated links.
+
+What it measures. Every run is one real training job, ``mpiexec -n P python -m
+psops_mpi.train ... --metrics-out F`` (or ``bench/ddp_ssgd.py``, the same SSGD training through
+``DistributedDataParallel`` with gloo), and from its JSON-lines metrics it keeps: final test
+accuracy, time per epoch, the accuracy curve against wall-clock (for the time to reach a target
+accuracy), bytes sent per rank, and the share of the run spent inside MPI. Every algorithm gets
+the same model, optimizer (the defaults: SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine
+schedule), batch size (32 per rank), data shards and number of samples; ``--threads 1``.
+
+The plan (``--quick`` shrinks it to a few minutes):
+
+* accuracy grid, on the machine as it is (``shm``): algorithm {ssgd, pa, pso-ps} x
+  ``--sync-every`` {1, 4, 16, 64} x dataset {mnist1d (cnn1d, 20 epochs), fashion-mnist
+  (lenet, 2 epochs; real files)} x ranks {2, 4}, plus DDP-gloo, per seed;
+* link grid, 4 ranks, ``--sync-every 16``: {ssgd, ddp, pa, pso-ps} on a communication-heavy
+  model (``mlp-wide``, 1.1M parameters, on mnist1d, 12 epochs) at links {shm, 10gbit, 1gbit},
+  and on the CNNs (cnn1d on mnist1d, lenet on fashion-mnist) at 1gbit (their shm runs are in
+  the accuracy grid). Emulated links: bench/netem.py (needs root);
+* defaults check: PSO-PS with one option changed at a time (w=0, c1=0.2, holdout fitness,
+  momentum reset, all-time global best) on fashion-mnist, 2 ranks, ``--sync-every 16``.
+
+Seeds are done one after the other (``--seeds``); within a seed the runs are shuffled with a
+fixed seed so load from other jobs on the machine spreads evenly over the configurations,
+except that each psops_mpi SSGD run and its DDP twin stay next to each other (their
+throughput ratio is the comparison). Each run is appended to ``OUT/runs.jsonl`` as soon as it
+ends, so a partial sweep can be reported, and ``--resume`` skips runs already there and adds
+to them (for instance another seed: ``--resume --seeds 2 --datasets mnist1d``); each
+invocation's command, machine and duration are kept in ``OUT/sweep.json``.
+
+Run it (not under MPI itself: it starts one job per run)::
+
+    nohup python bench/sweep.py --out bench/results/raw > sweep.log 2>&1 &
+    python bench/sweep.py --quick --out /tmp/quick && python bench/report.py /tmp/quick
+    python bench/sweep.py --launcher srun ...   # inside an allocation: `srun -n P --mpi=pmi2`
+
+With ``--launcher srun`` each job is started by ``srun -n P --mpi=pmi2`` (MPICH; give
+``--srun-mpi pmix`` for Open MPI) inside the current allocation; emulated links need
+``mpiexec`` (Slurm starts its tasks outside the namespace) and real links need no emulation.
+Duration on a 2-core VM shared with other jobs: the full sweep (130 runs, seeds 0 and 1)
+51 minutes; a third seed (``--resume --seeds 2``) added 15 minutes; ``--quick`` about 2 minutes
+(bench/results/REPORT.md states each invocation's measured duration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netem
+
+REPO = Path(__file__).resolve().parents[1]
+SYNC_PERIODS = (1, 4, 16, 64)
+# dataset -> (model, epochs) of the accuracy grid
+ACCURACY_SETUPS = {"mnist1d": ("cnn1d", 20), "fashion-mnist": ("lenet", 2)}
+# (dataset, model, epochs, links) of the link grid at 4 ranks, --sync-every 16
+LINK_SETUPS = (
+    ("mnist1d", "mlp-wide", 12, ("shm", "10gbit", "1gbit")),
+    ("mnist1d", "cnn1d", 20, ("1gbit",)),
+    ("fashion-mnist", "lenet", 2, ("1gbit",)),
+)
+LINK_RANKS, LINK_SYNC = 4, 16
+# The PSO-PS options checked off MNIST-1D: one change at a time from the defaults, on
+# Fashion-MNIST (lenet, 2 epochs) at 2 ranks, --sync-every 16.
+VARIANTS = {
+    "w=0": ("--w", "0"),
+    "c1=0.2": ("--c1", "0.2"),
+    "holdout": ("--fitness", "holdout"),
+    "reset-momentum": ("--reset-momentum",),
+    "gbest-all": ("--gbest-memory", "all"),
+}
+VARIANT_RANKS = 2
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training job of the sweep."""
+
+    group: str  # "accuracy" or "link"
+    link: str  # "shm" or a rate such as "1gbit"
+    dataset: str
+    model: str
+    epochs: int
+    ranks: int
+    algo: str  # ssgd, ddp (SSGD through DistributedDataParallel), pa, pso-ps
+    sync_every: int
+    seed: int
+    max_steps: int = 0
+    variant: str = ""  # a PSO-PS option changed from its default (group "defaults")
+    extra: tuple[str, ...] = ()  # the flags of that change
+
+    @property
+    def key(self) -> str:
+        algo = f"{self.algo}[{self.variant}]" if self.variant else self.algo
+        return (f"{self.link}/{self.dataset}/{self.model}/e{self.epochs}/p{self.ranks}/"
+                f"{algo}/n{self.sync_every}/s{self.seed}/m{self.max_steps}")
+
+    def train_args(self, metrics: Path) -> list[str]:
+        args = ["--dataset", self.dataset, "--model", self.model, "--epochs", str(self.epochs),
+                "--seed", str(self.seed), "--threads", "1", "--quiet",
+                "--metrics-out", str(metrics)]
+        if self.algo != "ddp":
+            args += ["--algo", self.algo, "--sync-every", str(self.sync_every)]
+        if self.max_steps:
+            args += ["--max-steps", str(self.max_steps)]
+        return [*args, *self.extra]
+
+
+@dataclass
+class Plan:
+    specs: list[Spec] = field(default_factory=list)
+
+    def add(self, **kw: object) -> None:
+        spec = Spec(**kw)  # type: ignore[arg-type]
+        if spec not in self.specs:
+            self.specs.append(spec)
+
+
+def algo_runs(algos: tuple[str, ...], syncs: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(algo, sync period) pairs: SSGD and DDP synchronise every step, so they run once."""
+    runs = [(a, 1) for a in ("ssgd", "ddp") if a in algos]
+    runs += [(a, n) for a in ("pa", "pso-ps") if a in algos for n in syncs]
+    return runs
+
+
+def build_plan(args: argparse.Namespace) -> list[list[Spec]]:
+    """The runs, one list per seed, each list in its interleaved order."""
+    algos = tuple(args.algos.split(","))
+    links = tuple(args.links.split(","))
+    passes = []
+    for seed in args.seeds:
+        plan = Plan()
+        if args.quick:
+            _quick(plan, seed, algos, links, args.max_steps)
+        else:
+            _full(plan, seed, algos, links, args.max_steps)
+        wanted = [s for s in plan.specs
+                  if args.datasets is None or s.dataset in args.datasets.split(",")]
+        passes.append(interleave(wanted, seed))
+    return passes
+
+
+def _full(plan: Plan, seed: int, algos: tuple[str, ...], links: tuple[str, ...],
+          max_steps: int) -> None:
+    if "shm" in links:
+        for dataset, (model, epochs) in ACCURACY_SETUPS.items():
+            for ranks in (2, 4):
+                for algo, n in algo_runs(algos, SYNC_PERIODS):
+                    plan.add(group="accuracy", link="shm", dataset=dataset, model=model,
+                             epochs=epochs, ranks=ranks, algo=algo, sync_every=n, seed=seed,
+                             max_steps=max_steps)
+    for dataset, model, epochs, setup_links in LINK_SETUPS:
+        for link in (lk for lk in setup_links if lk in links):
+            for algo, n in algo_runs(algos, (LINK_SYNC,)):
+                plan.add(group="link", link=link, dataset=dataset, model=model, epochs=epochs,
+                         ranks=LINK_RANKS, algo=algo, sync_every=n, seed=seed,
+                         max_steps=max_steps)
+    if "shm" in links and "pso-ps" in algos:
+        model, epochs = ACCURACY_SETUPS["fashion-mnist"]
+        for name, flags in VARIANTS.items():
+            plan.add(group="defaults", link="shm", dataset="fashion-mnist", model=model,
+                     epochs=epochs, ranks=VARIANT_RANKS, algo="pso-ps", sync_every=LINK_SYNC,
+                     seed=seed, max_steps=max_steps, variant=name, extra=flags)
+
+
+def _quick(plan: Plan, seed: int, algos: tuple[str, ...], links: tuple[str, ...],
+           max_steps: int) -> None:
+    """A few minutes on 2 cores: MNIST-1D's CNN at 2 ranks, two sync periods, every link."""
+    for link in links:
+        syncs = (4, 16) if link == "shm" else (16,)
+        for algo, n in algo_runs(algos, syncs):
+            plan.add(group="accuracy" if link == "shm" else "link", link=link,
+                     dataset="mnist1d", model="cnn1d", epochs=3, ranks=2, algo=algo,
+                     sync_every=n, seed=seed, max_steps=max_steps)
+
+
+def interleave(specs: list[Spec], seed: int) -> list[Spec]:
+    """Shuffle (fixed seed), keeping each SSGD run next to its DDP twin, in turn first."""
+    ssgd = {s.key: s for s in specs if s.algo == "ssgd"}
+    ddp = {s.key.replace("/ddp/", "/ssgd/"): s for s in specs if s.algo == "ddp"}
+    units = [[s, ddp[s.key]] if s.key in ddp else [s] for s in specs if s.algo != "ddp"]
+    units += [[d] for k, d in ddp.items() if k not in ssgd]  # DDP without its twin
+    rng = random.Random(1000 + seed)
+    rng.shuffle(units)
+    out: list[Spec] = []
+    for i, unit in enumerate(units):
+        out.extend(unit if i % 2 == 0 else unit[::-1])
+    return out
+
+
+# ---------------------------------------------------------------------------- one run
+
+def launch_command(spec: Spec, metrics: Path, launcher: list[str]) -> list[str]:
+    """``mpiexec -n P python -m psops_mpi.train ...`` (or the DDP script) for one spec."""
+    target = ([str(REPO / "bench" / "ddp_ssgd.py")] if spec.algo == "ddp"
+              else ["-m", "psops_mpi.train"])
+    return [*launcher, str(spec.ranks), sys.executable, *target, *spec.train_args(metrics)]
+
+
+def summarise(spec: Spec, events: list[dict]) -> dict:
+    """What the report needs from one run's metrics file."""
+    final = events[-1]
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    wall = final["wall_s"]
+    comm_s = final.get("comm_s")
+    return {
+        "test_acc": final["test_acc"], "test_loss": final["test_loss"],
+        "train_loss": final.get("train_loss"), "wall_s": wall,
+        "epochs_run": len(epochs), "s_per_epoch": wall / max(len(epochs), 1),
+        "samples_per_s": final["samples_per_s"], "steps": final["steps"],
+        "comm_bytes_per_rank": final["comm_bytes_per_rank"], "comm_s": comm_s,
+        "comm_share": comm_s / wall if comm_s is not None and wall > 0 else None,
+        "num_params": final["num_params"],
+        # a particle that diverged leaves a non-finite training loss (null in JSON)
+        "diverged": final.get("train_loss") is None,
+        "curve": [[e["epoch"], round(e["wall_s"], 4), e["test_acc"]] for e in epochs],
+    }
+
+
+def run_one(spec: Spec, link: netem.EmulatedLink | None, launcher: list[str],
+            timeout: float) -> dict:
+    """Launch one job (inside the emulated link if any) and return its record."""
+    with tempfile.TemporaryDirectory(prefix="psops-sweep-") as tmp:
+        metrics = Path(tmp) / "metrics.jsonl"
+        cmd = launch_command(spec, metrics, launcher)
+        if link is not None:
+            link.set_rate(spec.link)
+            cmd = link.wrap(cmd)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        record: dict = {**asdict(spec), "key": spec.key, "load_avg": os.getloadavg()[0],
+                        "started": now(), "cmd": " ".join(_shown(cmd))}
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            proc.returncode = 124
+        except BaseException:  # the sweep is stopped (SIGTERM, Ctrl-C): stop its job too
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        record["launch_s"] = round(time.monotonic() - start, 3)
+        record["rc"] = proc.returncode
+        events = ([json.loads(line) for line in metrics.read_text().splitlines()]
+                  if metrics.exists() else [])
+        if proc.returncode == 0 and events and events[-1].get("event") == "final":
+            record.update(summarise(spec, events))
+        else:
+            record["error"] = " ".join(err.split())[-400:] or f"exit code {proc.returncode}"
+        return record
+
+
+def _shown(cmd: list[str]) -> list[str]:
+    """The command as a reader would type it (no temp paths, no interpreter path)."""
+    names = {sys.executable: "python", shutil.which("mpiexec"): "mpiexec"}
+    out = [names.get(c, c) for c in cmd]
+    if "--metrics-out" in out:
+        out[out.index("--metrics-out") + 1] = "F.jsonl"
+    return [str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c for c in out]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+def machine() -> dict:
+    """Facts about the machine and software, stored once per sweep."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    sys.path.insert(0, str(REPO))
+    from psops_mpi.metrics import environment  # torch + mpi4py: only once the args are fine
+
+    return {**environment(), "cpu_model": cpu, "cores": os.cpu_count(),
+            "mpiexec": shutil.which("mpiexec")}
+
+
+def previous_sweeps(path: Path) -> list[dict]:
+    """The invocations recorded so far: the first one, then any that resumed it."""
+    if not path.exists():
+        return []
+    meta = json.loads(path.read_text())
+    return [{k: v for k, v in meta.items() if k != "resumed"}, *meta.get("resumed", [])]
+
+
+def write_meta(path: Path, meta: dict, earlier: list[dict]) -> None:
+    """sweep.json: the first invocation at the top level, later ones under "resumed"."""
+    if earlier:
+        meta = {**earlier[0], "resumed": [*earlier[1:], meta]}
+    path.write_text(json.dumps(meta, indent=1))
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("rc") == 0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results/raw", help="folder for runs.jsonl, sweep.json")
+    p.add_argument("--quick", action="store_true", help="a few minutes: see the docstring")
+    p.add_argument("--seeds", default=None, help="comma-separated (default 0,1; quick: 0)")
+    p.add_argument("--links", default=None,
+                   help="comma-separated: shm and/or rates (default shm,10gbit,1gbit; quick: "
+                        "shm,1gbit); emulated rates need root")
+    p.add_argument("--algos", default="ssgd,ddp,pa,pso-ps", help="comma-separated subset")
+    p.add_argument("--datasets", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--max-steps", type=int, default=0, help="cap every run (tests)")
+    p.add_argument("--launcher", choices=("mpiexec", "srun"), default="mpiexec")
+    p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi value (pmi2 for MPICH)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--resume", action="store_true", help="skip runs already in runs.jsonl")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
+    args.links = args.links or ("shm,1gbit" if args.quick else "shm,10gbit,1gbit")
+    try:
+        for link in args.links.split(","):
+            netem.check_link_name(link)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.launcher == "srun" and any(map(netem.is_emulated, args.links.split(","))):
+        p.error("emulated links need --launcher mpiexec (srun starts tasks outside the "
+                "namespace); use --links shm under srun")
+    return args
+
+
+def launcher_prefix(args: argparse.Namespace) -> list[str]:
+    if args.launcher == "srun":
+        return ["srun", f"--mpi={args.srun_mpi}", "-n"]
+    return [shutil.which("mpiexec") or "mpiexec", "-n"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / "runs.jsonl"
+    if not args.resume and runs_path.exists():
+        runs_path.unlink()
+    passes = build_plan(args)
+    skip = done_keys(runs_path) if args.resume else set()
+    total = sum(len(p) for p in passes)
+    emulated = any(netem.is_emulated(s.link) for p in passes for s in p)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
+    link = netem.EmulatedLink() if emulated else None
+    try:
+        if link is not None:
+            link.setup()
+    except netem.LinkSetupError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
+    meta = {"command": "python bench/sweep.py " + " ".join(sys.argv[1:] if argv is None
+                                                           else argv),
+            "started": now(), "planned_runs": total, "seeds": args.seeds,
+            "links": {lk: netem.describe(lk) for lk in args.links.split(",")},
+            "machine": machine(), "load_avg_start": os.getloadavg()}
+    earlier = previous_sweeps(out / "sweep.json") if args.resume else []
+    write_meta(out / "sweep.json", meta, earlier)
+    start, count = time.monotonic(), 0
+    try:
+        with runs_path.open("a", encoding="utf-8") as fh:
+            for plan in passes:
+                for spec in plan:
+                    count += 1
+                    if spec.key in skip:
+                        continue
+                    record = run_one(spec, link if netem.is_emulated(spec.link) else None,
+                                     launcher_prefix(args), args.timeout)
+                    fh.write(json.dumps(record) + "\n")
+                    fh.flush()
+                    status = (f"acc {record['test_acc']:.4f} {record['wall_s']:.1f}s"
+                              if record["rc"] == 0 else f"FAILED rc={record['rc']}")
+                    print(f"[{count}/{total} {time.monotonic() - start:7.0f}s] {spec.key}: "
+                          f"{status}", flush=True)
+    finally:
+        if link is not None:
+            link.close()
+    meta.update(finished=now(), duration_s=round(time.monotonic() - start, 1),
+                load_avg_end=os.getloadavg())
+    write_meta(out / "sweep.json", meta, earlier)
+    print(f"sweep: {count} runs in {meta['duration_s']:.0f}s -> {runs_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
