@@ -147,6 +147,14 @@ class Swarm:
                    deterministic=deterministic)
         self.round += 1
 
+    def restart_at_global(self) -> None:
+        """Put a diverged particle (non-finite fitness) at the global best with zero velocity,
+        then advance the round counter. A PSO move cannot bring back a NaN or inf position:
+        without this the particle stays lost, and its rank computes for nothing."""
+        self.x.copy_(self.gbest)
+        self.v.zero_()
+        self.round += 1
+
     def scalar_state(self) -> dict[str, int | float]:
         """The particle's scalars for a checkpoint (the tensors v, pbest, gbest are public)."""
         return {"round": self.round, "pbest_fitness": self.pbest_fitness,

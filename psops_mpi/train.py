@@ -171,8 +171,9 @@ def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
         test_loss, test_acc = evaluate(run.model, test_x, test_y, comm)
     train_sums = reduce_sum(sums.cpu().numpy(), comm)
     stats = sync.stats()
-    comm_mean = reduce_sum(np.array([stats["comm_bytes"], stats["comm_s"]]), comm)
-    comm_mean /= run.world.world_size
+    totals = reduce_sum(np.array([stats["comm_bytes"], stats["comm_s"],
+                                  stats.get("restarts", 0)]), comm)
+    comm_mean = totals[:2] / run.world.world_size
     wall = time.perf_counter() - start
     record = {
         "epoch": epoch + 1, "train_loss": train_sums[0] / train_sums[2],
@@ -183,6 +184,7 @@ def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
     }
     if "gbest_fitness" in stats:
         record["gbest_fitness"] = stats["gbest_fitness"]
+        record["restarts"] = int(totals[2])  # diverged particles restarted at g, all ranks
     run.metrics.write("epoch", **record)
     return record
 
@@ -191,7 +193,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_acc']:.4f}  test loss {record['test_loss']:.4f} "
             f"acc {record['test_acc']:.4f}  {record['samples_per_s']:.0f} samples/s  "
-            f"comm {record['comm_s']:.2f}s")
+            f"comm {record['comm_s']:.2f}s"
+            + (f"  restarts {record['restarts']}" if record.get("restarts") else ""))
 
 
 def describe(run: Run) -> str:

@@ -2,7 +2,8 @@
 replaces averaging (Ye et al., IJCNN 2020, arXiv 2009.03816).
 
 A round: fitness f_k -> exchange (one Allgather of [x_k ; f_k], or MINLOC + Bcast of the best)
--> personal and global bests -> PSO move of x_k, v_k in place -> average BatchNorm buffers.
+-> personal and global bests -> PSO move of x_k, v_k in place (a particle whose fitness is
+NaN or inf restarts at the global best instead) -> average BatchNorm buffers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class PSOSync(Synchronizer):
             if self.config.exchange == "allgather" else None
         )
         self.last_fitness = math.inf
+        self.restarts = 0  # rounds in which this particle had diverged and was restarted
 
     def _largest_message(self) -> int:
         if self.config.exchange == "allgather":  # staged as one [send ; recv] buffer
@@ -82,9 +84,14 @@ class PSOSync(Synchronizer):
             self._exchange_allgather()
         else:
             self._exchange_best()
-        self.swarm.move()
+        diverged = not math.isfinite(self.last_fitness) and self.swarm.gbest_owner >= 0
+        if diverged:
+            self.swarm.restart_at_global()
+            self.restarts += 1
+        else:
+            self.swarm.move()
         self.average_buffers()
-        if self.config.reset_momentum:
+        if self.config.reset_momentum or diverged:  # a diverged particle's momentum is too
             self.optimizer.state.clear()
         self._loss_sum.zero_()
 
@@ -120,7 +127,7 @@ class PSOSync(Synchronizer):
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "gbest_fitness": self.swarm.gbest_fitness,
-                "gbest_owner": self.swarm.gbest_owner}
+                "gbest_owner": self.swarm.gbest_owner, "restarts": self.restarts}
 
     def checkpoint_state(self) -> dict[str, int | float]:
         """Adds the fitness in progress: the loss summed since the last round (float64, so a

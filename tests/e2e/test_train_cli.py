@@ -162,7 +162,7 @@ def test_failure_on_one_rank_ends_the_whole_job_quickly() -> None:
     assert res.seconds < 60
 
 
-def test_nan_particle_never_becomes_gbest(tmp_path: Path) -> None:
+def test_nan_particle_never_becomes_gbest_and_restarts_there(tmp_path: Path) -> None:
     metrics = tmp_path / "m.jsonl"
     res = launch(["--dataset", "synthetic", "--model",
                   "tests.helpers.user_models:nan_on_rank_zero", "--epochs", "2", "--quiet",
@@ -170,6 +170,7 @@ def test_nan_particle_never_becomes_gbest(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     epochs = [e for e in read_metrics(metrics) if e["event"] == "epoch"]
     assert all(e["gbest_fitness"] is not None for e in epochs)  # finite (NaN would be null)
+    assert epochs[-1]["restarts"] >= epochs[-1]["rounds"] - 1  # every round after the first
     assert read_metrics(metrics)[-1]["test_acc"] > 0.3  # the swarm's answer is rank 1's model
 
 

@@ -205,3 +205,29 @@ def test_library_loop_learns_with_holdout_fitness() -> None:
     with sync.consensus():
         end = holdout().item()
     assert sync.rounds >= 5 and end < 0.5 * start
+
+
+def test_a_diverged_particle_restarts_at_the_global_best() -> None:
+    """Rank 1's weights turn NaN: after the round it sits at g with zero velocity and fresh
+    momentum, and trains on with finite losses; the other ranks move as usual."""
+    model = mlp(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sync = PSOSync(model, opt, COMM, sync_every=2, seed=3)
+    rank = COMM.Get_rank()
+    for r in range(4):
+        if r == 2 and rank == 1:
+            with torch.no_grad():
+                sync.flat.data.fill_(math.nan)
+        for step in range(2):
+            x, y = global_batch(10 * r + step)
+            part = my_part(x)
+            loss = sgd_step(model, opt, sync, x[part], y[part])
+        if r == 2:
+            assert sync.restarts == (1 if rank == 1 else 0)
+            if rank == 1:  # nothing moved it since the round: it is g exactly
+                assert torch.equal(sync.flat.data, sync.swarm.gbest)
+                assert torch.count_nonzero(sync.swarm.v) == 0 and not opt.state
+            else:
+                assert torch.isfinite(sync.flat.data).all()
+    assert math.isfinite(loss.item()) and torch.isfinite(sync.flat.data).all()
+    assert sync.stats()["restarts"] == (1 if rank == 1 else 0)
