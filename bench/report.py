@@ -359,6 +359,16 @@ def failures_section(runs: list[Run]) -> list[str]:
 
 # ---------------------------------------------------------------------------- plots
 
+def _save(fig, axes, ylabel: str, path: Path) -> bool:
+    """Label, lay out and write one figure of panels; True: a plot was written."""
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def plot_acc_vs_sync(runs: list[Run], path: Path) -> bool:
     acc = [r for r in runs if r["group"] == "accuracy"]
     panels = sorted({(r["dataset"], r["model"], r["ranks"]) for r in acc})
@@ -385,12 +395,7 @@ def plot_acc_vs_sync(runs: list[Run], path: Path) -> bool:
         ax.set_xlabel("--sync-every (steps)")
         ax.set_title(f"{dataset} ({model}), {ranks} ranks", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("final test accuracy (mean, min–max over seeds)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, axes, "final test accuracy (mean, min–max over seeds)", path)
 
 
 def plot_speedup_vs_link(runs: list[Run], path: Path) -> bool:
@@ -423,12 +428,7 @@ def plot_speedup_vs_link(runs: list[Run], path: Path) -> bool:
         ax.set_xticks(range(len(links)), links)
         ax.set_title(f"{model} ({dataset}), {ranks} ranks, sync 16", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("time-to-target speedup vs SSGD")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, axes, "time-to-target speedup vs SSGD", path)
 
 
 def plot_time_to_accuracy(runs: list[Run], path: Path, link: str = "1gbit") -> bool:
@@ -452,12 +452,7 @@ def plot_time_to_accuracy(runs: list[Run], path: Path, link: str = "1gbit") -> b
         ax.set_xlabel("wall-clock (s)")
         ax.set_title(f"{model} ({dataset}), {link}, {ranks} ranks", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, axes, "test accuracy", path)
 
 
 # ---------------------------------------------------------------------------- main
