@@ -50,7 +50,7 @@ from psops_mpi.config import UsageError
 from psops_mpi.metrics import environment
 from psops_mpi.models import num_parameters
 from psops_mpi.train import prepare, train
-from psops_mpi.world import abort_on_error, agree, node_local
+from psops_mpi.world import NodeLocal, abort_on_error, agree, node_local
 
 IMPL = "ddp-gloo"
 RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         local = node_local(comm)
         run = agree(comm, lambda: _prepare_ssgd(argv, comm, local))
-        store = rendezvous(comm, single_node=local[1] == comm.Get_size())
+        store = rendezvous(comm, single_node=local.size == comm.Get_size())
         dist.init_process_group("gloo", store=store, rank=comm.Get_rank(),
                                 world_size=comm.Get_size())
         num_params = num_parameters(run.model)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prepare_ssgd(argv: list[str], comm: MPI.Comm, local: tuple[int, int]):
+def _prepare_ssgd(argv: list[str], comm: MPI.Comm, local: NodeLocal):
     run = prepare(["--algo", "ssgd", *argv], comm, local)
     if run.config.algo != "ssgd":
         raise UsageError(f"bench/ddp_ssgd.py runs SSGD only, got --algo {run.config.algo}")

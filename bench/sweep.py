@@ -55,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,6 +149,8 @@ def build_plan(args: argparse.Namespace) -> list[list[Spec]]:
             _full(plan, seed, algos, links, args.max_steps)
         wanted = [s for s in plan.specs
                   if args.datasets is None or s.dataset in args.datasets.split(",")]
+        if args.ranks:
+            wanted = at_ranks(wanted, args.ranks)
         passes.append(interleave(wanted, seed))
     return passes
 
@@ -315,8 +317,8 @@ def write_meta(path: Path, meta: dict, earlier: list[dict]) -> None:
 def done_keys(path: Path) -> set[str]:
     if not path.exists():
         return set()
-    return {json.loads(line)["key"] for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("rc") == 0}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["key"] for r in records if "test_acc" in r}  # finished with a final line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -329,13 +331,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "shm,1gbit); emulated rates need root")
     p.add_argument("--algos", default="ssgd,ddp,pa,pso-ps", help="comma-separated subset")
     p.add_argument("--datasets", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated world sizes that replace every run's own (scaling "
+                        "jobs: e.g. the ranks of 1, 2 and 4 nodes)")
     p.add_argument("--max-steps", type=int, default=0, help="cap every run (tests)")
     p.add_argument("--launcher", choices=("mpiexec", "srun"), default="mpiexec")
     p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi value (pmi2 for MPICH)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--resume", action="store_true", help="skip runs already in runs.jsonl")
     args = p.parse_args(argv)
-    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
+    args.seeds = _int_list(p, "--seeds", args.seeds or ("0" if args.quick else "0,1"))
+    args.ranks = _int_list(p, "--ranks", args.ranks) if args.ranks else None
     args.links = args.links or ("shm,1gbit" if args.quick else "shm,10gbit,1gbit")
     try:
         for link in args.links.split(","):
@@ -346,6 +352,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("emulated links need --launcher mpiexec (srun starts tasks outside the "
                 "namespace); use --links shm under srun")
     return args
+
+
+def _int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated integers, got {text!r}")
+    if flag == "--ranks" and min(values) < 1:
+        p.error(f"{flag} must be positive, got {text!r}")
+    return values
+
+
+def at_ranks(specs: list[Spec], ranks: list[int]) -> list[Spec]:
+    """Every configuration at the given world sizes instead of its own (scaling runs)."""
+    out: dict[str, Spec] = {}
+    for spec in specs:
+        for size in ranks:
+            moved = replace(spec, ranks=size)
+            out.setdefault(moved.key, moved)
+    return list(out.values())
 
 
 def launcher_prefix(args: argparse.Namespace) -> list[str]:
@@ -393,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(json.dumps(record) + "\n")
                     fh.flush()
                     status = (f"acc {record['test_acc']:.4f} {record['wall_s']:.1f}s"
-                              if record["rc"] == 0 else f"FAILED rc={record['rc']}")
+                              if "test_acc" in record else f"FAILED rc={record['rc']}")
                     print(f"[{count}/{total} {time.monotonic() - start:7.0f}s] {spec.key}: "
                           f"{status}", flush=True)
     finally:

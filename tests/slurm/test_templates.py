@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.launch import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import sweep
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 
@@ -60,6 +64,10 @@ def test_scaling_template_runs_the_sweep_once_per_node_count_that_fits() -> None
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     sweeps = [line for line in res.stdout.splitlines() if line.startswith("bench/sweep.py")]
-    assert sweeps == ["bench/sweep.py --ranks 4 --quick --seeds 1",
-                      "bench/sweep.py --ranks 8 --quick --seeds 1"]
+    common = "--launcher srun --srun-mpi pmi2 --links shm --out results/scaling-local"
+    assert sweeps == [f"bench/sweep.py --ranks 4 {common}/nodes-1 --quick --seeds 1",
+                      f"bench/sweep.py --ranks 8 {common}/nodes-2 --quick --seeds 1"]
+    # and the sweep takes those flags: it plans the runs at those sizes
+    args = sweep.parse_args(sweeps[1].split()[1:])
+    assert {spec.ranks for runs in sweep.build_plan(args) for spec in runs} == {8}
     assert "skipping 4 nodes: the job has only 2" in res.stderr
