@@ -54,7 +54,9 @@ class Checkpointer:
         if self.root is None or step >= self.total_steps:
             return
         due = self.every > 0 and step % self.every == 0
-        if self.every_s > 0:
+        # The clock is read at round boundaries only: each look is a broadcast, and one per
+        # step would undo what PA and PSO-PS save by synchronising every n steps.
+        if self.every_s > 0 and step % self.run.config.sync_every == 0:
             due = self._clock_due() or due
         if due:
             self.save(self._position(step, epoch, epoch_sums, start, evaluated=False))

@@ -133,9 +133,10 @@ class PSOSync(Synchronizer):
         """Adds the fitness in progress: the loss summed since the last round (float64, so a
         resumed round computes the very same fitness) and the last round's fitness."""
         return {**super().checkpoint_state(), "loss_sum": float(self._loss_sum),
-                "last_fitness": self.last_fitness}
+                "last_fitness": self.last_fitness, "restarts": self.restarts}
 
     def restore_checkpoint_state(self, state: dict[str, int | float]) -> None:
         super().restore_checkpoint_state(state)
         self._loss_sum.fill_(float(state["loss_sum"]))
         self.last_fitness = float(state["last_fitness"])
+        self.restarts = int(state.get("restarts", 0))  # absent from older checkpoints
