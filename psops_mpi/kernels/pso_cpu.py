@@ -36,8 +36,18 @@ CHUNK = 1 << 16  # elements per step of the torch fallback: its temporaries stay
 
 
 def _cache_dir() -> Path:
+    """``$PSOPS_KERNEL_CACHE`` or ``~/.cache/psops_mpi``; where that cannot be written (a
+    read-only home, as on some compute nodes), a folder of this user under the system's
+    temporary directory, so the C kernel is still built rather than given up."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psops_mpi"
-    return Path(os.environ.get("PSOPS_KERNEL_CACHE", default))
+    preferred = Path(os.environ.get("PSOPS_KERNEL_CACHE", default))
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"psops_mpi-{os.getuid()}"
 
 
 def _cpu_flags() -> str:
@@ -53,9 +63,12 @@ def _cpu_flags() -> str:
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Build the library at ``target`` atomically; the compiler's error text, or None."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as err:
+        return str(err)
     cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -258,6 +258,19 @@ def test_without_a_working_compiler_the_torch_path_runs_after_one_message(
     assert len(lines) == 1 and reason in lines[0]
 
 
+def test_an_unwritable_cache_folder_still_gets_the_c_kernel(tmp_path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a folder cannot be made below a file, even by root
+    code = ("from psops_mpi.kernels import cpu_backend\n"
+            "assert cpu_backend() == 'native', cpu_backend()\n")
+    env = {**os.environ, "PSOPS_KERNEL_CACHE": str(blocked / "cache"), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "unavailable" not in done.stderr, done.stderr
+    assert list(tmp_path.glob(f"psops_mpi-{os.getuid()}/pso_cpu_*.so"))
+
+
 def test_a_swarm_of_other_dtype_needs_the_reference_kernel() -> None:
     with pytest.raises(ValueError, match="fused PSO kernel updates float32 parameters"):
         Swarm(torch.zeros(3, dtype=torch.float64), PSOConfig(), seed=0, rank=0)
