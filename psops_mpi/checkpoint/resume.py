@@ -276,7 +276,12 @@ def _resize_line(meta: dict[str, Any], sources: list[int | None], size: int, pso
 
 def resume_run(run: Run) -> ResumePoint:
     """Resume ``run`` as its config says (a collective); a fresh start gives step 0."""
-    loaded = agree(run.world.comm, lambda: load(run))
+    comm = run.world.comm
+    loaded = agree(comm, lambda: load(run))
+    # Each rank chose by listing the folder itself; a shared file system may show nodes
+    # different listings for a while, and ranks resuming different steps would deadlock.
+    choices = comm.allgather(None if loaded is None else str(loaded.folder))
+    agree(comm, lambda: _same_choice(choices))
     if loaded is None:
         return ResumePoint()
     point = apply(run, loaded)
@@ -286,3 +291,13 @@ def resume_run(run: Run) -> ResumePoint:
             if not run.config.quiet or (resized and i > 0):
                 print(line, flush=True)
     return point
+
+
+def _same_choice(choices: list[str | None]) -> None:
+    if len(set(choices)) > 1:
+        first_rank: dict[str | None, int] = {}
+        for rank, choice in enumerate(choices):
+            first_rank.setdefault(choice, rank)
+        seen = ", ".join(f"rank {r}: {c or 'none'}" for c, r in first_rank.items())
+        raise UsageError(f"ranks chose different checkpoints to resume from ({seen}); the file "
+                         "system shows the nodes different files: pass --resume PATH")

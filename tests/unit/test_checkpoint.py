@@ -171,3 +171,14 @@ def test_cuda_state_round_trips_with_its_rng(tmp_path: Path) -> None:
     st.restore_model(sync, back)
     st.restore_rng(sync, back)
     assert torch.equal(sync.flat.data, expected) and sync.flat.data.is_cuda
+
+
+def test_ranks_resuming_different_checkpoints_is_one_clear_error() -> None:
+    from psops_mpi.checkpoint.resume import _same_choice
+
+    _same_choice(["d/step-00000008"] * 3)
+    _same_choice([None, None])
+    with pytest.raises(UsageError, match=r"rank 0: d/step-00000008, rank 2: d/step-00000004"):
+        _same_choice(["d/step-00000008", "d/step-00000008", "d/step-00000004"])
+    with pytest.raises(UsageError, match="rank 1: none"):
+        _same_choice(["d/step-00000008", None])
