@@ -65,7 +65,7 @@ class Exchange:
         """Allocate the pinned staging buffer for messages of up to ``numel`` elements of
         ``like``'s dtype now, if ``like`` will need staging (CUDA, not CUDA-aware)."""
         if like.device.type == "cuda" and not self.cuda_aware:
-            self._staging = torch.empty(numel, dtype=like.dtype, pin_memory=True)
+            self._staging_for(numel, like.dtype)
 
     def _host(self, tensor: torch.Tensor, numel: int | None = None) -> torch.Tensor:
         """A tensor MPI may read and write: ``tensor`` itself on CPU or when CUDA-aware, else
@@ -75,10 +75,13 @@ class Exchange:
         torch.cuda.current_stream(tensor.device).synchronize()  # MPI must see finished writes
         if self.cuda_aware:
             return tensor
-        numel = tensor.numel() if numel is None else numel
+        return self._staging_for(tensor.numel() if numel is None else numel, tensor.dtype)
+
+    def _staging_for(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """``numel`` elements of the pinned staging buffer, (re)allocated only if too small."""
         staging = self._staging
-        if staging is None or staging.numel() < numel or staging.dtype != tensor.dtype:
-            staging = torch.empty(numel, dtype=tensor.dtype, pin_memory=True)
+        if staging is None or staging.numel() < numel or staging.dtype != dtype:
+            staging = torch.empty(numel, dtype=dtype, pin_memory=True)
             self._staging = staging
         return staging[:numel]
 

@@ -17,6 +17,7 @@ import torch
 
 from psops_mpi.checkpoint.export import export_state_dict, inspect_lines, resolve
 from psops_mpi.config import UsageError
+from psops_mpi.world import error_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0 if all_ok else 1
     except UsageError as exc:
-        print(f"psops_mpi: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         return 2
 
 
