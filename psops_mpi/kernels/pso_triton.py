@@ -1,7 +1,7 @@
 """The fused PSO update as a Triton kernel, registered as ``torch.ops.psops.pso_update_triton_``.
 
 One program handles BLOCK consecutive elements: it reads x, v, p, g once, makes r1, r2 in
-registers with ``tl.randint4x`` (Philox4x32-10, the numbers of ``philox.uniform_pair``), and
+registers with ``tl.philox`` (Philox4x32-10, the numbers of ``philox.uniform_pair``), and
 writes v and x once: 24 bytes per float32 element, the least this update can move. Registered
 through ``torch.library.triton_op`` so ``torch.compile`` sees the kernel itself. With
 ``TRITON_INTERPRET=1`` (set before this module is imported) it runs on CPU tensors, which is
@@ -36,7 +36,12 @@ def _pso_update_kernel(
     pull_g = tl.load(g_ptr + offsets, mask=mask) - x
     if RANDOM:
         # One Philox block per element pair: words 0, 1 for the even element, 2, 3 for the odd.
-        u0, u1, u2, u3 = tl.randint4x(key, offsets >> 1)
+        # The 64-bit pair index is split into two uint32 counter words here rather than left
+        # to tl.randint4x, whose handling of 64-bit offsets differs between Triton releases.
+        pair = offsets >> 1
+        lo = (pair & 0xFFFFFFFF).to(tl.uint32)
+        zero = lo * 0
+        u0, u1, u2, u3 = tl.philox(key, lo, (pair >> 32).to(tl.uint32), zero, zero)
         odd = (offsets & 1) == 1
         r1 = (tl.where(odd, u2, u0) >> 8).to(tl.float32) * (1.0 / 16777216.0)
         r2 = (tl.where(odd, u3, u1) >> 8).to(tl.float32) * (1.0 / 16777216.0)
