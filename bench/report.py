@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.raw / "runs.jsonl").is_file():
         print(f"report: error: {args.raw / 'runs.jsonl'} not found; run bench/sweep.py "
-              f"--out {args.raw} first", flush=True)
+              f"--out {args.raw} first", file=sys.stderr)
         return 2
     print(write_report(args.raw, args.out_dir or args.raw.resolve().parent))
     return 0
