@@ -32,24 +32,33 @@ def jsonable(value: Any) -> Any:
 class MetricsWriter:
     """One JSON object per line, flushed at once so a killed job keeps what it wrote.
 
+    The file is opened at the first write: truncated for a fresh run, appended to when
+    ``append`` was set by then (a run resumed from a checkpoint continues its file rather than
+    erase what the interrupted run wrote).
+
     Args:
         path: the file to write, or None to write nothing. Only rank 0 passes a path.
     """
 
     def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.append = False
         self._fh: TextIO | None = None
-        if path is None:
-            return
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fh = Path(path).open("w", encoding="utf-8")  # noqa: SIM115 - lives for the run
-        except OSError as exc:
-            raise UsageError(f"cannot write metrics file {path}: {exc.strerror}") from None
 
     def write(self, event: str, **fields: Any) -> None:
-        if self._fh is not None:
-            self._fh.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
-            self._fh.flush()
+        if self.path is None:
+            return
+        if self._fh is None:
+            self._fh = self._open(self.path)
+        self._fh.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
+        self._fh.flush()
+
+    def _open(self, path: str) -> TextIO:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return Path(path).open("a" if self.append else "w", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write metrics file {path}: {exc.strerror}") from None
 
     def close(self) -> None:
         if self._fh is not None:
@@ -66,6 +75,11 @@ def check_writable(path: str) -> None:
         raise UsageError(f"cannot write metrics file {path}: {probe} is not a directory")
     if Path(path).is_dir():
         raise UsageError(f"cannot write metrics file {path}: it is a directory")
+    try:  # really open it, but without erasing what a resumed run will append to
+        parent.mkdir(parents=True, exist_ok=True)
+        Path(path).open("a", encoding="utf-8").close()
+    except OSError as exc:
+        raise UsageError(f"cannot write metrics file {path}: {exc.strerror}") from None
 
 
 LAUNCHERS = ("mpiexec", "mpiexec.hydra", "mpirun", "orterun", "prterun", "srun")

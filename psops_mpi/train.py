@@ -131,9 +131,11 @@ def train(run: Run) -> dict[str, Any]:
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, correct, count
         if first and at.epoch_sums is not None:
             sums = at.epoch_sums
+        stepped = False
         for x, y in run.batches.epoch(epoch, at.start_step if first else 0):
             if step >= total_steps:  # also when resumed from the end of the run
                 break
+            stepped = True
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, total_steps)
             out = model(x)
@@ -153,8 +155,12 @@ def train(run: Run) -> dict[str, Any]:
                                 acc=float(sums[1] / sums[2]),
                                 samples_s=step * len(y) * world.world_size
                                 / (time.perf_counter() - start))
-        record = end_of_epoch(run, epoch, sums, test_x, test_y, start)
-        progress.line(epoch_line(record, cfg.epochs))
+        # Resumed from the checkpoint written after this epoch's evaluation: evaluate again
+        # for the final line, but do not report the epoch twice.
+        repeat = first and at.evaluated and not stepped
+        record = end_of_epoch(run, epoch, sums, test_x, test_y, start, report=not repeat)
+        if not repeat:
+            progress.line(epoch_line(record, cfg.epochs))
         if step >= total_steps:
             break
     progress.close()
@@ -163,8 +169,9 @@ def train(run: Run) -> dict[str, Any]:
 
 
 def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, start: float) -> dict[str, Any]:
-    """Synchronise, evaluate the swarm's consensus model, and write the epoch's metrics."""
+                 test_y: torch.Tensor, start: float, report: bool = True) -> dict[str, Any]:
+    """Synchronise, evaluate the swarm's consensus model, and write the epoch's metrics
+    (``report=False``: evaluate only, for an epoch reported before the run was resumed)."""
     sync, comm = run.sync, run.world.comm
     sync.flush()
     with sync.consensus():
@@ -185,7 +192,8 @@ def end_of_epoch(run: Run, epoch: int, sums: torch.Tensor, test_x: torch.Tensor,
     if "gbest_fitness" in stats:
         record["gbest_fitness"] = stats["gbest_fitness"]
         record["restarts"] = int(totals[2])  # diverged particles restarted at g, all ranks
-    run.metrics.write("epoch", **record)
+    if report:
+        run.metrics.write("epoch", **record)
     return record
 
 
@@ -215,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn,
                              cuda_aware=run.world.cuda_aware.direct)
         run.start_at = resume_run(run)
+        run.metrics.append = run.start_at.folder is not None
         env = environment()
         if not run.config.quiet and run.world.is_root:
             print(describe(run), flush=True)

@@ -48,6 +48,7 @@ class ResumePoint:
     elapsed_s: float = 0.0
     folder: Path | None = None
     unchanged: bool = False  # the state is exactly the checkpoint's (no resize)
+    evaluated: bool = False  # the checkpoint was taken after its epoch's evaluation (the final)
 
 
 @dataclass
@@ -235,7 +236,8 @@ def _resume_point(run: Run, loaded: Loaded, new_particle: bool) -> ResumePoint:
             torch.from_numpy(shard.arrays["loop/epoch_sums"].copy()).to(device))
     return ResumePoint(step=epoch * spe + in_epoch, epoch=epoch, start_step=in_epoch,
                        epoch_sums=sums, elapsed_s=float(shard.scalars["elapsed_s"]),
-                       folder=loaded.folder, unchanged=not resized and spe == spe_old)
+                       folder=loaded.folder, unchanged=not resized and spe == spe_old,
+                       evaluated=bool(meta.get("evaluated", False)))
 
 
 def describe(run: Run, loaded: Loaded, point: ResumePoint) -> list[str]:

@@ -101,3 +101,19 @@ def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str) -> None:
     assert resumed_final["checkpoint_s"] > 0
     # Pruning after the resume removed the partial write.
     assert not list(broken.glob(".tmp-*"))
+
+
+def test_a_finished_run_launched_again_keeps_its_metrics_and_reports_no_epoch_twice(
+        tmp_path: Path) -> None:
+    """What a resubmitted batch job does: the same command after the run finished."""
+    metrics = tmp_path / "m.jsonl"
+    args = ["--dataset", "synthetic", "--epochs", "2", "--quiet", "--checkpoint-dir",
+            str(tmp_path / "ckpt"), "--metrics-out", str(metrics)]
+    for _ in range(2):
+        res = launch(args, ranks=2)
+        assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "epoch", "epoch", "final", "start", "final"]
+    first, again = events[3], events[5]
+    assert events[4]["resumed_from"] and again["steps"] == first["steps"]
+    assert again["test_acc"] == first["test_acc"]  # the same weights, evaluated again
