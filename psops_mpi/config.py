@@ -62,6 +62,10 @@ class PSOConfig:
     on MNIST-1D every c1 > 0 we tried lowered accuracy (README, "Choosing the defaults")."""
     c2: float = 1.0
     """Social coefficient: pull towards the swarm's global best position."""
+    c3: float = 0.0
+    """After the move, pull each particle this share of the way to the swarm's mean position
+    (the allgather brings every particle anyway); 0 disables it, 1 puts every particle at the
+    mean. Needs ``exchange='allgather'``."""
     vmax: float | None = None
     """Clamp every velocity component to [-vmax, vmax]; None disables the clamp."""
     fitness: str = "train"
@@ -78,12 +82,17 @@ class PSOConfig:
     """'fused': the one-pass custom op (psops_mpi.kernels); 'reference': plain torch ops."""
 
     def __post_init__(self) -> None:
-        for name in ("w", "c1", "c2"):
+        for name in ("w", "c1", "c2", "c3"):
             _non_negative(f"--{name}", getattr(self, name))
+        if self.c3 > 1:
+            raise UsageError(f"--c3 must be between 0 and 1, got {self.c3!r}")
         if self.vmax is not None:
             _positive("--vmax", self.vmax)
         _choice("fitness mode", self.fitness, FITNESS_MODES)
         _choice("exchange", self.exchange, EXCHANGES)
+        if self.c3 > 0 and self.exchange != "allgather":
+            raise UsageError("--c3 needs --exchange allgather: the swarm's mean needs every "
+                             "particle")
         _choice("gbest memory", self.gbest_memory, GBEST_MEMORIES)
         _choice("pso kernel", self.pso_kernel, PSO_KERNELS)
 
@@ -257,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--w", type=float, help=f"PSO inertia ({pso.w})")
     add("--c1", type=float, help=f"PSO pull to the personal best ({pso.c1})")
     add("--c2", type=float, help=f"PSO pull to the global best ({pso.c2})")
+    add("--c3", type=float, help=f"PSO pull to the swarm mean ({pso.c3})")
     add("--vmax", type=float, help="PSO velocity clamp (default none)")
     add("--fitness", choices=FITNESS_MODES, help=f"particle fitness ({pso.fitness})")
     add("--exchange", choices=EXCHANGES, help=f"PSO-PS exchange ({pso.exchange})")

@@ -3,7 +3,8 @@ replaces averaging (Ye et al., IJCNN 2020, arXiv 2009.03816).
 
 A round: fitness f_k -> exchange (one Allgather of [x_k ; f_k], or MINLOC + Bcast of the best)
 -> personal and global bests -> PSO move of x_k, v_k in place (a particle whose fitness is
-NaN or inf restarts at the global best instead) -> average BatchNorm buffers.
+NaN or inf restarts at the global best instead) -> with c3 > 0, a pull towards the swarm's mean
+-> average BatchNorm buffers.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class PSOSync(Synchronizer):
             self.restarts += 1
         else:
             self.swarm.move()
+        if self.config.c3 > 0 and self._gathered is not None:
+            self._pull_to_mean()
         self.average_buffers()
         if self.config.reset_momentum or diverged:  # a diverged particle's momentum is too
             self.optimizer.state.clear()
@@ -101,6 +104,20 @@ class PSOSync(Synchronizer):
         owner, best = select_best(gathered[:, -1])
         if self.swarm.accepts_global(best):
             self.swarm.set_global(gathered[owner, :-1], best, owner)
+
+    def _pull_to_mean(self) -> None:
+        """x += c3 (mean - x), the mean over this round's gathered particles with a finite
+        fitness (a diverged particle would make the mean NaN)."""
+        rows = self._gathered
+        assert rows is not None
+        finite = torch.isfinite(rows[:, -1])
+        if bool(finite.all()):
+            mean = rows[:, :-1].mean(0)
+        elif bool(finite.any()):
+            mean = rows[finite, :-1].mean(0)
+        else:
+            return
+        self.flat.data.add_(mean.sub_(self.flat.data), alpha=self.config.c3)
 
     def _exchange_best(self) -> None:
         local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf

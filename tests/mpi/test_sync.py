@@ -231,3 +231,31 @@ def test_a_diverged_particle_restarts_at_the_global_best() -> None:
                 assert torch.isfinite(sync.flat.data).all()
     assert math.isfinite(loss.item()) and torch.isfinite(sync.flat.data).all()
     assert sync.stats()["restarts"] == (1 if rank == 1 else 0)
+
+
+@pytest.mark.parametrize("c3", [0.5, 1.0])
+def test_pull_to_the_swarm_mean(c3: float) -> None:
+    """With c3 the move is followed by x += c3 (mean - x), the mean over the positions the
+    round gathered; c3 = 1 puts every particle at that mean."""
+    model = mlp(7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sync = PSOSync(model, opt, COMM, sync_every=2, seed=1, w=0.5, c3=c3)
+    twin = mlp(7)  # the same swarm without the pull, kept at the same positions
+    reference = PSOSync(twin, torch.optim.SGD(twin.parameters(), lr=0.05), COMM,
+                        sync_every=2, seed=1, w=0.5)
+    for r in range(3):
+        for step in range(2):
+            x, y = global_batch(10 * r + step)
+            part = my_part(x)
+            sgd_step(model, opt, None, x[part], y[part])
+            before = gathered(sync.flat.data)
+            reference.flat.data.copy_(sync.flat.data)
+            reference.swarm.v.copy_(sync.swarm.v)
+            reference.steps_since_round = sync.steps_since_round
+            reference.after_step(torch.tensor(1.0 + COMM.Get_rank()))
+            sync.after_step(torch.tensor(1.0 + COMM.Get_rank()))
+        mean = torch.stack(before).mean(0)
+        moved = reference.flat.data  # where the plain PSO move put this particle
+        assert torch.allclose(sync.flat.data, moved + c3 * (mean - moved), atol=1e-6)
+        if c3 == 1.0:  # every particle at the mean, up to the rounding of x + (mean - x)
+            assert all(torch.allclose(p, mean, atol=1e-6) for p in gathered(sync.flat.data))

@@ -40,6 +40,9 @@ def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
         ({"fitness": "test"}, "unknown fitness mode"),
         ({"exchange": "ring"}, "unknown exchange"),
         ({"sync_every": "4"}, "--sync-every must be a positive integer"),
+        ({"c3": -0.5}, "--c3 must be a finite number >= 0"),
+        ({"c3": 1.5}, "--c3 must be between 0 and 1"),
+        ({"c3": 0.5, "exchange": "best"}, "--c3 needs --exchange allgather"),
     ],
 )
 def test_bad_values_raise_one_line(kwargs: dict, needle: str) -> None:
