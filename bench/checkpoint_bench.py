@@ -5,17 +5,17 @@ checkpoint (every rank's shard, fsynced, checksummed, metadata committed and pru
 reading it back (checksum verified, checked against the model, restored into the run) take
 a small fraction of one training epoch.
 
-Setup: the real training run (``psops_mpi.train.prepare`` + ``make_sync``) on MNIST-1D with
+Setup: the real training run (``psops_mpi.run.build_run``) on MNIST-1D with
 ``wide_mlp`` below (40 -> 3136 -> 3136 -> 10, 9,997,578 parameters), batch 32 per rank,
 PSO-PS every 8 steps. A shard holds position, velocity, personal and global best and the
 SGD momentum: 5 x 4N bytes, about 200 MB per rank.
 
-Method: first one epoch of training is timed (``train.train`` with ``--epochs 1``, evaluation
+Method: first one epoch of training is timed (``loop.train`` with ``--epochs 1``, evaluation
 included, no checkpoints). Then ``--repeats`` checkpoints are written with the same
 ``Checkpointer.save`` a run uses, each after a ``Barrier``, and read back with the same
-``resume.load`` + ``resume.apply`` a resumed run uses, both warm (the files still in the page
-cache, as right after a write) and cold (the shard files dropped from the page cache with
-``posix_fadvise(DONTNEED)`` first; this needs no root and touches no other file). An
+``run.resume_run`` a resumed run uses (read, verify, check, restore), both warm (the files
+still in the page cache, as right after a write) and cold (the shard files dropped from the
+page cache with ``posix_fadvise(DONTNEED)`` first; this needs no root and touches no other file). An
 iteration's time is the slowest rank's; figures are medians. MB/s = bytes of all shards /
 seconds (MB = 10**6 bytes), i.e. the job's aggregate rate.
 
@@ -39,19 +39,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from mpi4py import MPI
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from psops_mpi import train
-from psops_mpi.checkpoint import resume
-from psops_mpi.checkpoint.saver import Checkpointer
-from psops_mpi.checkpoint.state import LoopPosition
+from psops_mpi.loop import LoopState, train
 from psops_mpi.metrics import environment
-from psops_mpi.sync import make_sync
-from psops_mpi.world import agree, node_local
+from psops_mpi.run import build_run, checkpointer, resume_run
+from psops_mpi.world import node_local
 
 HIDDEN = 3136
 
@@ -90,25 +86,22 @@ def main() -> None:
     if comm.Get_rank() == 0:
         shutil.rmtree(root, ignore_errors=True)
     argv = ["--model", "checkpoint_bench:wide_mlp", "--epochs", "1", "--quiet"]
-    local = node_local(comm)
-    run = agree(comm, lambda: train.prepare(argv, comm, local))
-    run.sync = make_sync(run.config, run.model, run.optimizer, comm, run.fitness_fn)
-    epoch_s = slowest(comm, lambda: train.train(run))
+    run = build_run(argv, comm, node_local(comm))
+    state = LoopState(run.batches.steps_per_epoch, run.world.device)
+    epoch_s = slowest(comm, lambda: train(run, state, checkpointer(run, state)))
 
     run.config.checkpoint_dir = str(root)
-    saver = Checkpointer(run, total_steps=10**9, resumed=resume.ResumePoint())
-    sums = torch.zeros(3, dtype=torch.float64)
+    saver = checkpointer(run, state)
     folders: list[Path] = []
     writes, warm, cold = [], [], []
     for i in range(args.repeats):
-        step = run.sync.steps + i
-        position = LoopPosition(step, 0, step, sums, 0.0)
-        writes.append(slowest(comm, lambda p=position: folders.append(saver.save(p))))
+        step = state.step + i  # a new folder each time
+        writes.append(slowest(comm, lambda s=step: folders.append(saver.save(s))))
         run.config.resume = str(folders[-1])
-        warm.append(slowest(comm, lambda: resume.apply(run, resume.load(run))))
+        warm.append(slowest(comm, lambda: resume_run(run, state, saver)))
         if comm.Get_rank() == 0:
             drop_from_page_cache(folders[-1])
-        cold.append(slowest(comm, lambda: resume.apply(run, resume.load(run))))
+        cold.append(slowest(comm, lambda: resume_run(run, state, saver)))
     meta = json.loads((folders[-1] / "metadata.json").read_text())
     report(comm, meta, epoch_s, writes, warm, cold, args)
     if comm.Get_rank() == 0:

@@ -4,7 +4,7 @@ pick instead of psops_mpi's ``--algo ssgd``.
 What it measures: the same training as ``python -m psops_mpi.train --algo ssgd`` -- the same
 flags, data shards (``psops_mpi.data.ShardedBatches``), model, SGD optimizer, learning-rate
 schedule, evaluation and JSON-lines metrics, because it runs psops_mpi's own training loop
-(``psops_mpi.train.train``) -- with one change: the model is wrapped in
+(``psops_mpi.loop.train``) -- with one change: the model is wrapped in
 ``torch.nn.parallel.DistributedDataParallel`` over a gloo process group, so DDP's bucketed
 gradient allreduce (overlapped with ``backward()``) replaces psops_mpi's one flat Allreduce.
 Comparing its ``samples_per_s`` with psops_mpi's SSGD on the same ranks gives our SSGD's
@@ -35,54 +35,64 @@ import math
 import os
 import socket
 import sys
-from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from mpi4py import MPI
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout as well
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
+from psops_mpi.flat import FlatBuffers, FlatParams
+from psops_mpi.loop import LoopState, train
 from psops_mpi.metrics import environment
-from psops_mpi.models import num_parameters
-from psops_mpi.train import prepare, train
+from psops_mpi.run import Run, checkpointer, prepare
+from psops_mpi.sync import Synchronizer, SyncMetrics
 from psops_mpi.world import NodeLocal, abort_on_error, agree, node_local
 
 IMPL = "ddp-gloo"
 RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
 
 
-class DDPSteps:
-    """What psops_mpi's training loop asks of a synchroniser, for a DDP-wrapped model: DDP
-    already averaged the gradients inside ``backward()``, so the calls only count steps."""
+class DDPSync(Synchronizer):
+    """psops_mpi's synchroniser contract for a model that DDP will wrap: DDP averages the
+    gradients inside ``backward()``, so the loop's calls only count steps.
 
-    def __init__(self, num_params: int, world_size: int) -> None:
-        self.flat = SimpleNamespace(numel=num_params)
-        self.world_size = world_size
+    Build it before wrapping the model: the parameters become views of one flat buffer, as
+    with every synchroniser, so the checkpoint saves them the same way.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 comm: MPI.Comm) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+        self.flat, self.buffers = FlatParams(model), FlatBuffers(model)
         self.steps = 0
 
     def after_backward(self) -> None:
         """Nothing to do: DDP's hooks allreduced the gradients during backward()."""
 
-    def after_step(self, loss: object = None) -> bool:
+    def after_step(self, loss: torch.Tensor | None = None) -> bool:
         self.steps += 1
         return False
 
     def flush(self) -> None:
         """Nothing is pending: the replicas never differ."""
 
-    def consensus(self) -> AbstractContextManager[None]:
-        return nullcontext()
-
-    def stats(self) -> dict[str, float]:
+    def metrics(self) -> SyncMetrics:
         p, n = self.world_size, self.flat.numel
         per_step = 2 * (p - 1) / p * 4 * n if p > 1 else 0.0
-        return {"steps": self.steps, "rounds": 0, "comm_bytes": self.steps * per_step,
-                "comm_s": math.nan}
+        return SyncMetrics(self.steps, 0, int(self.steps * per_step), math.nan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
 
 
 def rendezvous(comm: MPI.Comm, single_node: bool) -> dist.TCPStore:
@@ -109,19 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         local = node_local(comm)
-        run = agree(comm, lambda: _prepare_ssgd(argv, comm, local))
+        built = agree(comm, lambda: _prepare_ssgd(argv, comm, local))
         store = rendezvous(comm, single_node=local.size == comm.Get_size())
         dist.init_process_group("gloo", store=store, rank=comm.Get_rank(),
                                 world_size=comm.Get_size())
-        num_params = num_parameters(run.model)
-        run.model = DistributedDataParallel(run.model)  # broadcasts rank 0's weights
-        run.sync = DDPSteps(num_params, comm.Get_size())  # type: ignore[assignment]
+        sync = DDPSync(built["model"], built["optimizer"], comm)
+        built["model"] = DistributedDataParallel(built["model"])  # broadcasts rank 0's weights
+        run = Run(**built, sync=sync)
+        state = LoopState(run.batches.steps_per_epoch, run.world.device)
         run.metrics.write("start", impl=IMPL, config=run.config.to_dict(),
-                          world_size=comm.Get_size(), num_params=num_params,
+                          world_size=comm.Get_size(), num_params=sync.flat.numel,
                           environment=environment())
-        final = train(run)
+        final = train(run, state, checkpointer(run, state))
         run.metrics.write("final", **final, impl=IMPL, world_size=comm.Get_size(),
-                          num_params=num_params, config=run.config.to_dict())
+                          num_params=sync.flat.numel, config=run.config.to_dict())
         run.metrics.close()
         if run.world.is_root:
             print(f"final ({IMPL}): test acc {final['test_acc']:.4f}  {final['wall_s']:.1f}s  "
@@ -134,13 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prepare_ssgd(argv: list[str], comm: MPI.Comm, local: NodeLocal):
-    run = prepare(["--algo", "ssgd", *argv], comm, local)
-    if run.config.algo != "ssgd":
-        raise UsageError(f"bench/ddp_ssgd.py runs SSGD only, got --algo {run.config.algo}")
-    if run.config.device != "cpu" and run.world.device.type != "cpu":
+def _prepare_ssgd(argv: list[str], comm: MPI.Comm, local: NodeLocal) -> dict[str, Any]:
+    built = prepare(["--algo", "ssgd", *argv], comm, local)
+    config = built["config"]
+    if config.algo != "ssgd":
+        raise UsageError(f"bench/ddp_ssgd.py runs SSGD only, got --algo {config.algo}")
+    if config.device != "cpu" and built["world"].device.type != "cpu":
         raise UsageError("bench/ddp_ssgd.py uses the gloo backend: run it with --device cpu")
-    return run
+    if config.checkpoint_dir:
+        raise UsageError("bench/ddp_ssgd.py measures training only: drop --checkpoint-dir")
+    return built
 
 
 if __name__ == "__main__":

@@ -1,44 +1,24 @@
-"""Every training setting as a validated dataclass, plus TOML loading.
-
-The command line only maps ``--kebab-case`` flags onto :class:`TrainConfig` (see
-:func:`build_parser`); a TOML file given with ``--config`` supplies values first and flags
-override it.
+"""Every training setting, once: a validated dataclass field with its type, default and
+docstring. The command line, its help and the README's flag table are derived from these
+fields (:mod:`psops_mpi.cli`); a field typed ``Literal[...]`` lists its own choices.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from psops_mpi.errors import UsageError
 
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line on stderr, exit code 2, on every rank."""
-
-
-ALGOS = ("pso-ps", "pa", "ssgd")
-DATASETS = ("mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic")
-FITNESS_MODES = ("train", "holdout")
-EXCHANGES = ("allgather", "best")
-GBEST_MEMORIES = ("round", "all")
-LR_SCHEDULES = ("cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
-PSO_KERNELS = ("fused", "reference")
-CUDA_AWARE = ("auto", "on", "off")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+# Settings that make a checkpoint another run: resuming across a change means nothing.
+IDENTITY_SETTINGS = ("algo", "dataset", "model")
+# Settings of one launch only: a resume that changes them is expected, not worth a note.
+LAUNCH_SETTINGS = frozenset({
+    "resume", "resume_strict", "checkpoint_dir", "metrics_out", "quiet", "threads", "device",
+    "cuda_aware", "allow_gpu_sharing", "data_dir"})
 
 
 def _positive(name: str, value: float) -> None:
@@ -51,254 +31,148 @@ def _non_negative(name: str, value: float) -> None:
         raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _integer(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise UsageError(f"{name} must be {kind}, got {value!r}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``sync_every`` -> ``--sync-every``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_choices(obj: object) -> None:
+    """Every ``Literal[...]`` field of a config dataclass holds one of its choices."""
+    for name, kind in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(kind) is Literal:
+            value, choices = getattr(obj, name), typing.get_args(kind)
+            if value not in choices:
+                raise UsageError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of: "
+                                 f"{', '.join(choices)}")
+
+
 @dataclass(kw_only=True)
 class PSOConfig:
     """Coefficients of the particle-swarm step applied at every PSO-PS round."""
 
     w: float = 0.5
-    """Inertia: the share of the previous velocity a particle keeps."""
+    """PSO inertia: the share of the previous velocity a particle keeps."""
     c1: float = 0.0
-    """Cognitive coefficient: pull towards the particle's own best position. Off by default:
-    on MNIST-1D every c1 > 0 we tried lowered accuracy (README, "Choosing the defaults")."""
+    """PSO pull towards the particle's personal best. Off by default: on MNIST-1D every
+    c1 > 0 we tried lowered accuracy (README, "Choosing the defaults")."""
     c2: float = 1.0
-    """Social coefficient: pull towards the swarm's global best position."""
+    """PSO pull towards the global best."""
     c3: float = 0.0
-    """After the move, pull each particle this share of the way to the swarm's mean position
-    (the allgather brings every particle anyway); 0 disables it, 1 puts every particle at the
-    mean. Needs ``exchange='allgather'``."""
-    vmax: float | None = None
-    """Clamp every velocity component to [-vmax, vmax]; None disables the clamp."""
-    fitness: str = "train"
-    """'train': mean training loss over the last sync period; 'holdout': loss on one fixed
-    batch that is the same on every rank."""
-    exchange: str = "allgather"
-    """'allgather': every rank receives every particle (O(P*N) bytes); 'best': MINLOC of the
+    """After the move, pull each particle this share of the way to the swarm's mean (allgather
+    exchange only; see bench/results/mean_pull.md); 1 puts every particle at the mean."""
+    vmax: float | None = field(default=None, metadata={"metavar": "V"})
+    """Clamp every velocity component to [-vmax, vmax]; none: no clamp."""
+    fitness: Literal["train", "holdout"] = "train"
+    """Particle fitness: mean training loss over the last sync period, or the loss on one fixed
+    holdout batch that is the same on every rank."""
+    exchange: Literal["allgather", "best"] = "allgather"
+    """PSO-PS exchange: every rank receives every particle (O(P*N) bytes), or MINLOC of the
     fitness then a broadcast of the best particle (O(N) bytes)."""
-    gbest_memory: str = "round"
-    """'round': the global best is this round's best particle; 'all': the best ever seen."""
+    gbest_memory: Literal["round", "all"] = "round"
+    """Global best: this round's best particle, or the best ever seen."""
     reset_momentum: bool = False
     """Clear the local optimizer's state (momentum) after every round."""
-    pso_kernel: str = "fused"
-    """'fused': the one-pass custom op (psops_mpi.kernels); 'reference': plain torch ops."""
+    pso_kernel: Literal["fused", "reference"] = "fused"
+    """PSO update: the one-pass custom op (psops_mpi.kernels), or plain torch ops."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("w", "c1", "c2", "c3"):
-            _non_negative(f"--{name}", getattr(self, name))
+            _non_negative(flag(name), getattr(self, name))
         if self.c3 > 1:
             raise UsageError(f"--c3 must be between 0 and 1, got {self.c3!r}")
         if self.vmax is not None:
             _positive("--vmax", self.vmax)
-        _choice("fitness mode", self.fitness, FITNESS_MODES)
-        _choice("exchange", self.exchange, EXCHANGES)
         if self.c3 > 0 and self.exchange != "allgather":
             raise UsageError("--c3 needs --exchange allgather: the swarm's mean needs every "
                              "particle")
-        _choice("gbest memory", self.gbest_memory, GBEST_MEMORIES)
-        _choice("pso kernel", self.pso_kernel, PSO_KERNELS)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """One training run: algorithm, data, model, optimizer and output."""
 
-    algo: str = "pso-ps"
-    """Synchronisation algorithm: 'pso-ps', 'pa' (periodic averaging) or 'ssgd'."""
-    sync_every: int = 8
-    """Local steps between two rounds (PSO-PS and PA; SSGD synchronises every step)."""
-    dataset: str = "mnist1d"
-    """Dataset name; see data.py for the files each one reads."""
-    data_dir: str | None = None
+    algo: Literal["pso-ps", "pa", "ssgd"] = "pso-ps"
+    """Synchronisation algorithm: PSO-PS, periodic averaging (PA) or synchronous SGD."""
+    sync_every: int = field(default=8, metadata={"metavar": "N"})
+    """Local steps per round (PSO-PS, PA; SSGD synchronises every step)."""
+    dataset: Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"] = "mnist1d"
+    """Dataset (see Data for the files each one reads)."""
+    data_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Folder holding the dataset files (mnist, fashion-mnist, cifar10)."""
-    model: str = "auto"
-    """A registered model name, 'auto' (the dataset's default) or 'package.module:function'."""
-    epochs: int = 60
+    model: str = field(default="auto", metadata={"metavar": "NAME"})
+    """A registered model (see Models), auto (the dataset's default) or package.module:function."""
+    epochs: int = field(default=60, metadata={"metavar": "N"})
     """Passes over the training set."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"metavar": "N"})
     """Mini-batch size per rank."""
     lr: float = 0.1
     """Peak learning rate of the local SGD optimizer."""
-    lr_schedule: str = "cosine"
-    """'cosine' decays the learning rate to zero over the run; 'constant' keeps it."""
-    momentum: float = 0.9
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """Cosine decay of the learning rate to 0 over the run, or constant."""
+    momentum: float = field(default=0.9, metadata={"metavar": "M"})
     """SGD momentum."""
-    weight_decay: float = 5e-4
+    weight_decay: float = field(default=5e-4, metadata={"metavar": "WD"})
     """SGD weight decay (L2)."""
-    seed: int = 0
-    """Seed for weights, data order and the swarm's random numbers."""
+    seed: int = field(default=0, metadata={"metavar": "S"})
+    """Seed of initial weights, data order, augmentation and swarm."""
     pso: PSOConfig = field(default_factory=PSOConfig)
-    """Particle-swarm settings (PSO-PS only)."""
-    device: str = "auto"
-    """'auto' (one GPU per rank when CUDA is present, else CPU), 'cpu' or 'cuda'."""
-    threads: int = 0
-    """CPU threads per rank; 0 shares the node's cores evenly between its ranks."""
-    metrics_out: str | None = None
-    """Write one JSON line per event (start, epoch, final) to this file (rank 0)."""
+    """Particle-swarm settings (PSO-PS only); their flags are listed with the others."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """One GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is present,
+    else CPU."""
+    threads: int = field(default=0, metadata={"metavar": "N"})
+    """CPU threads per rank; 0: OMP_NUM_THREADS, or the node's cores shared evenly among its
+    ranks."""
+    metrics_out: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """JSON-lines metrics (one line per start, epoch and final), written by rank 0."""
     quiet: bool = False
     """No progress bar and no per-epoch lines; errors and the final line only."""
-    max_steps: int = 0
+    max_steps: int = field(default=0, metadata={"metavar": "N"})
     """Stop after this many steps per rank (0: run all epochs); for quick checks."""
-    checkpoint_dir: str | None = None
-    """Folder of checkpoints (one sub-folder per checkpoint); None: no checkpoints."""
-    checkpoint_every: int = 0
-    """Write a checkpoint every this many steps (0: only the final one)."""
-    checkpoint_every_min: float = 0.0
+    checkpoint_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Write checkpoints into this folder (one sub-folder per checkpoint)."""
+    checkpoint_every: int = field(default=0, metadata={"metavar": "K"})
+    """Write a checkpoint every K steps (0: only the final one)."""
+    checkpoint_every_min: float = field(default=0.0, metadata={"metavar": "MIN"})
     """Also write one when this many minutes of wall-clock passed since the last (0: off)."""
-    keep_last: int = 3
-    """Keep this many most recent checkpoints; older ones are pruned."""
-    resume: str = "auto"
-    """'auto': the newest complete checkpoint in --checkpoint-dir, if any; 'none': start
-    fresh; or the path of one checkpoint folder."""
+    keep_last: int = field(default=3, metadata={"metavar": "N"})
+    """Checkpoints kept; older ones are pruned."""
+    resume: str = field(default="auto", metadata={"metavar": "{auto,none,PATH}"})
+    """The newest complete checkpoint in --checkpoint-dir (auto), a fresh start (none), or one
+    checkpoint folder."""
     resume_strict: bool = False
     """Refuse to resume at a world size other than the checkpoint's."""
-    cuda_aware: str = "auto"
-    """Hand CUDA buffers to MPI directly ('on'), stage them through pinned host memory
-    ('off'), or decide from what the MPI library reports ('auto')."""
+    cuda_aware: Literal["auto", "on", "off"] = "auto"
+    """Hand CUDA buffers to MPI directly (on), stage them through pinned host memory (off), or
+    decide from what the MPI library reports (auto)."""
     allow_gpu_sharing: bool = False
-    """Allow more ranks on a node than it has GPUs (ranks then share GPUs round-robin)."""
+    """Allow more ranks per node than GPUs (they share them round-robin)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.pso, dict):
             self.pso = PSOConfig(**self.pso)
-        _choice("algo", self.algo, ALGOS)
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("device", self.device, DEVICES)
-        _choice("cuda-aware setting", self.cuda_aware, CUDA_AWARE)
+        check_choices(self)
         for name in ("sync_every", "batch_size", "epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
-                                 f"got {value!r}")
+            _integer(flag(name), getattr(self, name), 1)
+        for name in ("threads", "max_steps", "checkpoint_every"):
+            _integer(flag(name), getattr(self, name), 0)
+        _integer("--keep-last", self.keep_last, 1)
         _positive("--lr", self.lr)
         _non_negative("--momentum", self.momentum)
         _non_negative("--weight-decay", self.weight_decay)
-        for name in ("threads", "max_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 0, "
-                                 f"got {value!r}")
+        _non_negative("--checkpoint-every-min", self.checkpoint_every_min)
         if not self.model:
             raise UsageError("--model must not be empty")
-        _non_negative("--checkpoint-every-min", self.checkpoint_every_min)
-        if not isinstance(self.keep_last, int) or self.keep_last < 1:
-            raise UsageError(f"--keep-last must be an integer >= 1, got {self.keep_last!r}")
         if not self.resume:
             raise UsageError("--resume must be 'auto', 'none' or a checkpoint folder")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-ready values (stored with every result)."""
         return dataclasses.asdict(self)
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML config file into the flat key space of the command line.
-
-    Keys may be written with '-' or '_'. PSO keys may sit at the top level or in a ``[pso]``
-    table. Unknown keys are an error, so a typo never passes silently.
-    """
-    try:
-        with Path(path).open("rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {exc}") from None
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "pso" and isinstance(value, dict):
-            flat.update({k.replace("-", "_"): v for k, v in value.items()})
-        else:
-            flat[key.replace("-", "_")] = value
-    known = (_field_names(TrainConfig) | _field_names(PSOConfig)) - {"pso"}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise UsageError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return flat
-
-
-def build_config(values: dict[str, Any]) -> TrainConfig:
-    """Make a validated TrainConfig from flat settings (TOML values overridden by flags)."""
-    pso_names = _field_names(PSOConfig)
-    pso = {k: v for k, v in values.items() if k in pso_names}
-    top = {k: v for k, v in values.items() if k not in pso_names}
-    try:
-        return TrainConfig(**top, pso=PSOConfig(**pso))
-    except TypeError as exc:  # a wrongly typed value from TOML, e.g. a string for an int
-        raise UsageError(f"bad setting: {exc}") from None
-
-
-# ---- command line: flags map one to one onto the fields above
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through the usual bad-input path, not usage text
-        raise UsageError(message)
-
-    def print_help(self, file=None) -> None:  # once per job, not once per rank
-        from mpi4py import MPI  # only when asked: config stays importable without MPI
-
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            super().print_help(file)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Flags map one to one onto TrainConfig / PSOConfig fields; defaults live there."""
-    d, pso = TrainConfig(), TrainConfig().pso
-    p = _Parser(prog="psops_mpi.train", argument_default=argparse.SUPPRESS,
-                description="Data-parallel training over MPI with PSO-PS, PA or SSGD.")
-    add = p.add_argument
-    add("--config", metavar="FILE.toml", help="settings file; flags given here override it")
-    add("--algo", choices=ALGOS, help=f"synchronisation algorithm (default {d.algo})")
-    add("--sync-every", type=int, metavar="N", help=f"local steps per round ({d.sync_every})")
-    add("--dataset", choices=DATASETS, help=f"dataset (default {d.dataset})")
-    add("--data-dir", metavar="DIR", help="folder holding the dataset files")
-    add("--model", help="model name, 'auto' or package.module:function (default auto)")
-    add("--epochs", type=int, help=f"passes over the training set ({d.epochs})")
-    add("--batch-size", type=int, help=f"mini-batch size per rank ({d.batch_size})")
-    add("--lr", type=float, help=f"peak learning rate ({d.lr})")
-    add("--lr-schedule", choices=LR_SCHEDULES, help=f"learning-rate schedule ({d.lr_schedule})")
-    add("--momentum", type=float, help=f"SGD momentum ({d.momentum})")
-    add("--weight-decay", type=float, help=f"SGD weight decay ({d.weight_decay})")
-    add("--seed", type=int, help=f"seed of weights, data order and swarm ({d.seed})")
-    add("--w", type=float, help=f"PSO inertia ({pso.w})")
-    add("--c1", type=float, help=f"PSO pull to the personal best ({pso.c1})")
-    add("--c2", type=float, help=f"PSO pull to the global best ({pso.c2})")
-    add("--c3", type=float, help=f"PSO pull to the swarm mean ({pso.c3})")
-    add("--vmax", type=float, help="PSO velocity clamp (default none)")
-    add("--fitness", choices=FITNESS_MODES, help=f"particle fitness ({pso.fitness})")
-    add("--exchange", choices=EXCHANGES, help=f"PSO-PS exchange ({pso.exchange})")
-    add("--gbest-memory", choices=GBEST_MEMORIES, help=f"global best memory ({pso.gbest_memory})")
-    add("--reset-momentum", action="store_true", help="clear SGD momentum after each round")
-    add("--pso-kernel", choices=PSO_KERNELS, help=f"PSO update kernel ({pso.pso_kernel})")
-    add("--device", choices=DEVICES, help=f"device per rank ({d.device})")
-    add("--threads", type=int, help="CPU threads per rank (default: share the node's cores)")
-    add("--max-steps", type=int, metavar="N", help="stop after N steps per rank (0: no limit)")
-    add("--metrics-out", metavar="PATH", help="write JSON-lines metrics here (rank 0)")
-    add("--quiet", action="store_true", help="no progress bar or epoch lines")
-    add("--checkpoint-dir", metavar="DIR", help="write checkpoints here (default: none)")
-    add("--checkpoint-every", type=int, metavar="K",
-        help="checkpoint every K steps (0: only at the end)")
-    add("--checkpoint-every-min", type=float, metavar="MIN",
-        help="also checkpoint every MIN minutes of wall-clock (0: off)")
-    add("--keep-last", type=int, metavar="N", help=f"checkpoints kept ({d.keep_last})")
-    add("--resume", metavar="{auto,none,PATH}",
-        help=f"resume from the newest checkpoint, none, or one folder ({d.resume})")
-    add("--resume-strict", action="store_true",
-        help="refuse to resume at another world size")
-    add("--cuda-aware", choices=CUDA_AWARE,
-        help="CUDA buffers to MPI: on = directly, off = through pinned host memory, auto = "
-             f"as the MPI library reports ({d.cuda_aware})")
-    add("--allow-gpu-sharing", action="store_true",
-        help="allow more ranks per node than GPUs (shared round-robin)")
-    return p
-
-
-def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Flags over the TOML file over the defaults, validated."""
-    given = vars(build_parser().parse_args(argv))
-    values = load_toml(given.pop("config")) if "config" in given else {}
-    values.update(given)
-    return build_config(values)

@@ -117,3 +117,11 @@ class FlatBuffers:
             total = sum(b.numel() for b in self.buffers)
             self.data = flat_buffer(total, dtype, device)
             _bind(self.buffers, self.data)
+
+
+def load_into(dst: torch.Tensor, src: torch.Tensor | np.ndarray) -> None:
+    """Copy a saved array (numpy, possibly read-only, or a tensor) into ``dst`` on its device."""
+    if isinstance(src, np.ndarray):
+        # np.array, not np.ascontiguousarray: that one turns 0-d values into 1-d arrays.
+        src = torch.from_numpy(np.array(src, order="C"))
+    dst.copy_(src.reshape(dst.shape))

@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import mpi4py
 import torch
-from mpi4py import MPI
 from tqdm import tqdm
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 
 
 def jsonable(value: Any) -> Any:
@@ -140,6 +138,9 @@ class Progress:
 
 def environment() -> dict[str, Any]:
     """Versions and machine facts stored with every result."""
+    import mpi4py  # here, not at import: checkpoint tools use this module without MPI
+    from mpi4py import MPI
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 
 Factory = Callable[[tuple[int, ...], int], nn.Module]
 

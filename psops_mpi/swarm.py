@@ -11,11 +11,12 @@ applies it with the fused custom op (``psops_mpi.kernels``) unless ``pso_kernel=
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from psops_mpi.config import PSOConfig
-from psops_mpi.flat import flat_buffer
+from psops_mpi.flat import flat_buffer, load_into
 from psops_mpi.kernels import pso_update_fused_
 
 _MASK64 = (1 << 64) - 1
@@ -155,13 +156,18 @@ class Swarm:
         self.v.zero_()
         self.round += 1
 
-    def scalar_state(self) -> dict[str, int | float]:
-        """The particle's scalars for a checkpoint (the tensors v, pbest, gbest are public)."""
-        return {"round": self.round, "pbest_fitness": self.pbest_fitness,
+    def state_dict(self) -> dict[str, torch.Tensor | int | float]:
+        """Velocity, personal and global best, and the scalars that go with them; restoring
+        ``round`` restores the random draws."""
+        return {"velocity": self.v, "pbest": self.pbest, "gbest": self.gbest,
+                "round": self.round, "pbest_fitness": self.pbest_fitness,
                 "gbest_fitness": self.gbest_fitness, "gbest_owner": self.gbest_owner}
 
-    def restore_scalar_state(self, state: dict[str, int | float]) -> None:
-        """Set what :meth:`scalar_state` gave; restoring ``round`` restores the random draws."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set what :meth:`state_dict` gave."""
+        load_into(self.v, state["velocity"])
+        load_into(self.pbest, state["pbest"])
+        load_into(self.gbest, state["gbest"])
         self.round = int(state["round"])
         self.pbest_fitness = float(state["pbest_fitness"])
         self.gbest_fitness = float(state["gbest_fitness"])

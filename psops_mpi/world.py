@@ -18,8 +18,8 @@ from typing import NoReturn, TypeVar
 import torch
 from mpi4py import MPI
 
-from psops_mpi.config import UsageError
 from psops_mpi.cuda_aware import CudaAwareDecision, resolve
+from psops_mpi.errors import UsageError, error_line
 
 T = TypeVar("T")
 ABORT_GRACE_S = 1.0  # seconds for the launcher to forward a failing rank's last words
@@ -221,11 +221,6 @@ def init_world(comm: MPI.Comm, local: NodeLocal | tuple[int, int], device: str =
         torch.set_num_threads(cpu_threads(threads, local.size))
     return World(comm, comm.Get_rank(), comm.Get_size(), local.rank, local.size, dev,
                  resolve(cuda_aware, dev.type))
-
-
-def error_line(message: str) -> str:
-    """The one line a user sees for a bad input."""
-    return f"psops_mpi: error: {' '.join(str(message).split())}"
 
 
 def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:

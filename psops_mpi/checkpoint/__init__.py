@@ -2,21 +2,22 @@
 
 Layout of ``--checkpoint-dir DIR``::
 
-    DIR/step-00001234/rank-00000.h5   one shard per rank: position, velocity, personal and
-    DIR/step-00001234/rank-00001.h5   global best, optimizer state, RNG, data-order position
-    DIR/step-00001234/metadata.json   written last by rank 0: config, world size, step, round,
-                                      global best, sha256 and size of every shard
+    DIR/step-00001234/rank-00000.h5   one shard per rank: every stateful part of the run
+    DIR/step-00001234/rank-00001.h5   (model, optimizer, synchroniser, loop, RNG; see parts)
+    DIR/step-00001234/metadata.json   written last by rank 0: the run's description, config,
+                                      world size, step, the answer, sha256 and size per shard
 
 A checkpoint is complete exactly when its ``step-N`` folder exists with a metadata file (see
 :mod:`~psops_mpi.checkpoint.saver` for the commit protocol). Files hold plain arrays and JSON:
-loading never runs code. ``python -m psops_mpi.checkpoint export|inspect`` works on them
-without MPI.
+loading never runs code. The package knows no algorithm: it saves and loads named parts.
+
+Importing this package needs neither MPI nor a GPU: ``python -m psops_mpi.checkpoint
+export|inspect`` works where mpi4py is absent. Writing and resuming (``saver``, ``resume``)
+are imported from their modules by the training loop.
 """
 
 from psops_mpi.checkpoint.export import export_state_dict, inspect_lines
-from psops_mpi.checkpoint.resume import ResumePoint, plan_sources, resume_run
-from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.checkpoint.store import PAUSE_ENV, complete_checkpoints, read_metadata
 
-__all__ = ["PAUSE_ENV", "Checkpointer", "ResumePoint", "complete_checkpoints",
-           "export_state_dict", "inspect_lines", "plan_sources", "read_metadata", "resume_run"]
+__all__ = ["PAUSE_ENV", "complete_checkpoints", "export_state_dict", "inspect_lines",
+           "read_metadata"]

@@ -16,8 +16,7 @@ import sys
 import torch
 
 from psops_mpi.checkpoint.export import export_state_dict, inspect_lines, resolve
-from psops_mpi.config import UsageError
-from psops_mpi.world import error_line
+from psops_mpi.errors import UsageError, error_line
 
 
 class _Parser(argparse.ArgumentParser):

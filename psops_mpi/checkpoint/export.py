@@ -1,5 +1,5 @@
-"""Taking the result out of a checkpoint: the global best as a PyTorch state_dict, and a
-readable summary. Neither needs MPI nor the model's code: the metadata names every tensor."""
+"""Taking the result out of a checkpoint: the answer as a PyTorch state_dict, and a readable
+summary. Neither needs MPI nor the model's code: the metadata names every tensor."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from psops_mpi.checkpoint import store
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 
 
 def resolve(path: str | Path) -> Path:
@@ -24,16 +24,6 @@ def resolve(path: str | Path) -> Path:
     if found:
         return found[-1][1]
     raise UsageError(f"{path} is neither a complete checkpoint nor a folder of them")
-
-
-def answer_shard(meta: dict[str, Any]) -> tuple[int, bool]:
-    """(shard to read, whether its global best is the answer). PSO-PS: the global best's
-    owner (its BatchNorm statistics go with it); PA/SSGD, or PSO-PS before the first round:
-    rank 0's position (equal on all ranks after a round)."""
-    owner = meta["gbest"].get("owner", -1)
-    if meta["algo"] == "pso-ps" and isinstance(owner, int) and 0 <= owner < meta["world_size"]:
-        return owner, True
-    return 0, False
 
 
 def _slices(flat: np.ndarray, entries: list, what: str) -> dict[str, np.ndarray]:
@@ -49,15 +39,21 @@ def _slices(flat: np.ndarray, entries: list, what: str) -> dict[str, np.ndarray]
 
 
 def export_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
-    """The answer of the run in checkpoint ``path`` as a state_dict for its model."""
+    """The answer of the run in checkpoint ``path`` as a state_dict for its model: the weights
+    its metadata names as the answer (what the synchroniser evaluates), with the buffers of
+    the rank that holds them."""
     folder = resolve(path)
     meta = store.read_metadata(folder)
-    index, use_gbest = answer_shard(meta)
-    entry = meta["shards"][index]
-    shard = store.read_shard(folder / store.shard_name(index), entry["sha256"], entry["bytes"])
-    layout = meta["layout"]
     try:
-        position = shard.arrays["swarm/gbest" if use_gbest else "model/position"]
+        index, answer = int(meta["answer"]["rank"]), str(meta["answer"]["array"])
+        layout = meta["layout"]
+        entry = meta["shards"][index]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UsageError(f"checkpoint {folder}: its metadata lacks the answer or the model "
+                         f"layout ({type(exc).__name__}: {exc})") from None
+    shard = store.read_shard(folder / store.shard_name(index), entry["sha256"], entry["bytes"])
+    try:
+        position = shard.arrays[answer]
         tensors = _slices(position, layout["params"], "parameter")
         buffers = shard.arrays.get("model/buffers", np.zeros(0, position.dtype))
         tensors.update({name: array for name, array in
@@ -70,22 +66,29 @@ def export_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
         raise UsageError(f"checkpoint {folder} lacks what a state_dict needs ({exc})") from None
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, float) or value is None:
+        return "-" if value is None else f"{value:.6g}"
+    return str(value)
+
+
 def inspect_lines(path: str | Path) -> tuple[list[str], bool]:
     """A readable summary, and whether every shard matched its checksum."""
     folder = resolve(path)
     meta = store.read_metadata(folder)
-    gbest = meta["gbest"]
     lines = [
         f"checkpoint   {folder} (written {meta.get('created', '?')})",
-        f"position     step {meta['step']}, epoch {meta['epoch'] + 1}, step "
-        f"{meta['step_in_epoch']} of {meta['steps_per_epoch']}, round {meta.get('round')}",
-        f"run          {meta['algo']} on {meta['dataset']}, model {meta['model']}, "
-        f"{meta['num_params']:,} {meta['dtype']} parameters, {meta['world_size']} rank(s)",
+        f"position     step {meta['step']}, epoch {meta.get('epoch', 0) + 1}, step "
+        f"{meta.get('step_in_epoch')} of {meta.get('steps_per_epoch')}, round {meta.get('round')}",
+        f"run          {meta.get('algo')} on {meta.get('dataset')}, model {meta.get('model')}, "
+        f"{meta.get('num_params', 0):,} {meta.get('dtype')} parameters, "
+        f"{meta['world_size']} rank(s)",
     ]
-    if meta["algo"] == "pso-ps":
-        lines.append(f"global best  fitness {store.fitness(gbest.get('fitness')):.6g} "
-                     f"(rank {gbest.get('owner')})")
-    lines.append("rank  personal best fitness        bytes  sha256")
+    summary = meta.get("sync") or {}
+    if summary:
+        lines.append("synchroniser " + ", ".join(f"{k} {_shown(v)}" for k, v in summary.items()))
+    columns = sorted({key for entry in meta["shards"] for key in entry.get("summary", {})})
+    lines.append("rank  " + "".join(f"{c:>21}  " for c in columns) + "      bytes  sha256")
     all_ok = True
     for entry in meta["shards"]:
         try:
@@ -94,9 +97,8 @@ def inspect_lines(path: str | Path) -> tuple[list[str], bool]:
             status = "ok"
         except UsageError:
             status, all_ok = "DAMAGED OR MISSING", False
-        fit = entry.get("pbest_fitness")
-        fit_text = "-" if fit is None else f"{fit:.6g}"
-        lines.append(f"{entry['rank']:>4}  {fit_text:>21}  {entry['bytes']:>11,}  {status}")
+        cells = "".join(f"{_shown(entry.get('summary', {}).get(c)):>21}  " for c in columns)
+        lines.append(f"{entry['rank']:>4}  {cells}{entry['bytes']:>11,}  {status}")
     lines.append("config")
     config = meta["config"]
     for key, value in {**config, **config.get("pso", {})}.items():

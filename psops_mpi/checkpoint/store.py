@@ -1,9 +1,10 @@
 """Files of a checkpoint: names, atomic writes, checksums, HDF5 shards and the metadata file.
 
-A shard is a flat mapping ``{"model/position": ndarray, ...}`` plus scalar attributes; this
-module turns it into an HDF5 file and back, and never runs code from a file (HDF5 holds plain
-arrays; the metadata is JSON). Every way a file can be bad becomes one
-:class:`~psops_mpi.config.UsageError` line naming the file.
+A shard is a flat mapping ``{"model/position": ndarray, ...}`` plus scalars named the same way
+(``"sync/steps"``: attribute ``steps`` of group ``sync``; a name without ``/`` is an attribute
+of the file's root); this module turns it into an HDF5 file and back, and never runs code from
+a file (HDF5 holds plain arrays; the metadata is JSON). Every way a file can be bad becomes one
+:class:`~psops_mpi.errors.UsageError` line naming the file.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 import h5py
 import numpy as np
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 from psops_mpi.metrics import jsonable
 
 FORMAT = "psops_mpi-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: one group per stateful part (psops_mpi 0.2)
 METADATA = "metadata.json"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = ".tmp-"
@@ -50,7 +51,8 @@ def shard_name(rank: int) -> str:
 
 @dataclass
 class Shard:
-    """One rank's state: arrays by HDF5 path and scalar attributes (int, float, str, None)."""
+    """One rank's state: arrays by HDF5 path and scalars (int, float, bool, str, None) by
+    ``group/name`` path."""
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +109,9 @@ def write_shard(path: Path, shard: Shard, step: int) -> tuple[str, int]:
             if i == 0:
                 _pause_for_test(step, path.parent, int(shard.scalars.get("rank", 0)))
         for name, value in shard.scalars.items():
-            fh.attrs[name] = h5py.Empty("f8") if value is None else value
+            group, _, leaf = name.rpartition("/")
+            owner = fh.require_group(group) if group else fh
+            owner.attrs[leaf] = h5py.Empty("f8") if value is None else value
     fsync_file(part)
     os.replace(part, path)
     return sha256_of(path), path.stat().st_size
@@ -141,17 +145,19 @@ def read_shard(path: Path, sha256: str, size: int) -> Shard:
     shard = Shard()
     try:
         with h5py.File(io.BytesIO(raw), "r") as fh:
-            fh.visititems(lambda name, obj: _collect(shard, name, obj))
             shard.scalars = {k: _scalar(v) for k, v in fh.attrs.items()}
+            fh.visititems(lambda name, obj: _collect(shard, name, obj))
     except Exception as exc:  # h5py raises OSError, KeyError, ValueError... for bad files
         raise UsageError(f"checkpoint shard {path} is not a readable HDF5 file "
                          f"({type(exc).__name__})") from None
     return shard
 
 
-def _collect(shard: Shard, name: str, obj: object) -> None:
+def _collect(shard: Shard, name: str, obj: h5py.HLObject) -> None:
     if isinstance(obj, h5py.Dataset):
-        shard.arrays[name] = obj[()]
+        shard.arrays[name] = np.asarray(obj[()])  # 0-d datasets read as numpy scalars
+    else:
+        shard.scalars.update({f"{name}/{k}": _scalar(v) for k, v in obj.attrs.items()})
 
 
 def verify_shard_file(path: Path, sha256: str, size: int) -> None:
@@ -174,14 +180,13 @@ def write_metadata(folder: Path, meta: dict[str, Any]) -> None:
     write_atomic_text(folder / METADATA, json.dumps(jsonable(meta), indent=1) + "\n")
 
 
-REQUIRED_KEYS = {"format": str, "version": int, "step": int, "epoch": int, "step_in_epoch": int,
-                 "steps_per_epoch": int, "world_size": int, "algo": str, "dataset": str,
-                 "model": str, "num_params": int, "dtype": str, "layout": dict,
-                 "shards": list, "config": dict, "gbest": dict}
+REQUIRED_KEYS = {"format": str, "version": int, "step": int, "progress": (int, float),
+                 "world_size": int, "shards": list, "config": dict}
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
-    """The metadata of the checkpoint in ``folder``, checked for the keys loading needs."""
+    """The metadata of the checkpoint in ``folder``, checked for what every reader needs (the
+    parts' own keys are checked by whoever reads them)."""
     path = folder / METADATA
     if not path.is_file():
         raise UsageError(f"{folder} is not a complete checkpoint: it has no {METADATA}")
@@ -191,29 +196,25 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         raise UsageError(f"cannot read {path}: {type(exc).__name__}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UsageError(f"{path} is not a psops_mpi checkpoint's metadata")
+    version = meta.get("version")
+    if isinstance(version, int) and version != VERSION:
+        newer = version > VERSION
+        raise UsageError(
+            f"{path} has format version {version}; this psops_mpi reads version {VERSION}: "
+            + ("upgrade psops_mpi" if newer else "finish that run with the psops_mpi release "
+               "that wrote it (0.1), or start this one fresh with --resume none"))
     for key, kind in REQUIRED_KEYS.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UsageError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
-    if meta["version"] > VERSION:
-        raise UsageError(f"{path} has format version {meta['version']}; this psops_mpi reads "
-                         f"up to {VERSION}: upgrade psops_mpi")
+            raise UsageError(f"{path}: field {key!r} is missing or has the wrong type")
     shards = meta["shards"]
     if len(shards) != meta["world_size"] or not all(
             isinstance(s, dict) and isinstance(s.get("sha256"), str)
             and isinstance(s.get("bytes"), int) and s.get("rank") == i
+            and isinstance(s.get("summary", {}), dict)
             for i, s in enumerate(shards)):
         raise UsageError(f"{path}: the shard list does not match world size "
                          f"{meta['world_size']}")
     return meta
-
-
-def fitness(value: Any) -> float:
-    """A fitness read back from JSON (null means none yet: +inf)."""
-    if value is None:
-        return math.inf
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise UsageError(f"a fitness in {METADATA} is {value!r}, not a number")
 
 
 # ---- finding checkpoints
@@ -222,11 +223,12 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every folder in ``root`` named step-N holding a metadata file, oldest
     first. Folders still being written have temporary names and no metadata: never listed.
 
-    Age is the training progress (epoch and fraction of it), not the step number: after a
-    resume at another world size the step counter is rescaled, so a newer checkpoint may have
-    a smaller step; equal progress (a resize that trained nothing yet) goes by the time the
-    metadata was written. A metadata file that cannot be read counts as the newest, so that loading
-    it reports the damage instead of silently falling back to an older checkpoint.
+    Age is the training progress the metadata records (epochs done, fractions included), not
+    the step number: after a resume at another world size the step counter is rescaled, so a
+    newer checkpoint may have a smaller step; equal progress (a resize that trained nothing
+    yet) goes by the time the metadata was written. A metadata file that cannot be read counts
+    as the newest, so that loading it reports the damage instead of silently falling back to
+    an older checkpoint.
     """
     if not root.is_dir():
         return []
@@ -248,7 +250,6 @@ def _mtime(folder: Path) -> int:
 
 def _progress(folder: Path) -> float:
     try:
-        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-        return meta["epoch"] + meta["step_in_epoch"] / meta["steps_per_epoch"]
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return float(json.loads((folder / METADATA).read_text(encoding="utf-8"))["progress"])
+    except (OSError, ValueError, KeyError, TypeError):
         return math.inf

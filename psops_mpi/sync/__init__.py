@@ -1,4 +1,5 @@
-"""Synchronisation policies: when and what the ranks exchange. One file per algorithm."""
+"""Synchronisation policies: when and what the ranks exchange. One file per algorithm; the
+contract they all follow is :class:`~psops_mpi.sync.base.Synchronizer`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.config import TrainConfig
-from psops_mpi.sync.base import Synchronizer
+from psops_mpi.sync.base import ResizePlan, Synchronizer, SyncMetrics
+from psops_mpi.sync.flat_sync import FlatSynchronizer
 from psops_mpi.sync.pa import PASync
 from psops_mpi.sync.pso_ps import PSOSync
 from psops_mpi.sync.ssgd import SSGDSync
 
-__all__ = ["PASync", "PSOSync", "SSGDSync", "Synchronizer", "make_sync"]
+__all__ = ["FlatSynchronizer", "PASync", "PSOSync", "ResizePlan", "SSGDSync", "SyncMetrics",
+           "Synchronizer", "make_sync"]
 
 
 def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,

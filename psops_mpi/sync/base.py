@@ -1,132 +1,148 @@
-"""What every synchroniser shares: flat buffers, the exchange, step counting and the
-four calls a training loop makes.
+"""The contract between a training loop, a synchroniser and the checkpoint: read this file to
+know what an algorithm must provide. Adding one is one new file in ``sync/``.
 
 A training loop uses any synchroniser the same way::
 
     loss.backward(); sync.after_backward(); optimizer.step(); sync.after_step(loss)
 
 and, before evaluating, ``sync.flush()`` then ``with sync.consensus(): evaluate(model)``.
+For checkpoints a synchroniser is a stateful part like a torch optimizer (``state_dict`` /
+``load_state_dict``), plus what a resume at another world size needs: a plan of which old
+rank each new rank continues (:meth:`Synchronizer.plan_resize`) and a hook run after loading
+(:meth:`Synchronizer.on_resize`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-from mpi4py import MPI
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from psops_mpi.exchange import Exchange
-from psops_mpi.flat import FlatBuffers, FlatParams
+    from psops_mpi.flat import FlatBuffers, FlatParams
 
 
-class Synchronizer:
-    """Base class: start every rank from rank 0's weights and count steps and rounds.
+@dataclass
+class SyncMetrics:
+    """What a synchroniser reports for the epoch metrics.
 
-    Args:
-        model: the model this rank trains; its parameters become views of one flat buffer.
-        optimizer: the local optimizer over ``model``'s parameters.
-        comm: the communicator of the ranks that train together (default COMM_WORLD).
-        sync_every: local steps between two rounds.
-        cuda_aware: hand CUDA buffers to MPI directly (only if the MPI library supports it).
+    ``counts`` are events of this rank (restarted particles, skipped steps) that the loop sums
+    over the ranks; ``values`` are the same on every rank (the global best's fitness) and are
+    reported as they are.
     """
 
-    extra_slots = 0  # slots after the weights in the flat buffer (PSO-PS: the fitness)
+    steps: int
+    rounds: int
+    comm_bytes: int
+    comm_s: float
+    counts: dict[str, int] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 comm: MPI.Comm | None = None, sync_every: int = 1,
-                 cuda_aware: bool = False) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every must be a positive integer, got {sync_every}")
-        self.model = model
-        self.optimizer = optimizer
-        self.comm = MPI.COMM_WORLD if comm is None else comm
-        self.rank = self.comm.Get_rank()
-        self.world_size = self.comm.Get_size()
-        self.sync_every = sync_every
-        self.flat = FlatParams(model, extra=self.extra_slots)
-        self.buffers = FlatBuffers(model)
-        self.exchange = Exchange(self.comm, cuda_aware=cuda_aware)
-        self.exchange.reserve(self._largest_message(), self.flat.packed)
-        self.steps = 0
-        self.rounds = 0
-        self.steps_since_round = 0
-        self._broadcast_initial_state()
+    def as_dict(self) -> dict[str, float]:
+        """Everything in one flat dict, for printing."""
+        return {"steps": self.steps, "rounds": self.rounds, "comm_bytes": self.comm_bytes,
+                "comm_s": self.comm_s, **self.counts, **self.values}
 
-    def _largest_message(self) -> int:
-        """Elements in the largest buffer this synchroniser hands to the exchange."""
-        return self.flat.packed.numel()
 
-    def _broadcast_initial_state(self) -> None:
-        """All ranks start from rank 0's weights; setup traffic is not counted as training."""
-        self.exchange.bcast_(self.flat.data, root=0)
-        if self.buffers.data is not None:
-            self.exchange.bcast_(self.buffers.data, root=0)
-        self.exchange.reset_counters()
+@dataclass(frozen=True)
+class ResizePlan:
+    """How a job of ``len(sources)`` ranks continues a checkpoint of another world size.
 
+    ``sources[r]`` is the checkpoint rank whose state rank r continues, or None: rank r joins
+    anew, takes the shared state from the shard of rank ``template`` and starts its own
+    optimizer and random state fresh. ``note`` says what happened, in one line.
+    """
+
+    sources: list[int | None]
+    template: int
+    note: str
+
+    @property
+    def joins(self) -> bool:
+        """Whether some rank joins anew."""
+        return None in self.sources
+
+
+class Synchronizer(ABC):
+    """What the loop and the checkpoint ask of every synchronisation algorithm.
+
+    Attributes:
+        model, optimizer: the model this rank trains and its local optimizer.
+        flat, buffers: the model's trainable parameters and its floating-point buffers as
+            views of flat buffers (:mod:`psops_mpi.flat`); the checkpoint saves them whole.
+        rank, world_size: this rank in the communicator the ranks train over.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    flat: FlatParams
+    buffers: FlatBuffers
+    rank: int
+    world_size: int
+
+    # ---- the four calls of a training step, and evaluation
+
+    @abstractmethod
     def after_backward(self) -> None:
         """Called after ``loss.backward()``, before ``optimizer.step()``."""
 
+    @abstractmethod
     def after_step(self, loss: torch.Tensor | None = None) -> bool:
         """Called after ``optimizer.step()`` with the step's loss; True when a round ran."""
-        self.steps += 1
-        self.steps_since_round += 1
-        self._observe(loss)
-        if self._round_due():
-            self.sync_round()
-            return True
-        return False
 
-    def _round_due(self) -> bool:
-        return self.steps_since_round >= self.sync_every
-
-    def _observe(self, loss: torch.Tensor | None) -> None:
-        """Hook for synchronisers that need the loss (PSO-PS fitness)."""
-
-    def sync_round(self) -> None:
-        """Run one synchronisation round now."""
-        self._round()
-        self.rounds += 1
-        self.steps_since_round = 0
-
-    def _round(self) -> None:
-        raise NotImplementedError
-
-    def average_buffers(self) -> None:
-        """Average floating-point buffers (BatchNorm statistics) over all ranks."""
-        if self.buffers.data is not None:
-            self.exchange.allreduce_mean_(self.buffers.data)
-
+    @abstractmethod
     def flush(self) -> None:
-        """Synchronise what is pending (a round if local steps were taken since the last one)
-        so that evaluation sees one consistent model on every rank."""
-        if self.steps_since_round:
-            self.sync_round()
+        """Synchronise what is pending, so evaluation sees one consistent model per rank."""
 
     @contextmanager
     def consensus(self) -> Iterator[None]:
         """The weights every rank evaluates (after :meth:`flush`): the model as it is."""
         yield
 
-    def stats(self) -> dict[str, float]:
-        """Counters for metrics: steps, rounds, bytes sent and seconds spent in MPI."""
-        return {"steps": self.steps, "rounds": self.rounds, **self.exchange.counters()}
+    def consensus_source(self) -> tuple[int, str | None]:
+        """Where a checkpoint holds the weights :meth:`consensus` evaluates: (rank, key of
+        this synchroniser's state holding them), or (rank, None) for that rank's model."""
+        return 0, None
 
-    def checkpoint_state(self) -> dict[str, int | float]:
-        """Scalar state a resumed run needs: step and round counters, and the MPI counters so
-        that metrics continue where they stopped."""
-        counters = self.exchange
-        return {"steps": self.steps, "rounds": self.rounds,
-                "steps_since_round": self.steps_since_round, "comm_bytes": counters.bytes_sent,
-                "comm_s": counters.seconds, "comm_calls": counters.calls}
+    # ---- metrics
 
-    def restore_checkpoint_state(self, state: dict[str, int | float]) -> None:
-        """Set the counters of :meth:`checkpoint_state` (the tensors are restored by the
-        caller: they are the model's, the optimizer's and the swarm's)."""
-        self.steps = int(state["steps"])
-        self.rounds = int(state["rounds"])
-        self.steps_since_round = int(state["steps_since_round"])
-        self.exchange.bytes_sent = int(state["comm_bytes"])
-        self.exchange.seconds = float(state["comm_s"])
-        self.exchange.calls = int(state["comm_calls"])
+    @abstractmethod
+    def metrics(self) -> SyncMetrics:
+        """Counters so far (steps, rounds, bytes, seconds in MPI, events, shared values)."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON values worth showing with a checkpoint, the same on every rank."""
+        return {}
+
+    def rank_summary(self) -> dict[str, Any]:
+        """JSON values of this rank worth showing with a checkpoint (and planning a resize)."""
+        return {}
+
+    # ---- checkpoints
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: tensors and plain scalars, nested dicts allowed."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave (tensors may come as numpy arrays)."""
+
+    def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
+                    new_size: int) -> ResizePlan:
+        """Which checkpoint rank each rank of a job of ``new_size`` continues, from the
+        checkpoint's :meth:`rank_summary` per rank and :meth:`summary`. By default rank r
+        continues old rank r mod P_old, whole (replicas stay replicas)."""
+        old_size = len(rank_summaries)
+        return ResizePlan([r % old_size for r in range(new_size)], 0,
+                          f"rank r continues old rank r mod {old_size}")
+
+    def on_resize(self, plan: ResizePlan) -> None:
+        """Called after :meth:`load_state_dict` when the checkpoint had another world size;
+        nothing to do by default."""
+        return

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from psops_mpi.sync.base import Synchronizer
+from psops_mpi.sync.flat_sync import FlatSynchronizer
 
 
-class PASync(Synchronizer):
+class PASync(FlatSynchronizer):
     """Replace every rank's weights by their mean over all ranks once per period."""
 
     def _round(self) -> None:

@@ -5,6 +5,9 @@ A round: fitness f_k -> exchange (one Allgather of [x_k ; f_k], or MINLOC + Bcas
 -> personal and global bests -> PSO move of x_k, v_k in place (a particle whose fitness is
 NaN or inf restarts at the global best instead) -> with c3 > 0, a pull towards the swarm's mean
 -> average BatchNorm buffers.
+
+At another world size (a resume): fewer ranks keep the particles with the best personal
+fitness; more ranks start each new particle at the global best, at rest, with fresh momentum.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from mpi4py import MPI
@@ -20,14 +24,15 @@ from torch import nn
 from psops_mpi.config import PSOConfig
 from psops_mpi.flat import flat_buffer
 from psops_mpi.swarm import Swarm, select_best
-from psops_mpi.sync.base import Synchronizer
+from psops_mpi.sync.base import ResizePlan, SyncMetrics
+from psops_mpi.sync.flat_sync import FlatSynchronizer
 
 
-class PSOSync(Synchronizer):
+class PSOSync(FlatSynchronizer):
     """Particle-swarm synchronisation of the ranks' weights.
 
     Args:
-        model, optimizer, comm, sync_every, cuda_aware: as :class:`Synchronizer`.
+        model, optimizer, comm, sync_every, cuda_aware: as :class:`FlatSynchronizer`.
         config: PSO coefficients and options (default :class:`PSOConfig`); keyword overrides
             such as ``w=0.6`` may be given instead.
         seed: key of the swarm's random draws (with round and rank).
@@ -142,18 +147,96 @@ class PSOSync(Synchronizer):
         finally:
             self.flat.data.copy_(saved)
 
-    def stats(self) -> dict[str, float]:
-        return {**super().stats(), "gbest_fitness": self.swarm.gbest_fitness,
-                "gbest_owner": self.swarm.gbest_owner, "restarts": self.restarts}
+    def consensus_source(self) -> tuple[int, str | None]:
+        owner = self.swarm.gbest_owner
+        return (owner, "swarm/gbest") if owner >= 0 else (0, None)
 
-    def checkpoint_state(self) -> dict[str, int | float]:
-        """Adds the fitness in progress: the loss summed since the last round (float64, so a
-        resumed round computes the very same fitness) and the last round's fitness."""
-        return {**super().checkpoint_state(), "loss_sum": float(self._loss_sum),
-                "last_fitness": self.last_fitness, "restarts": self.restarts}
+    def metrics(self) -> SyncMetrics:
+        base = super().metrics()
+        base.counts["restarts"] = self.restarts  # diverged particles restarted at g
+        base.values["gbest_fitness"] = self.swarm.gbest_fitness
+        return base
 
-    def restore_checkpoint_state(self, state: dict[str, int | float]) -> None:
-        super().restore_checkpoint_state(state)
+    def summary(self) -> dict[str, Any]:
+        what = "this round's best" if self.config.gbest_memory == "round" else "best ever seen"
+        return {"gbest_fitness": self.swarm.gbest_fitness, "gbest_owner": self.swarm.gbest_owner,
+                "gbest_is": what}
+
+    def rank_summary(self) -> dict[str, Any]:
+        return {"pbest_fitness": self.swarm.pbest_fitness}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adds the particle and the fitness in progress: the loss summed since the last round
+        (float64, so a resumed round computes the very same fitness)."""
+        return {**super().state_dict(), "loss_sum": float(self._loss_sum),
+                "last_fitness": self.last_fitness, "restarts": self.restarts,
+                "swarm": self.swarm.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self._loss_sum.fill_(float(state["loss_sum"]))
         self.last_fitness = float(state["last_fitness"])
-        self.restarts = int(state.get("restarts", 0))  # absent from older checkpoints
+        self.restarts = int(state["restarts"])
+        self.swarm.load_state_dict(state["swarm"])
+
+    def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
+                    new_size: int) -> ResizePlan:
+        """Fewer ranks keep the particles with the best personal fitness; more ranks start new
+        particles from the global best's owner."""
+        fits = [_fitness(s.get("pbest_fitness")) for s in rank_summaries]
+        sources = keep_best_particles(fits, new_size)
+        old_size, owner = len(fits), summary.get("gbest_owner", -1)
+        has_gbest = isinstance(owner, int) and 0 <= owner < old_size
+        head = f"the checkpoint has {old_size} rank(s), this job {new_size}: "
+        if new_size < old_size:
+            kept = ", ".join(f"{r} ({fits[r]:.4g})" for r in sources if r is not None)
+            dropped = ", ".join(str(r) for r in range(old_size) if r not in sources)
+            note = (f"kept the particles with the best personal fitness, old rank(s) {kept}; "
+                    f"dropped old rank(s) {dropped}")
+        else:
+            new = ", ".join(str(r) for r, s in enumerate(sources) if s is None)
+            where = (f"the global best (fitness {_fitness(summary.get('gbest_fitness')):.4g})"
+                     if has_gbest else "particle 0's position (no round yet)")
+            note = (f"rank(s) {new} start new particles at {where} with zero velocity and "
+                    "fresh optimizer state")
+        return ResizePlan(sources, owner if has_gbest else 0, head + note)
+
+    def on_resize(self, plan: ResizePlan) -> None:
+        super().on_resize(plan)
+        owner = self.swarm.gbest_owner  # an old rank number: keep it on the same particle
+        if owner >= 0:  # (0 when that particle was dropped: the global best is still known)
+            self.swarm.gbest_owner = plan.sources.index(owner) if owner in plan.sources else 0
+        if plan.sources[self.rank] is None:
+            self._start_new_particle()
+
+    def _start_new_particle(self) -> None:
+        """A particle added by a resize: at the global best, at rest; its fitness in progress
+        counts the global best's for the steps of this period already taken."""
+        swarm = self.swarm
+        if swarm.gbest_owner >= 0:  # before the first round there is no global best yet
+            self.flat.data.copy_(swarm.gbest)
+        swarm.v.zero_()
+        swarm.pbest.copy_(self.flat.data)
+        swarm.pbest_fitness = swarm.gbest_fitness
+        finite = math.isfinite(swarm.gbest_fitness)
+        self._loss_sum.fill_(self.steps_since_round * swarm.gbest_fitness if finite else 0.0)
+        self.last_fitness = math.inf
+        self.restarts = 0
+
+
+def _fitness(value: object) -> float:
+    """A fitness from a checkpoint's JSON summary: null (none yet) or non-finite is +inf."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return math.inf
+
+
+def keep_best_particles(fitness: list[float], new_size: int) -> list[int | None]:
+    """For each rank of a job of ``new_size``, the old particle it continues (None: a new
+    one): all of them and new ones after, or the ``new_size`` with the lowest fitness (ties
+    to the lower rank), in old rank order."""
+    old_size = len(fitness)
+    if new_size >= old_size:
+        return [*range(old_size), *([None] * (new_size - old_size))]
+    ranked = sorted(range(old_size), key=lambda r: (fitness[r], r))
+    return sorted(ranked[:new_size])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from psops_mpi.sync.base import Synchronizer
+from psops_mpi.sync.flat_sync import FlatSynchronizer
 
 
-class SSGDSync(Synchronizer):
+class SSGDSync(FlatSynchronizer):
     """Average gradients over all ranks after every backward pass (``sync_every`` is unused:
     weights never diverge, so only BatchNorm statistics are averaged, at :meth:`flush`)."""
 

@@ -15,6 +15,7 @@ import torch
 from psops_mpi.checkpoint import complete_checkpoints
 from psops_mpi.models import build_model
 from tests.helpers.launch import REPO, launch
+from tests.helpers.no_mpi import run_module_without_mpi
 
 MODEL = "tests.helpers.checkpoint_models:bn_net"
 
@@ -48,13 +49,14 @@ def test_export_writes_the_global_best_as_a_loadable_state_dict(run_dir: Path,
     assert res.returncode == 0, res.stderr
     folder = run_dir / "step-00000020"
     meta = json.loads((folder / "metadata.json").read_text())
-    owner = meta["gbest"]["owner"]
+    owner = meta["sync"]["gbest_owner"]
     assert owner in (0, 1)
+    assert meta["answer"] == {"rank": owner, "array": "sync/swarm/gbest"}
 
     model = build_model(MODEL, tuple(meta["input_shape"]), meta["num_classes"])
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     with h5py.File(folder / f"rank-{owner:05d}.h5", "r") as fh:
-        gbest = torch.from_numpy(fh["swarm/gbest"][()])
+        gbest = torch.from_numpy(fh["sync/swarm/gbest"][()])
         position = torch.from_numpy(fh["model/position"][()])
         buffers = torch.from_numpy(fh["model/buffers"][()])
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -69,7 +71,8 @@ def test_inspect_summarises_and_flags_a_damaged_shard(run_dir: Path, tmp_path: P
     res = cli("inspect", str(folder))
     assert res.returncode == 0, res.stderr
     assert "step 20" in res.stdout and "2 rank(s)" in res.stdout
-    assert "global best  fitness" in res.stdout and res.stdout.count(" ok") == 2
+    assert "gbest_fitness" in res.stdout and "this round's best" in res.stdout
+    assert res.stdout.count(" ok") == 2
     assert "algo = 'pso-ps'" in res.stdout
 
     damaged = tmp_path / "damaged"
@@ -81,6 +84,22 @@ def test_inspect_summarises_and_flags_a_damaged_shard(run_dir: Path, tmp_path: P
         (damaged / f.name).write_bytes(data)
     res = cli("inspect", str(damaged))
     assert res.returncode == 1 and "DAMAGED OR MISSING" in res.stdout
+
+
+def test_export_and_inspect_need_no_mpi(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "best.pt"
+    res = run_module_without_mpi("psops_mpi.checkpoint", "export", str(run_dir), str(out))
+    assert res.returncode == 0, res.stderr
+    assert torch.load(out, weights_only=True).keys() == cli_state_dict_keys(run_dir, tmp_path)
+    res = run_module_without_mpi("psops_mpi.checkpoint", "inspect", str(run_dir))
+    assert res.returncode == 0 and "step 20" in res.stdout, res.stderr
+
+
+def cli_state_dict_keys(run_dir: Path, tmp_path: Path) -> set:
+    """The keys of the state_dict that export writes with MPI importable."""
+    out = tmp_path / "with_mpi.pt"
+    assert cli("export", str(run_dir), str(out)).returncode == 0
+    return torch.load(out, weights_only=True).keys()
 
 
 @pytest.mark.parametrize("args", [["export", "/nonexistent", "x.pt"], ["inspect", "/nowhere"],

@@ -44,7 +44,7 @@ def test_fewer_ranks_keep_the_best_particle_and_strict_refuses(
     ckpt = ["--checkpoint-dir", str(root)]
     before = newest(root)
     meta = json.loads((before / "metadata.json").read_text())
-    fits = [math.inf if s["pbest_fitness"] is None else s["pbest_fitness"]
+    fits = [math.inf if s["summary"]["pbest_fitness"] is None else s["summary"]["pbest_fitness"]
             for s in meta["shards"]]
     best = int(np.argmin(fits))
 
@@ -62,9 +62,10 @@ def test_fewer_ranks_keep_the_best_particle_and_strict_refuses(
     assert after != before and json.loads((after / "metadata.json").read_text())[
         "world_size"] == 1
     with shard(before, best) as old, shard(after, 0) as new:
-        for name in ("model/position", "swarm/velocity", "swarm/pbest", "swarm/gbest"):
+        for name in ("model/position", "sync/swarm/velocity", "sync/swarm/pbest",
+                     "sync/swarm/gbest"):
             assert np.array_equal(new[name][()], old[name][()]), name
-        assert new.attrs["swarm.pbest_fitness"] == old.attrs["swarm.pbest_fitness"]
+        assert new["sync/swarm"].attrs["pbest_fitness"] == old["sync/swarm"].attrs["pbest_fitness"]
 
 
 def test_more_ranks_start_new_particles_at_the_global_best(
@@ -80,14 +81,14 @@ def test_more_ranks_start_new_particles_at_the_global_best(
     assert json.loads((after / "metadata.json").read_text())["world_size"] == 3
     with shard(before, 1) as old, shard(after, 1) as kept, shard(after, 2) as new:
         assert np.array_equal(kept["model/position"][()], old["model/position"][()])
-        assert np.array_equal(kept["swarm/velocity"][()], old["swarm/velocity"][()])
-        gbest = old["swarm/gbest"][()]
+        assert np.array_equal(kept["sync/swarm/velocity"][()], old["sync/swarm/velocity"][()])
+        gbest = old["sync/swarm/gbest"][()]
         assert not np.array_equal(gbest, old["model/position"][()])  # a real distinction
         assert np.array_equal(new["model/position"][()], gbest)
-        assert np.array_equal(new["swarm/pbest"][()], gbest)
-        assert not new["swarm/velocity"][()].any()
-        assert "optimizer" not in new and "optimizer" in kept  # fresh momentum
-        assert new.attrs["swarm.pbest_fitness"] == old.attrs["swarm.gbest_fitness"]
+        assert np.array_equal(new["sync/swarm/pbest"][()], gbest)
+        assert not new["sync/swarm/velocity"][()].any()
+        assert "optimizer/0" not in new and "optimizer/0" in kept  # fresh momentum
+        assert new["sync/swarm"].attrs["pbest_fitness"] == old["sync/swarm"].attrs["gbest_fitness"]
 
     # And training goes on at the new size.
     res = launch([*RUN, *ckpt, "--quiet"], ranks=3)

@@ -68,9 +68,9 @@ def wrong_dtype(folder: Path) -> None:
 def wrong_shape(folder: Path) -> None:
     path = folder / "rank-00001.h5"
     with h5py.File(path, "a") as fh:
-        velocity = fh["swarm/velocity"][()]
-        del fh["swarm/velocity"]
-        fh["swarm/velocity"] = velocity[:-1]
+        velocity = fh["sync/swarm/velocity"][()]
+        del fh["sync/swarm/velocity"]
+        fh["sync/swarm/velocity"] = velocity[:-1]
     rewrite_metadata(folder, 1)
 
 
@@ -88,7 +88,7 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str], dict[str, str], str]] 
     "garbage": (garbage_with_good_checksum, [], {}, "not a readable HDF5 file"),
     "missing": (missing_shard, [], {}, "rank-00001.h5 is missing"),
     "dtype": (wrong_dtype, [], {}, "'model/position' is (730,) float64"),
-    "shape": (wrong_shape, [], {}, "'swarm/velocity' is (729,) float32"),
+    "shape": (wrong_shape, [], {}, "'sync/swarm/velocity' is (729,) float32"),
     "metadata": (garbage_metadata, [], {}, "cannot read"),
     "param-count": (nothing, [], {"CKPT_TEST_WIDTH": "24"}, "parameters per particle"),
     "other-algo": (nothing, ["--algo", "pa"], {}, "is from a pso-ps run"),

@@ -230,7 +230,7 @@ def test_a_diverged_particle_restarts_at_the_global_best() -> None:
             else:
                 assert torch.isfinite(sync.flat.data).all()
     assert math.isfinite(loss.item()) and torch.isfinite(sync.flat.data).all()
-    assert sync.stats()["restarts"] == (1 if rank == 1 else 0)
+    assert sync.metrics().counts["restarts"] == (1 if rank == 1 else 0)
 
 
 @pytest.mark.parametrize("c3", [0.5, 1.0])

@@ -15,8 +15,24 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi import PASync, PSOSync, UsageError
-from psops_mpi.checkpoint import plan_sources, store
-from psops_mpi.checkpoint import state as st
+from psops_mpi.checkpoint import store
+from psops_mpi.checkpoint.parts import (
+    ModelPart,
+    OptimizerPart,
+    RNGPart,
+    check_state,
+    flatten,
+    unflatten,
+)
+from psops_mpi.checkpoint.resume import same_choice
+from psops_mpi.loop import LoopState
+
+
+def plan_sources(fits: list[float], new_size: int, pso: bool) -> list[int | None]:
+    """The resize plan of a PSO-PS or a PA synchroniser for old ranks of these fitnesses."""
+    sync = trained_sync(PSOSync if pso else PASync, seed=0, steps=0)
+    summaries = [{"pbest_fitness": None if math.isinf(f) else f} for f in fits]
+    return sync.plan_resize(summaries, {"gbest_owner": 1}, new_size).sources
 
 
 def test_plan_keeps_best_particles_or_adds_new_ones() -> None:
@@ -68,8 +84,7 @@ def make_checkpoint(root: Path, step: int, epoch: int, in_epoch: int, per_epoch:
     folder = root / store.step_dir_name(step)
     folder.mkdir(parents=True)
     if meta:
-        (folder / store.METADATA).write_text(json.dumps(
-            {"epoch": epoch, "step_in_epoch": in_epoch, "steps_per_epoch": per_epoch}))
+        (folder / store.METADATA).write_text(json.dumps({"progress": epoch + in_epoch / per_epoch}))
     return folder
 
 
@@ -117,23 +132,46 @@ def state_of(sync) -> list[torch.Tensor]:
     return tensors
 
 
+def parts_of(sync, loop: LoopState) -> dict:
+    """The stateful parts a training run checkpoints, around ``sync``."""
+    return {"model": ModelPart(sync.model, sync.flat, sync.buffers),
+            "optimizer": OptimizerPart(sync.optimizer), "sync": sync, "loop": loop,
+            "rng": RNGPart(sync.flat.data.device)}
+
+
+def capture(parts: dict) -> store.Shard:
+    shard = store.Shard(scalars={"rank": 0})
+    for name, part in parts.items():
+        flatten(name, part.state_dict(), shard)
+    return shard
+
+
+def loop_at(step: int, sums: list[float] | None = None) -> LoopState:
+    loop = LoopState(62, torch.device("cpu"))
+    loop.step = loop.step_in_epoch = step
+    loop.epoch_sums.copy_(torch.tensor(sums or [0.0, 0.0, 0.0], dtype=torch.float64))
+    return loop
+
+
 @pytest.mark.parametrize("kind", [PSOSync, PASync])
 def test_state_restores_exactly_and_training_continues_identically(tmp_path: Path,
                                                                    kind: type) -> None:
     original = trained_sync(kind, seed=0, steps=7)  # 7: mid-period, momentum and swarm set
-    position = st.LoopPosition(7, 0, 7, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 1.5)
-    sha, size = store.write_shard(tmp_path / "s.h5", st.capture(original, position), step=7)
+    saved = parts_of(original, loop_at(7, [1.0, 2.0, 3.0]))
+    sha, size = store.write_shard(tmp_path / "s.h5", capture(saved), step=7)
     shard = store.read_shard(tmp_path / "s.h5", sha, size)
 
     restored = trained_sync(kind, seed=1, steps=2)  # other weights, momentum, counters
-    st.check_shard(shard, restored, "s.h5")
-    st.restore_model(restored, shard)
-    st.restore_optimizer(restored, shard)
-    st.restore_rng(restored, shard)
-    if kind is PSOSync:
-        st.restore_swarm(restored, shard)
-    restored.restore_checkpoint_state(st.sync_scalars(shard))
-    assert restored.checkpoint_state() == original.checkpoint_state()
+    parts = parts_of(restored, loop_at(2))
+    for name, part in parts.items():
+        check_state(name, part, unflatten(name, shard), "s.h5")
+    for name, part in parts.items():
+        part.load_state_dict(unflatten(name, shard))
+    def scalars(parts: dict) -> dict:  # but the training time, which runs on
+        return {k: v for k, v in capture(parts).scalars.items() if k != "loop/elapsed_s"}
+
+    assert scalars(parts) == scalars(saved)
+    assert torch.equal(parts["loop"].epoch_sums, saved["loop"].epoch_sums)
     run_steps(original, 8, first=7)
     run_steps(restored, 8, first=7)
     for a, b in zip(state_of(original), state_of(restored), strict=True):
@@ -142,10 +180,19 @@ def test_state_restores_exactly_and_training_continues_identically(tmp_path: Pat
 
 def test_check_shard_refuses_another_optimizer(tmp_path: Path) -> None:
     sync = trained_sync(PSOSync, seed=0, steps=3)
-    shard = st.capture(sync, st.LoopPosition(3, 0, 3, torch.zeros(3, dtype=torch.float64), 0.0))
-    shard.scalars["optimizer.class"] = "Adam"
+    shard = capture(parts_of(sync, loop_at(3)))
+    shard.scalars["optimizer/class"] = "Adam"
     with pytest.raises(UsageError, match="optimizer state is for Adam"):
-        st.check_shard(shard, sync, "s.h5")
+        check_state("optimizer", OptimizerPart(sync.optimizer), unflatten("optimizer", shard),
+                    "s.h5")
+
+
+def test_check_shard_refuses_another_model(tmp_path: Path) -> None:
+    sync = trained_sync(PSOSync, seed=0, steps=3)
+    shard = capture(parts_of(sync, loop_at(3)))
+    shard.arrays["sync/swarm/velocity"] = shard.arrays["sync/swarm/velocity"][:-1]
+    with pytest.raises(UsageError, match="'sync/swarm/velocity' is"):
+        check_state("sync", sync, unflatten("sync", shard), "s.h5")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -161,24 +208,32 @@ def test_cuda_state_round_trips_with_its_rng(tmp_path: Path) -> None:
         loss.backward()
         opt.step()
         sync.after_step(loss)
-    shard = st.capture(sync, st.LoopPosition(4, 0, 4, torch.zeros(3, dtype=torch.float64), 0.0))
+    parts = parts_of(sync, loop_at(4))
+    shard = capture(parts)
     assert "rng/torch_cuda" in shard.arrays
     sha, size = store.write_shard(tmp_path / "s.h5", shard, step=4)
     back = store.read_shard(tmp_path / "s.h5", sha, size)
     expected = sync.flat.data.clone()
     sync.flat.data.zero_()
-    st.check_shard(back, sync, "s.h5")
-    st.restore_model(sync, back)
-    st.restore_rng(sync, back)
+    for name in ("model", "rng"):
+        check_state(name, parts[name], unflatten(name, back), "s.h5")
+        parts[name].load_state_dict(unflatten(name, back))
     assert torch.equal(sync.flat.data, expected) and sync.flat.data.is_cuda
 
 
 def test_ranks_resuming_different_checkpoints_is_one_clear_error() -> None:
-    from psops_mpi.checkpoint.resume import _same_choice
-
-    _same_choice(["d/step-00000008"] * 3)
-    _same_choice([None, None])
+    same_choice(["d/step-00000008"] * 3)
+    same_choice([None, None])
     with pytest.raises(UsageError, match=r"rank 0: d/step-00000008, rank 2: d/step-00000004"):
-        _same_choice(["d/step-00000008", "d/step-00000008", "d/step-00000004"])
+        same_choice(["d/step-00000008", "d/step-00000008", "d/step-00000004"])
     with pytest.raises(UsageError, match="rank 1: none"):
-        _same_choice(["d/step-00000008", None])
+        same_choice(["d/step-00000008", None])
+
+
+def test_a_checkpoint_of_the_first_format_gets_one_line_saying_what_to_do(
+        tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path, 8, 0, 8, 62)
+    (folder / store.METADATA).write_text(json.dumps({"format": store.FORMAT, "version": 1}))
+    with pytest.raises(UsageError, match=r"format version 1.*--resume none") as info:
+        store.read_metadata(folder)
+    assert "\n" not in str(info.value)

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from psops_mpi.config import (
-    PSOConfig,
-    TrainConfig,
-    UsageError,
-    build_config,
-    load_toml,
-    parse_config,
-)
+from psops_mpi.cli import build_config, load_toml, parse_config
+from psops_mpi.config import PSOConfig, TrainConfig
+from psops_mpi.errors import UsageError
 
 
 def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
@@ -37,7 +32,7 @@ def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
         ({"c1": math.inf}, "--c1 must be a finite number >= 0"),
         ({"c2": math.nan}, "--c2 must be a finite number >= 0"),
         ({"vmax": 0.0}, "--vmax must be a positive number"),
-        ({"fitness": "test"}, "unknown fitness mode"),
+        ({"fitness": "test"}, "unknown fitness 'test'"),
         ({"exchange": "ring"}, "unknown exchange"),
         ({"sync_every": "4"}, "--sync-every must be a positive integer"),
         ({"c3": -0.5}, "--c3 must be a finite number >= 0"),

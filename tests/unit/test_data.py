@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from psops_mpi.config import UsageError
 from psops_mpi.data import (
     DEFAULT_DATA_DIRS,
     Dataset,
     ShardedBatches,
-    _crop_flip,
     augment_batch,
     eval_shard,
     holdout_batch,
     load_dataset,
 )
+from psops_mpi.data.batches import _crop_flip
+from psops_mpi.errors import UsageError
 from tests.helpers.formats import (
     IDX_FILES,
     cifar_arrays,

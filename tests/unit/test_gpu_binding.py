@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 from psops_mpi.world import NodeLocal, assign_gpus, choose_device, init_world
 
 FOUR = ("GPU-a", "GPU-b", "GPU-c", "GPU-d")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 from psops_mpi.models import DEFAULT_MODELS, MODELS, build_model, num_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

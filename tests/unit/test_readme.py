@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from psops_mpi.config import PSOConfig, TrainConfig, build_parser
+from psops_mpi.cli import build_parser, flag_table
+from psops_mpi.config import PSOConfig, TrainConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROW = re.compile(r"^\| `(--[a-z0-9-]+)[^`]*` \| ([^|]+) \|", re.MULTILINE)
@@ -43,3 +44,8 @@ def test_documented_default_matches_the_code(flag: str) -> None:
         assert documented == value == "auto"
     else:
         assert documented == str(value), (flag, documented, value)
+
+
+def test_the_readme_table_is_the_generated_one() -> None:
+    """Regenerate it with `python -m psops_mpi.cli` after changing a setting."""
+    assert flag_table() in README.read_text()

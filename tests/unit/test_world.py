@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from psops_mpi.config import UsageError
+from psops_mpi.errors import UsageError
 from psops_mpi.world import check_launch, cpu_threads, error_line
 
 

@@ -1,0 +1,13 @@
+"""Data: dataset files (:mod:`~psops_mpi.data.formats`) and on-device batching, sharding and
+augmentation (:mod:`~psops_mpi.data.batches`)."""
+
+from psops_mpi.data.batches import (
+    ShardedBatches,
+    augment_batch,
+    eval_shard,
+    holdout_batch,
+)
+from psops_mpi.data.formats import DEFAULT_DATA_DIRS, Dataset, load_dataset
+
+__all__ = ["DEFAULT_DATA_DIRS", "Dataset", "ShardedBatches", "augment_batch", "eval_shard",
+           "holdout_batch", "load_dataset"]

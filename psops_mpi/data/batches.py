@@ -1,0 +1,120 @@
+"""Mini-batches on the rank's device: the per-rank shards every algorithm trains on, CIFAR
+augmentation, the holdout batch and each rank's part of the test set."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from psops_mpi.data.formats import Dataset
+from psops_mpi.errors import UsageError
+
+_PAD = 4  # CIFAR augmentation: zero padding on each side before the random crop
+
+
+def _derive_seed(tag: str, *nums: int) -> int:
+    """A 63-bit seed that depends on every part, so distinct streams never share a seed."""
+    text = ",".join([tag, *(str(int(n)) for n in nums)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _generator(seed: int) -> torch.Generator:
+    # Always a CPU generator: the same numbers on every rank whatever its device.
+    return torch.Generator().manual_seed(seed)
+
+
+def _crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
+               flip: torch.Tensor) -> torch.Tensor:
+    """Crop HxW at per-sample offsets from the zero-padded batch, mirrored where ``flip``."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
+    cols = torch.arange(w, device=x.device)
+    rows = top[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = left[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (B, W)
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * _PAD))
+    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random pad-4 crop and horizontal flip (p=0.5) of each image in a (B, C, H, W) batch."""
+    if x.dim() != 4:
+        raise UsageError(f"augment_batch expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    # Draw on the generator's device, then move: the draws do not depend on x's device.
+    offsets = torch.randint(0, 2 * _PAD + 1, (2, x.shape[0]), generator=generator,
+                            device=generator.device).to(x.device)
+    flip = (torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5)
+    return _crop_flip(x, offsets[0], offsets[1], flip.to(x.device))
+
+
+def holdout_batch(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min(size, N)`` training samples chosen from ``seed`` alone: the same on every rank."""
+    if size < 1:
+        raise UsageError(f"the holdout batch size must be positive, got {size}")
+    n = dataset.x_train.shape[0]
+    idx = torch.randperm(n, generator=_generator(_derive_seed("holdout", seed)))[:size]
+    idx = idx.to(dataset.x_train.device)
+    return dataset.x_train.index_select(0, idx), dataset.y_train.index_select(0, idx)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+
+
+def eval_shard(dataset: Dataset, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous part of the test set; the parts cover it exactly once."""
+    _check_rank(rank, world_size)
+    base, extra = divmod(dataset.x_test.shape[0], world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (rank < extra)
+    return dataset.x_test[start:stop], dataset.y_test[start:stop]
+
+
+class ShardedBatches:
+    """Per-rank mini-batches: each epoch one shared shuffle, cut into disjoint equal shards."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, batch_size: int,
+                 seed: int) -> None:
+        _check_rank(rank, world_size)
+        n = dataset.x_train.shape[0]
+        if world_size > n:
+            raise UsageError(f"more ranks ({world_size}) than training samples ({n}) in "
+                             f"{dataset.name}; use fewer ranks")
+        self.shard_len = n // world_size  # the remainder is dropped: equal shards everywhere
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
+        if batch_size > self.shard_len:
+            raise UsageError(f"--batch-size {batch_size} is larger than each rank's shard of "
+                             f"{self.shard_len} samples; use a smaller batch or fewer ranks")
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        # Ranks run collectives in lock step, so every rank must run this many steps.
+        self.steps_per_epoch = self.shard_len // batch_size
+
+    def shard_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's training-set indices for ``epoch``, on the data's device."""
+        n = self.dataset.x_train.shape[0]
+        perm = torch.randperm(n, generator=_generator(_derive_seed("shuffle", self.seed, epoch)))
+        start = self.rank * self.shard_len
+        return perm[start:start + self.shard_len].to(self.dataset.x_train.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x, y) batches of ``epoch`` from ``start_step`` on (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise UsageError(f"start step {start_step} is outside 0..{self.steps_per_epoch}, "
+                             f"the steps of one epoch")
+        return self._batches(epoch, start_step)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ds, bs = self.dataset, self.batch_size
+        idx = self.shard_indices(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            batch = idx[step * bs:(step + 1) * bs]
+            x = ds.x_train.index_select(0, batch)
+            if ds.augment:
+                seed = _derive_seed("augment", self.seed, self.rank, epoch, step)
+                x = augment_batch(x, _generator(seed))
+            yield x, ds.y_train.index_select(0, batch)

@@ -1,0 +1,232 @@
+"""The training loop: the loop state, one step, the end of an epoch, the whole run.
+
+Step: batch -> forward -> backward -> ``sync.after_backward()`` -> ``optimizer.step()`` ->
+``sync.after_step(loss)`` -> sums on the device -> checkpoint when due. Epoch end:
+``sync.flush()`` -> evaluate ``sync.consensus()`` -> one JSON line and one printed line.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi.checkpoint.saver import Checkpointer
+from psops_mpi.config import TrainConfig
+from psops_mpi.data import eval_shard
+from psops_mpi.metrics import Progress
+from psops_mpi.sync import ResizePlan
+
+if TYPE_CHECKING:
+    from psops_mpi.run import Run
+
+EVAL_BATCH = 1024
+LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-host sync)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: a stateful part of every checkpoint, restored as one.
+
+    ``epoch_sums`` (loss sum, correct, count of this epoch's training samples) stays on the
+    device, so counting a step costs no host sync. ``evaluated`` is set once the epoch's
+    end-of-epoch round and evaluation ran (the final checkpoint), and cleared by a step.
+    """
+
+    steps_per_epoch: int
+    device: torch.device
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    evaluated: bool = False
+    epoch_sums: torch.Tensor = field(init=False)
+    resumed_from: tuple[int, int] | None = field(default=None, init=False)
+    """(step in epoch, steps per epoch) as the checkpoint had them, when resumed."""
+    _started: float = field(default_factory=time.perf_counter, init=False)
+
+    def __post_init__(self) -> None:
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Training time, resumed runs included."""
+        return time.perf_counter() - self._started
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, the current one's fraction included."""
+        return self.epoch + self.step_in_epoch / self.steps_per_epoch
+
+    def count(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        """One step done: add its loss and correct predictions to the epoch's sums."""
+        self.epoch_sums[0] += loss.detach() * len(y)
+        self.epoch_sums[1] += (out.argmax(1) == y).sum()
+        self.epoch_sums[2] += len(y)
+        self.step += 1
+        self.step_in_epoch += 1
+        self.evaluated = False
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_sums.zero_()
+        self.evaluated = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "evaluated": self.evaluated,
+                "elapsed_s": self.elapsed_s, "epoch_sums": self.epoch_sums}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where the checkpoint stopped; with another number of steps per epoch (a
+        resize), at the same fraction of the same epoch."""
+        old_per_epoch, in_epoch = int(state["steps_per_epoch"]), int(state["step_in_epoch"])
+        self.resumed_from = (in_epoch, old_per_epoch)
+        if old_per_epoch != self.steps_per_epoch:
+            in_epoch = min(self.steps_per_epoch,
+                           round(in_epoch * self.steps_per_epoch / old_per_epoch))
+        self.epoch, self.step_in_epoch = int(state["epoch"]), in_epoch
+        self.step = self.epoch * self.steps_per_epoch + in_epoch
+        self.evaluated = bool(state["evaluated"])
+        self._started = time.perf_counter() - float(state["elapsed_s"])
+        self.epoch_sums.copy_(torch.as_tensor(np.array(state["epoch_sums"])))
+
+    def on_resize(self, plan: ResizePlan, rank: int) -> None:
+        """A rank that joins anew has trained no sample of this epoch yet."""
+        if plan.sources[rank] is None:
+            self.epoch_sums.zero_()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: MPI.Comm) -> tuple:
+    """Mean loss and accuracy over the whole test set, each rank taking its own part."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)  # loss sum, correct, count
+    for start in range(0, len(x), EVAL_BATCH):
+        out = model(x[start : start + EVAL_BATCH])
+        target = y[start : start + EVAL_BATCH]
+        totals[0] += F.cross_entropy(out, target, reduction="sum")
+        totals[1] += (out.argmax(1) == target).sum()
+        totals[2] += len(target)
+    model.train()
+    summed = reduce_sum(totals.cpu().numpy(), comm)
+    return summed[0] / summed[2], summed[1] / summed[2]
+
+
+def reduce_sum(values: np.ndarray | list[float], comm: MPI.Comm) -> np.ndarray:
+    """Sum a few float64 numbers over ranks (metrics only: not counted as training traffic)."""
+    out = np.array(values, dtype=np.float64)
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, out)
+    return out
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    steps = steps_per_epoch * config.epochs
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def train_step(run: Run, state: LoopState, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+    """One step of this rank: local SGD plus whatever the synchroniser does around it."""
+    model, optimizer, sync = run.model, run.optimizer, run.sync
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=False)  # keep grads as views of the flat buffer
+    loss.backward()
+    sync.after_backward()
+    optimizer.step()
+    sync.after_step(loss)
+    state.count(loss, out, y)
+
+
+def train(run: Run, state: LoopState, checkpoints: Checkpointer) -> dict[str, Any]:
+    """The training loop from ``state`` on; returns the final metrics (the same on every
+    rank)."""
+    cfg, world = run.config, run.world
+    last = total_steps(cfg, state.steps_per_epoch)
+    test_x, test_y = eval_shard(run.dataset, world.rank, world.world_size)
+    progress = Progress(last, world.is_root, cfg.quiet)
+    # Resumed from the checkpoint written after its epoch's evaluation: evaluate again for the
+    # final line, but do not report the epoch twice.
+    reported = state.evaluated
+    while True:
+        stepped = False
+        for x, y in run.batches.epoch(state.epoch, state.step_in_epoch):
+            if state.step >= last:  # also when resumed from the end of the run
+                break
+            stepped = True
+            train_step(run, state, x, y, learning_rate(cfg, state.step, last))
+            if state.step < last:  # the last step's checkpoint is the final one
+                checkpoints.after_step(state.step, poll_clock=state.step % cfg.sync_every == 0)
+            if progress.shown and (state.step % LOG_EVERY == 0 or state.step == last):
+                sums = state.epoch_sums
+                progress.update(state.step - progress.bar.n, loss=float(sums[0] / sums[2]),
+                                acc=float(sums[1] / sums[2]),
+                                samples_s=state.step * len(y) * world.world_size
+                                / state.elapsed_s)
+        repeat = reported and not stepped
+        reported = False
+        record, counted = end_of_epoch(run, state, test_x, test_y, report=not repeat)
+        if not repeat:
+            progress.line(epoch_line(record, cfg.epochs, counted))
+        if state.step >= last or state.epoch + 1 >= cfg.epochs:
+            break
+        state.next_epoch()
+    progress.close()
+    checkpoints.final(state.step)
+    return {**record, "steps": state.step, "checkpoint_s": checkpoints.seconds}
+
+
+def end_of_epoch(run: Run, state: LoopState, test_x: torch.Tensor, test_y: torch.Tensor,
+                 report: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """Synchronise, evaluate the consensus model, and write the epoch's metrics
+    (``report=False``: evaluate only, for an epoch reported before the run was resumed).
+    Returns the record and the names of the synchroniser's counted events in it."""
+    sync, comm = run.sync, run.world.comm
+    sync.flush()
+    with sync.consensus():
+        test_loss, test_acc = evaluate(run.model, test_x, test_y, comm)
+    train_sums = reduce_sum(state.epoch_sums.cpu().numpy(), comm)
+    metrics = sync.metrics()
+    counted = sorted(metrics.counts)
+    totals = reduce_sum([metrics.comm_bytes, metrics.comm_s,
+                         *(metrics.counts[k] for k in counted)], comm)
+    wall = state.elapsed_s
+    record = {
+        "epoch": state.epoch + 1, "train_loss": train_sums[0] / train_sums[2],
+        "train_acc": train_sums[1] / train_sums[2], "test_loss": test_loss,
+        "test_acc": test_acc, "wall_s": wall, "rounds": metrics.rounds,
+        "comm_bytes_per_rank": int(totals[0] / run.world.world_size),
+        "comm_s": totals[1] / run.world.world_size,
+        "samples_per_s": metrics.steps * run.config.batch_size * run.world.world_size / wall,
+        **metrics.values,
+        **{k: int(total) for k, total in zip(counted, totals[2:], strict=True)},  # all ranks
+    }
+    state.evaluated = True
+    if report:
+        run.metrics.write("epoch", **record)
+    return record, counted
+
+
+def epoch_line(record: dict[str, Any], epochs: int, counted: Iterable[str] = ()) -> str:
+    events = "".join(f"  {k} {record[k]}" for k in counted if record.get(k))
+    return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.4f}  test loss {record['test_loss']:.4f} "
+            f"acc {record['test_acc']:.4f}  {record['samples_per_s']:.0f} samples/s  "
+            f"comm {record['comm_s']:.2f}s" + events)

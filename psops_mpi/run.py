@@ -1,0 +1,235 @@
+"""A training run put together: built and checked before the first step, its stateful parts
+handed to the checkpoint, its resume, and what it tells the user at start and end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi import data, models
+from psops_mpi.checkpoint.parts import ModelPart, OptimizerPart, RNGPart, Stateful
+from psops_mpi.checkpoint.resume import Loaded, resume
+from psops_mpi.checkpoint.saver import Checkpointer
+from psops_mpi.cli import parse_config
+from psops_mpi.config import IDENTITY_SETTINGS, LAUNCH_SETTINGS, TrainConfig
+from psops_mpi.errors import UsageError
+from psops_mpi.loop import LoopState
+from psops_mpi.metrics import MetricsWriter, check_writable, environment
+from psops_mpi.sync import Synchronizer, make_sync
+from psops_mpi.world import NodeLocal, World, agree, init_world, print0
+
+HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
+OWN_PARTS = ("optimizer", "rng")  # what a rank that joins a resized run starts afresh
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built and checked before the first step."""
+
+    config: TrainConfig
+    world: World
+    dataset: data.Dataset
+    batches: data.ShardedBatches
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sync: Synchronizer
+    metrics: MetricsWriter
+
+
+def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[str, Any]:
+    """Parse, validate and build everything but the synchroniser; bad input raises
+    UsageError here. No collectives: this may fail on some ranks only."""
+    config = parse_config(argv)
+    if config.model == "auto":  # store the resolved name with the results
+        config.model = models.DEFAULT_MODELS[config.dataset]
+    if config.metrics_out:
+        check_writable(config.metrics_out)
+    world = init_world(comm, local, config.device, config.threads, config.allow_gpu_sharing,
+                       config.cuda_aware)
+    dataset = data.load_dataset(config.dataset, config.data_dir, world.device)
+    batches = data.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
+                                  config.seed)
+    torch.manual_seed(config.seed)
+    model = models.build_model(config.model, dataset.input_shape, dataset.num_classes,
+                               config.dataset).to(world.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    metrics = MetricsWriter(config.metrics_out if world.is_root else None)
+    return {"config": config, "world": world, "dataset": dataset, "batches": batches,
+            "model": model, "optimizer": optimizer, "metrics": metrics}
+
+
+@torch.no_grad()
+def holdout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss on the fixed holdout batch, in eval mode (no BatchNorm statistics updated)."""
+    was_training = model.training
+    model.eval()
+    loss = F.cross_entropy(model(x), y)
+    model.train(was_training)
+    return loss
+
+
+def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
+    """Every rank agrees the input is good, then the synchroniser starts every rank from rank
+    0's weights (the first collective on tensors)."""
+    built = agree(comm, lambda: prepare(argv, comm, local))
+    config, model = built["config"], built["model"]
+    fitness_fn = None
+    if config.pso.fitness == "holdout":
+        holdout = data.holdout_batch(built["dataset"], HOLDOUT_SIZE, config.seed)
+        fitness_fn = lambda: holdout_loss(model, *holdout)  # noqa: E731
+    sync = make_sync(config, model, built["optimizer"], comm, fitness_fn,
+                     cuda_aware=built["world"].cuda_aware.direct)
+    return Run(**built, sync=sync)
+
+
+# ---- checkpoints
+
+def checkpointer(run: Run, state: LoopState) -> Checkpointer:
+    """The run's checkpointer over its stateful parts (nothing is written without a folder)."""
+    cfg = run.config
+    parts: dict[str, Stateful] = {
+        "model": ModelPart(run.model, run.sync.flat, run.sync.buffers),
+        "optimizer": OptimizerPart(run.optimizer), "sync": run.sync, "loop": state,
+        "rng": RNGPart(run.world.device)}
+    root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    return Checkpointer(root, run.world.comm, parts, lambda: metadata(run, state, parts),
+                        run.sync.rank_summary, every=cfg.checkpoint_every,
+                        every_min=cfg.checkpoint_every_min, keep_last=cfg.keep_last)
+
+
+def metadata(run: Run, state: LoopState, parts: dict[str, Stateful]) -> dict[str, Any]:
+    """What a checkpoint says about the run, beside the shards (rank 0)."""
+    cfg, sync = run.config, run.sync
+    rank, key = sync.consensus_source()
+    model_part = parts["model"]
+    assert isinstance(model_part, ModelPart)
+    return {
+        "progress": state.progress, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        "steps_per_epoch": state.steps_per_epoch, "evaluated": state.evaluated,
+        "round": sync.metrics().rounds, **{k: getattr(cfg, k) for k in IDENTITY_SETTINGS},
+        "input_shape": list(run.dataset.input_shape), "num_classes": run.dataset.num_classes,
+        "num_params": sync.flat.numel,
+        "dtype": str(sync.flat.data.dtype).removeprefix("torch."),
+        "layout": model_part.layout(), "sync": sync.summary(),
+        "answer": {"rank": rank, "array": "model/position" if key is None else f"sync/{key}"},
+        "config": cfg.to_dict(), "versions": {"torch": torch.__version__},
+    }
+
+
+def check_checkpoint(run: Run, meta: dict[str, Any], folder: Path) -> None:
+    """Refuse a checkpoint this run cannot continue meaningfully."""
+    cfg = run.config
+    mine = {k: getattr(cfg, k) for k in IDENTITY_SETTINGS}
+    theirs = {k: meta.get(k) for k in IDENTITY_SETTINGS}
+    if mine != theirs:
+        raise UsageError(
+            f"checkpoint {folder} is from a {theirs['algo']} run on {theirs['dataset']} with "
+            f"model {theirs['model']}; this run is {mine['algo']} on {mine['dataset']} with "
+            f"{mine['model']}: use the same settings, --resume none or another --checkpoint-dir")
+    if meta.get("num_params") != run.sync.flat.numel:
+        raise UsageError(f"checkpoint {folder} holds {meta.get('num_params')} parameters per "
+                         f"particle (rank); model {cfg.model} here has {run.sync.flat.numel:,}")
+    params = ModelPart(run.model, run.sync.flat, run.sync.buffers).layout()["params"]
+    if [list(p) for p in meta.get("layout", {}).get("params", [])] != [list(p) for p in params]:
+        raise UsageError(f"checkpoint {folder}: the model's parameter names or shapes differ "
+                         f"from those of {cfg.model} here")
+    if not isinstance(meta.get("epoch"), int) or meta["epoch"] >= cfg.epochs:
+        raise UsageError(f"checkpoint {folder} is in epoch {meta.get('epoch', 0) + 1}; --epochs "
+                         f"{cfg.epochs} ends before it")
+    if meta["world_size"] != run.world.world_size and cfg.resume_strict:
+        raise UsageError(f"checkpoint {folder} was written by {meta['world_size']} rank(s), "
+                         f"this job has {run.world.world_size}; --resume-strict refuses to "
+                         "resume at another world size")
+
+
+def resume_run(run: Run, state: LoopState, checkpoints: Checkpointer) -> Loaded | None:
+    """Resume as the config says (a collective); None for a fresh start."""
+    cfg, world, sync = run.config, run.world, run.sync
+
+    def plan(meta: dict[str, Any]) -> Any:
+        summaries = [s.get("summary", {}) for s in meta["shards"]]
+        return sync.plan_resize(summaries, meta.get("sync") or {}, world.world_size)
+
+    loaded = resume(world.comm, cfg.resume, cfg.checkpoint_dir, checkpoints.parts,
+                    lambda meta, folder: check_checkpoint(run, meta, folder), plan, OWN_PARTS)
+    if loaded is None:
+        return None
+    if loaded.resized:
+        sync.on_resize(loaded.plan)
+        state.on_resize(loaded.plan, world.rank)
+    elif state.resumed_from == (state.step_in_epoch, state.steps_per_epoch):
+        checkpoints.mark_saved(state.step)  # nothing changed: the final one is on disk
+    for line in resume_lines(run, loaded, state):
+        print0(world, line)
+    return loaded
+
+
+def resume_lines(run: Run, loaded: Loaded, state: LoopState) -> list[str]:
+    """What the resume did, for rank 0 to print (quiet runs: only what a resize changed)."""
+    meta, resized = loaded.meta, loaded.meta["world_size"] != run.world.world_size
+    lines = [f"psops_mpi: resuming from {loaded.folder} at step {meta['step']} (epoch "
+             f"{meta['epoch'] + 1}, step {meta['step_in_epoch']} of {meta['steps_per_epoch']})"]
+    changed = changed_settings(meta["config"], run.config.to_dict())
+    if changed:
+        lines.append("psops_mpi: settings changed since the checkpoint: " + ", ".join(changed))
+    if resized:
+        lines.append("psops_mpi: " + loaded.plan.note)
+        if state.resumed_from and state.resumed_from[0] != state.step_in_epoch:
+            lines.append(f"psops_mpi: data order continues in epoch {state.epoch + 1} at step "
+                         f"{state.step_in_epoch} of {state.steps_per_epoch} (the same "
+                         "fraction)")
+    if run.config.quiet:
+        return lines[1:] if resized else []
+    return lines
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``name old -> new`` for every setting but those of one launch that differs."""
+    pso_before = before.get("pso")
+    flat_before = {**before, **(pso_before if isinstance(pso_before, dict) else {})}
+    flat_now = {**now, **now["pso"]}
+    return [f"{k} {flat_before.get(k)!r} -> {v!r}" for k, v in flat_now.items()
+            if k != "pso" and k not in LAUNCH_SETTINGS and flat_before.get(k) != v]
+
+
+# ---- what the user sees
+
+def describe(run: Run) -> str:
+    cfg, world = run.config, run.world
+    rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
+    return (f"psops_mpi: {cfg.algo} ({rule}) on {cfg.dataset}, model {cfg.model} with "
+            f"{run.sync.flat.numel:,} parameters, {world.world_size} rank(s) on "
+            f"{world.device.type}, {run.batches.steps_per_epoch} steps/epoch of "
+            f"{cfg.batch_size} per rank")
+
+
+def announce(run: Run, loaded: Loaded | None) -> None:
+    """The start lines on rank 0 and the ``start`` metrics event."""
+    env = environment()
+    if not run.config.quiet:
+        print0(run.world, describe(run))
+        print0(run.world, f"psops_mpi: {env['mpi_library']} (mpi4py {env['mpi4py']}); "
+                          f"{run.world.cuda_aware.describe()}")
+    run.metrics.append = loaded is not None
+    run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
+                      num_params=run.sync.flat.numel, environment=env,
+                      cuda_aware=run.world.cuda_aware.describe(),
+                      resumed_from=loaded and str(loaded.folder))
+
+
+def finish(run: Run, final: dict[str, Any]) -> dict[str, Any]:
+    """The ``final`` metrics event and line."""
+    final = {**final, "world_size": run.world.world_size, "num_params": run.sync.flat.numel,
+             "config": run.config.to_dict()}
+    run.metrics.write("final", **final)
+    run.metrics.close()
+    print0(run.world, f"final: test acc {final['test_acc']:.4f}  test loss "
+                      f"{final['test_loss']:.4f}  {final['wall_s']:.1f}s  {final['steps']} steps")
+    return final
