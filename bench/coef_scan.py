@@ -22,32 +22,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jobs
 
 DEFAULT_TRIPLES = "0,0,1;0.5,0,1;0.5,0.2,1;0.2,0.2,1.2;0,0.5,1.5;0.5,0.5,1;0.729,1.49,1.49"
 COMMON = ["--epochs", "60", "--lr", "0.1", "--sync-every", "8", "--quiet"]
 
 
 def run_one(ranks: int, args: list[str], seed: int, timeout: float) -> float | None:
-    """One training launch; its final test accuracy (None if it failed or diverged)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = Path(tmp) / "m.jsonl"
-        cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable, "-m",
-               "psops_mpi.train", *COMMON, *args, "--seed", str(seed),
-               "--metrics-out", str(metrics)]
-        try:
-            subprocess.run(cmd, check=True, timeout=timeout, capture_output=True)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            print(f"  failed: {' '.join(cmd)}: {exc}", file=sys.stderr)
-            return None
-        final = json.loads(metrics.read_text().splitlines()[-1])
-        return final["test_acc"]
+    """One training launch; its final test accuracy (None if it failed)."""
+    job = jobs.run_job([*COMMON, *args, "--seed", str(seed)], ranks, timeout=timeout)
+    if job.final is None:
+        print(f"  failed: {jobs.shown(job.cmd)}: {job.error}", file=sys.stderr)
+        return None
+    return job.final["test_acc"]
 
 
 VARIANTS = {

@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from psops_mpi.errors import UsageError
 from psops_mpi.flat import FlatBuffers, FlatParams
-from psops_mpi.loop import LoopState, train
+from psops_mpi.loop import LoopState, Run, train
 from psops_mpi.metrics import environment
-from psops_mpi.run import Run, checkpointer, prepare
+from psops_mpi.run import checkpointer, prepare
 from psops_mpi.sync import Synchronizer, SyncMetrics
 from psops_mpi.world import NodeLocal, abort_on_error, agree, node_local
 

@@ -45,24 +45,22 @@ Duration on a 2-core VM shared with other jobs: the full sweep (130 runs, seeds 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jobs
 import netem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = jobs.REPO
 SYNC_PERIODS = (1, 4, 16, 64)
 # dataset -> (model, epochs) of the accuracy grid
 ACCURACY_SETUPS = {"mnist1d": ("cnn1d", 20), "fashion-mnist": ("lenet", 2)}
@@ -108,10 +106,9 @@ class Spec:
         return (f"{self.link}/{self.dataset}/{self.model}/e{self.epochs}/p{self.ranks}/"
                 f"{algo}/n{self.sync_every}/s{self.seed}/m{self.max_steps}")
 
-    def train_args(self, metrics: Path) -> list[str]:
+    def train_args(self) -> list[str]:
         args = ["--dataset", self.dataset, "--model", self.model, "--epochs", str(self.epochs),
-                "--seed", str(self.seed), "--threads", "1", "--quiet",
-                "--metrics-out", str(metrics)]
+                "--seed", str(self.seed), "--threads", "1", "--quiet"]
         if self.algo != "ddp":
             args += ["--algo", self.algo, "--sync-every", str(self.sync_every)]
         if self.max_steps:
@@ -205,13 +202,6 @@ def interleave(specs: list[Spec], seed: int) -> list[Spec]:
 
 # ---------------------------------------------------------------------------- one run
 
-def launch_command(spec: Spec, metrics: Path, launcher: list[str]) -> list[str]:
-    """``mpiexec -n P python -m psops_mpi.train ...`` (or the DDP script) for one spec."""
-    target = ([str(REPO / "bench" / "ddp_ssgd.py")] if spec.algo == "ddp"
-              else ["-m", "psops_mpi.train"])
-    return [*launcher, str(spec.ranks), sys.executable, *target, *spec.train_args(metrics)]
-
-
 def summarise(spec: Spec, events: list[dict]) -> dict:
     """What the report needs from one run's metrics file."""
     final = events[-1]
@@ -235,49 +225,21 @@ def summarise(spec: Spec, events: list[dict]) -> dict:
 def run_one(spec: Spec, link: netem.EmulatedLink | None, launcher: list[str],
             timeout: float) -> dict:
     """Launch one job (inside the emulated link if any) and return its record."""
-    with tempfile.TemporaryDirectory(prefix="psops-sweep-") as tmp:
-        metrics = Path(tmp) / "metrics.jsonl"
-        cmd = launch_command(spec, metrics, launcher)
-        if link is not None:
-            link.set_rate(spec.link)
-            cmd = link.wrap(cmd)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        record: dict = {**asdict(spec), "key": spec.key, "load_avg": os.getloadavg()[0],
-                        "started": now(), "cmd": " ".join(_shown(cmd))}
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            proc.returncode = 124
-        except BaseException:  # the sweep is stopped (SIGTERM, Ctrl-C): stop its job too
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        record["launch_s"] = round(time.monotonic() - start, 3)
-        record["rc"] = proc.returncode
-        events = ([json.loads(line) for line in metrics.read_text().splitlines()]
-                  if metrics.exists() else [])
-        if proc.returncode == 0 and events and events[-1].get("event") == "final":
-            record.update(summarise(spec, events))
-        else:
-            record["error"] = " ".join(err.split())[-400:] or f"exit code {proc.returncode}"
-        return record
-
-
-def _shown(cmd: list[str]) -> list[str]:
-    """The command as a reader would type it (no temp paths, no interpreter path)."""
-    names = {sys.executable: "python", shutil.which("mpiexec"): "mpiexec"}
-    out = [names.get(c, c) for c in cmd]
-    if "--metrics-out" in out:
-        out[out.index("--metrics-out") + 1] = "F.jsonl"
-    return [str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c for c in out]
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    wrap = None
+    if link is not None:
+        link.set_rate(spec.link)
+        wrap = link.wrap
+    record: dict = {**asdict(spec), "key": spec.key, "load_avg": os.getloadavg()[0],
+                    "started": jobs.now()}
+    script = str(REPO / "bench" / "ddp_ssgd.py") if spec.algo == "ddp" else None
+    job = jobs.run_job(spec.train_args(), spec.ranks, launcher=launcher, script=script,
+                       timeout=timeout, wrap=wrap)
+    record.update(cmd=jobs.shown(job.cmd), launch_s=round(job.seconds, 3), rc=job.rc)
+    if job.final is not None:
+        record.update(summarise(spec, job.events))
+    else:
+        record["error"] = job.error
+    return record
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -377,7 +339,7 @@ def at_ranks(specs: list[Spec], ranks: list[int]) -> list[Spec]:
 def launcher_prefix(args: argparse.Namespace) -> list[str]:
     if args.launcher == "srun":
         return ["srun", f"--mpi={args.srun_mpi}", "-n"]
-    return [shutil.which("mpiexec") or "mpiexec", "-n"]
+    return jobs.mpiexec_prefix()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = {"command": "python bench/sweep.py " + " ".join(sys.argv[1:] if argv is None
                                                            else argv),
-            "started": now(), "planned_runs": total, "seeds": args.seeds,
+            "started": jobs.now(), "planned_runs": total, "seeds": args.seeds,
             "links": {lk: netem.describe(lk) for lk in args.links.split(",")},
             "machine": machine(), "load_avg_start": os.getloadavg()}
     earlier = previous_sweeps(out / "sweep.json") if args.resume else []
@@ -425,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if link is not None:
             link.close()
-    meta.update(finished=now(), duration_s=round(time.monotonic() - start, 1),
+    meta.update(finished=jobs.now(), duration_s=round(time.monotonic() - start, 1),
                 load_avg_end=os.getloadavg())
     write_meta(out / "sweep.json", meta, earlier)
     print(f"sweep: {count} runs in {meta['duration_s']:.0f}s -> {runs_path}", flush=True)

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,17 +19,30 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
+from psops_mpi import data
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.config import TrainConfig
-from psops_mpi.data import eval_shard
-from psops_mpi.metrics import Progress
-from psops_mpi.sync import ResizePlan
-
-if TYPE_CHECKING:
-    from psops_mpi.run import Run
+from psops_mpi.metrics import MetricsWriter, Progress
+from psops_mpi.sync import ResizePlan, Synchronizer
+from psops_mpi.world import World
 
 EVAL_BATCH = 1024
 LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-host sync)
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built and checked before the first step
+    (:func:`psops_mpi.run.build_run`)."""
+
+    config: TrainConfig
+    world: World
+    dataset: data.Dataset
+    batches: data.ShardedBatches
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sync: Synchronizer
+    metrics: MetricsWriter
 
 
 @dataclass
@@ -160,7 +173,7 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer) -> dict[str, An
     rank)."""
     cfg, world = run.config, run.world
     last = total_steps(cfg, state.steps_per_epoch)
-    test_x, test_y = eval_shard(run.dataset, world.rank, world.world_size)
+    test_x, test_y = data.eval_shard(run.dataset, world.rank, world.world_size)
     progress = Progress(last, world.is_root, cfg.quiet)
     # Resumed from the checkpoint written after its epoch's evaluation: evaluate again for the
     # final line, but do not report the epoch twice.

@@ -1,9 +1,9 @@
-"""A training run put together: built and checked before the first step, its stateful parts
-handed to the checkpoint, its resume, and what it tells the user at start and end."""
+"""A training run put together: built and checked before the first step (:class:`Run`), its
+stateful parts handed to the checkpoint, its resume, and what it tells the user at start and
+end."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +17,15 @@ from psops_mpi.checkpoint.parts import ModelPart, OptimizerPart, RNGPart, Statef
 from psops_mpi.checkpoint.resume import Loaded, resume
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.cli import parse_config
-from psops_mpi.config import IDENTITY_SETTINGS, LAUNCH_SETTINGS, TrainConfig
+from psops_mpi.config import IDENTITY_SETTINGS, LAUNCH_SETTINGS
 from psops_mpi.errors import UsageError
-from psops_mpi.loop import LoopState
+from psops_mpi.loop import LoopState, Run
 from psops_mpi.metrics import MetricsWriter, check_writable, environment
-from psops_mpi.sync import Synchronizer, make_sync
-from psops_mpi.world import NodeLocal, World, agree, init_world, print0
+from psops_mpi.sync import make_sync
+from psops_mpi.world import NodeLocal, agree, init_world, print0
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
 OWN_PARTS = ("optimizer", "rng")  # what a rank that joins a resized run starts afresh
-
-
-@dataclass
-class Run:
-    """Everything a training run is made of, built and checked before the first step."""
-
-    config: TrainConfig
-    world: World
-    dataset: data.Dataset
-    batches: data.ShardedBatches
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    sync: Synchronizer
-    metrics: MetricsWriter
 
 
 def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[str, Any]:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 import netem  # noqa: E402
-import report  # noqa: E402
+import runs as sweep_runs  # noqa: E402
 
 
 def run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -73,9 +73,9 @@ def test_bad_link_name_is_one_line_and_exit_2() -> None:
 def test_time_to_target_counts_unreached_seeds_as_infinite() -> None:
     curve_fast = [[1, 1.0, 0.5], [2, 2.0, 0.8]]
     curve_never = [[1, 1.0, 0.5], [2, 2.0, 0.6]]
-    assert report.time_to(curve_fast, 0.7) == 2.0
-    assert report.time_to(curve_never, 0.7) is None
+    assert sweep_runs.time_to(curve_fast, 0.7) == 2.0
+    assert sweep_runs.time_to(curve_never, 0.7) is None
     runs = [{"curve": curve_fast}, {"curve": curve_fast}, {"curve": curve_never}]
-    assert report.ttt(runs, 0.7) == (2.0, 2, 3)
-    assert report.ttt(runs[1:], 0.7) == (None, 1, 2)  # median over {2.0, inf} is inf
-    assert report.speedup(10.0, 2.0) == 5.0 and report.speedup(10.0, None) is None
+    assert sweep_runs.ttt(runs, 0.7) == (2.0, 2, 3)
+    assert sweep_runs.ttt(runs[1:], 0.7) == (None, 1, 2)  # median over {2.0, inf} is inf
+    assert sweep_runs.speedup(10.0, 2.0) == 5.0 and sweep_runs.speedup(10.0, None) is None
