@@ -1,7 +1,7 @@
 """Work with checkpoints from the shell, without MPI:
 
-    python -m psops_mpi.checkpoint export CKPT OUT.pt   # the global best as a state_dict
-    python -m psops_mpi.checkpoint inspect CKPT         # step, world size, config, fitnesses
+    python -m psops_mpi.checkpoint export CKPT OUT.pt   # the run's answer as a state_dict
+    python -m psops_mpi.checkpoint inspect CKPT         # step, world size, summaries, config
 
 CKPT is one ``step-N`` folder or a ``--checkpoint-dir`` (then its newest checkpoint). The
 exported file loads with ``model.load_state_dict(torch.load("OUT.pt"))``. Bad input: one line

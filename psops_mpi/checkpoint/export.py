@@ -101,7 +101,14 @@ def inspect_lines(path: str | Path) -> tuple[list[str], bool]:
         lines.append(f"{entry['rank']:>4}  {cells}{entry['bytes']:>11,}  {status}")
     lines.append("config")
     config = meta["config"]
-    for key, value in {**config, **config.get("pso", {})}.items():
-        if key != "pso":
-            lines.append(f"  {key} = {value!r}")
+    for key, value in _flat_items(config):
+        lines.append(f"  {key} = {value!r}")
     return lines, all_ok
+
+
+def _flat_items(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Settings with nested groups (a dict value) listed inline."""
+    out: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        out.extend(_flat_items(value) if isinstance(value, dict) else [(key, value)])
+    return out

@@ -9,12 +9,12 @@ attribute ``c`` of group ``name``. This module also holds the parts torch object
 
 Shard contents of a training run (HDF5 paths):
 
-    model/position      (N,)  the flat trainable parameters (a particle's position)
+    model/position      (N,)  the flat trainable parameters
     model/buffers       (B,)  the flat floating-point buffers (BatchNorm statistics), if any
     model/other/<key>         every other state_dict entry (integer buffers, frozen parameters)
     optimizer/<i>/<key>       the local optimizer's per-parameter state (SGD: momentum)
     rng/torch_cpu, rng/torch_cuda   global torch generator states
-    sync/...                  the synchroniser's state_dict (counters; PSO-PS: sync/swarm/...)
+    sync/...                  the synchroniser's state_dict (its own layout)
     loop/...                  where the training loop is (step, epoch, this epoch's sums)
 """
 

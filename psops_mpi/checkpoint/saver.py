@@ -53,7 +53,7 @@ class Checkpointer:
     def after_step(self, step: int, poll_clock: bool) -> None:
         """Called after every training step but the last, on every rank; writes a checkpoint
         when one is due. The clock is read only where ``poll_clock`` (the loop says when):
-        each look is a broadcast, and one per step would undo what PA and PSO-PS save."""
+        each look is a broadcast, and one per step would undo what rare rounds save."""
         if self.root is None:
             return
         due = self.every > 0 and step % self.every == 0
