@@ -16,6 +16,7 @@ __all__ = [
     "PSOConfig",
     "PSOSync",
     "SSGDSync",
+    "SlowMoSync",
     "SyncMetrics",
     "Synchronizer",
     "TrainConfig",
@@ -23,7 +24,8 @@ __all__ = [
     "make_sync",
 ]
 __version__ = "0.2.0"
-_FROM_SYNC = {"PASync", "PSOSync", "SSGDSync", "SyncMetrics", "Synchronizer", "make_sync"}
+_FROM_SYNC = {"PASync", "PSOSync", "SSGDSync", "SlowMoSync", "SyncMetrics", "Synchronizer",
+              "make_sync"}
 
 
 def __getattr__(name: str) -> Any:

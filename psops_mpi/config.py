@@ -76,8 +76,6 @@ class PSOConfig:
     fitness then a broadcast of the best particle (O(N) bytes)."""
     gbest_memory: Literal["round", "all"] = "round"
     """Global best: this round's best particle, or the best ever seen."""
-    reset_momentum: bool = False
-    """Clear the local optimizer's state (momentum) after every round."""
     pso_kernel: Literal["fused", "reference"] = "fused"
     """PSO update: the one-pass custom op (psops_mpi.kernels), or plain torch ops."""
 
@@ -98,10 +96,11 @@ class PSOConfig:
 class TrainConfig:
     """One training run: algorithm, data, model, optimizer and output."""
 
-    algo: Literal["pso-ps", "pa", "ssgd"] = "pso-ps"
-    """Synchronisation algorithm: PSO-PS, periodic averaging (PA) or synchronous SGD."""
+    algo: Literal["pso-ps", "pa", "slowmo", "ssgd"] = "pso-ps"
+    """Synchronisation algorithm: PSO-PS, periodic averaging (PA), SlowMo (PA plus a slow
+    momentum step) or synchronous SGD."""
     sync_every: int = field(default=8, metadata={"metavar": "N"})
-    """Local steps per round (PSO-PS, PA; SSGD synchronises every step)."""
+    """Local steps per round (PSO-PS, PA, SlowMo; SSGD synchronises every step)."""
     dataset: Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"] = "mnist1d"
     """Dataset (see Data for the files each one reads)."""
     data_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
@@ -120,10 +119,18 @@ class TrainConfig:
     """SGD momentum."""
     weight_decay: float = field(default=5e-4, metadata={"metavar": "WD"})
     """SGD weight decay (L2)."""
+    reset_momentum: bool = False
+    """Clear the local optimizer's state (momentum) after every round (PSO-PS, SlowMo)."""
     seed: int = field(default=0, metadata={"metavar": "S"})
     """Seed of initial weights, data order, augmentation and swarm."""
     pso: PSOConfig = field(default_factory=PSOConfig)
     """Particle-swarm settings (PSO-PS only); their flags are listed with the others."""
+    outer_lr: float = 1.0
+    """SlowMo: the slow learning rate alpha of the outer step (1: the full step)."""
+    outer_momentum: float = 0.6
+    """SlowMo: the slow momentum beta (0 with --outer-lr 1: plain PA)."""
+    outer_nesterov: bool = False
+    """SlowMo: Nesterov's form of the outer step (DiLoCo's) instead of heavy ball."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """One GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is present,
     else CPU."""
@@ -168,6 +175,10 @@ class TrainConfig:
         _non_negative("--momentum", self.momentum)
         _non_negative("--weight-decay", self.weight_decay)
         _non_negative("--checkpoint-every-min", self.checkpoint_every_min)
+        _positive("--outer-lr", self.outer_lr)
+        _non_negative("--outer-momentum", self.outer_momentum)
+        if self.outer_momentum >= 1:
+            raise UsageError(f"--outer-momentum must be below 1, got {self.outer_momentum!r}")
         if not self.model:
             raise UsageError("--model must not be empty")
         if not self.resume:

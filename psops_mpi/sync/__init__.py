@@ -14,10 +14,11 @@ from psops_mpi.sync.base import ResizePlan, Synchronizer, SyncMetrics
 from psops_mpi.sync.flat_sync import FlatSynchronizer
 from psops_mpi.sync.pa import PASync
 from psops_mpi.sync.pso_ps import PSOSync
+from psops_mpi.sync.slowmo import SlowMoSync
 from psops_mpi.sync.ssgd import SSGDSync
 
-__all__ = ["FlatSynchronizer", "PASync", "PSOSync", "ResizePlan", "SSGDSync", "SyncMetrics",
-           "Synchronizer", "make_sync"]
+__all__ = ["FlatSynchronizer", "PASync", "PSOSync", "ResizePlan", "SSGDSync", "SlowMoSync",
+           "SyncMetrics", "Synchronizer", "make_sync"]
 
 
 def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -28,5 +29,11 @@ def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
         return SSGDSync(model, optimizer, comm, 1, cuda_aware)
     if config.algo == "pa":
         return PASync(model, optimizer, comm, config.sync_every, cuda_aware)
+    if config.algo == "slowmo":
+        return SlowMoSync(model, optimizer, comm, config.sync_every, outer_lr=config.outer_lr,
+                          outer_momentum=config.outer_momentum,
+                          outer_nesterov=config.outer_nesterov,
+                          reset_momentum=config.reset_momentum, cuda_aware=cuda_aware)
     return PSOSync(model, optimizer, comm, config.sync_every, config=config.pso,
-                   seed=config.seed, fitness_fn=fitness_fn, cuda_aware=cuda_aware)
+                   seed=config.seed, fitness_fn=fitness_fn,
+                   reset_momentum=config.reset_momentum, cuda_aware=cuda_aware)

@@ -39,6 +39,7 @@ class PSOSync(FlatSynchronizer):
         fitness_fn: returns the loss that is this particle's fitness, for
             ``config.fitness == 'holdout'``; by default the mean training loss passed to
             :meth:`after_step` since the last round.
+        reset_momentum: clear the local optimizer's state (momentum) after every round.
     """
 
     extra_slots = 1
@@ -47,13 +48,15 @@ class PSOSync(FlatSynchronizer):
                  comm: MPI.Comm | None = None, sync_every: int = 8, *,
                  config: PSOConfig | None = None, seed: int = 0,
                  fitness_fn: Callable[[], torch.Tensor] | None = None,
-                 cuda_aware: bool = False, **overrides: object) -> None:
+                 reset_momentum: bool = False, cuda_aware: bool = False,
+                 **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         super().__init__(model, optimizer, comm, sync_every, cuda_aware)
         if self.config.fitness == "holdout" and fitness_fn is None:
             raise ValueError("fitness 'holdout' needs a fitness_fn that returns the loss")
         self.fitness_fn = fitness_fn
+        self.reset_momentum = reset_momentum
         self.swarm = Swarm(self.flat.data, self.config, seed, self.rank)
         n = self.flat.numel
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.flat.data.device)
@@ -99,7 +102,7 @@ class PSOSync(FlatSynchronizer):
         if self.config.c3 > 0 and self._gathered is not None:
             self._pull_to_mean()
         self.average_buffers()
-        if self.config.reset_momentum or diverged:  # a diverged particle's momentum is too
+        if self.reset_momentum or diverged:  # a diverged particle's momentum is too
             self.optimizer.state.clear()
         self._loss_sum.zero_()
 

@@ -1,0 +1,76 @@
+"""SlowMo (Wang et al., ICLR 2020): periodic averaging, then a slow (outer) momentum step.
+
+Every ``sync_every`` steps, with ``a`` the weights every rank started the period from (the
+anchor), ``m`` the mean of the ranks' weights (one Allreduce: PA's bytes) and ``lr`` the local
+learning rate of the period's last step:
+
+    d = (a - m) / lr                     the period's pseudo-gradient
+    u = beta * u + d                     slow momentum
+    a = a - alpha * lr * u               heavy ball, or with Nesterov:
+    a = a - alpha * lr * (d + beta * u)  (DiLoCo's outer Nesterov)
+
+and every rank continues from the new anchor. Dividing by ``lr`` keeps ``u`` in gradient units
+while a schedule changes the rate, as the paper does. alpha = 1 with beta = 0 is PA exactly
+(the new weights are computed as ``m + (1 - alpha) * lr * d - alpha * lr * beta * u``, so that
+case adds zeros to the mean).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi.flat import flat_buffer, load_into
+from psops_mpi.sync.flat_sync import FlatSynchronizer
+
+
+class SlowMoSync(FlatSynchronizer):
+    """Periodic averaging with an outer momentum step on the averaged pseudo-gradient.
+
+    Args:
+        model, optimizer, comm, sync_every, cuda_aware: as :class:`FlatSynchronizer`.
+        outer_lr: alpha, the slow learning rate (1: the full outer step).
+        outer_momentum: beta, the slow momentum (0: plain PA at ``outer_lr`` 1).
+        outer_nesterov: Nesterov's form of the outer step instead of heavy ball.
+        reset_momentum: clear the local optimizer's state (momentum) after every round.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 comm: MPI.Comm | None = None, sync_every: int = 8, *,
+                 outer_lr: float = 1.0, outer_momentum: float = 0.6,
+                 outer_nesterov: bool = False, reset_momentum: bool = False,
+                 cuda_aware: bool = False) -> None:
+        super().__init__(model, optimizer, comm, sync_every, cuda_aware)
+        self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
+        self.outer_nesterov, self.reset_momentum = outer_nesterov, reset_momentum
+        data = self.flat.data
+        self.anchor = flat_buffer(data.numel(), data.dtype, data.device).copy_(data)
+        self.momentum = flat_buffer(data.numel(), data.dtype, data.device)
+
+    def _round(self) -> None:
+        x, alpha, beta = self.flat.data, self.outer_lr, self.outer_momentum
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.exchange.allreduce_mean_(x)  # x is now the mean m
+        if lr > 0:
+            delta = self.anchor.sub_(x).div_(lr)  # d, in the anchor's memory
+            if self.outer_nesterov:
+                self.momentum.mul_(beta).add_(delta)
+                x.add_(delta, alpha=(1 - alpha) * lr).add_(self.momentum, alpha=-alpha * lr * beta)
+            else:
+                x.add_(delta, alpha=(1 - alpha) * lr).add_(self.momentum, alpha=-alpha * lr * beta)
+                self.momentum.mul_(beta).add_(delta)
+        self.anchor.copy_(x)
+        self.average_buffers()
+        if self.reset_momentum:
+            self.optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "anchor": self.anchor, "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        load_into(self.anchor, state["anchor"])
+        load_into(self.momentum, state["momentum"])
