@@ -1,27 +1,34 @@
-"""Scan PSO-PS coefficients (w, c1, c2) on MNIST-1D beside SSGD and PA; the evidence for the
-defaults in ``psops_mpi/config.py``.
+"""Scan PSO-PS rules and coefficients on MNIST-1D beside SSGD, PA and SlowMo; the evidence for
+the defaults in ``psops_mpi/config.py``.
 
-What it measures: final test accuracy of the default training run (cnn1d on mnist1d, 60 epochs,
-batch 32 per rank, SGD lr 0.1 momentum 0.9, cosine schedule, --sync-every 8) for each
-coefficient triple and seed, plus SSGD and PA on the same run, at the given rank counts.
+What it measures: final test accuracy of the default training run (cnn1d on mnist1d, 60
+epochs, batch 32 per rank, SGD lr 0.1 momentum 0.9, cosine schedule) for each setting of a
+group, seed, rank count and ``--sync-every``. Groups:
+
+- ``coefficients``: PSO-PS (w, c1, c2) triples of the paper's rule (``--triples``);
+- ``options``: the paper's rule with one option changed at a time;
+- ``rules``: the rules explored to beat averaging: SlowMo's slow momentum, the pull to the
+  swarm's mean (c3), the swarm's mean as the answer, and the centre rule.
+
 Each run is one ``mpiexec -n P python -m psops_mpi.train`` launch, so this script itself is
 not started under MPI:
 
     python bench/coef_scan.py --ranks 2,4 --seeds 0,1,2 --out bench/results/coef_scan.md
-    python bench/coef_scan.py --variants --ranks 2,4 --out bench/results/pso_variants.md
+    python bench/coef_scan.py --group options --ranks 2,4 --out bench/results/pso_variants.md
+    python bench/coef_scan.py --group rules --ranks 4 --sync-every 4,16,64 \\
+        --raw bench/results/rules/runs.jsonl --out bench/results/rules/README.md
 
-``--variants`` keeps the default coefficients and changes one PSO-PS option at a time
-(momentum reset, holdout fitness, all-time global best, best-only exchange).
-
-Takes about 10 s per run on a 2-core machine (a full default scan: ~30 runs, ~6 minutes).
-Prints a table of mean and min/max accuracy over seeds per setting; ``--out`` saves it with
-the command, date and versions.
+With ``--raw`` every run is appended to a JSON-lines file as it ends and a run already there is
+not repeated, so a long scan continues where an interrupted one stopped. About 10-20 s per run
+on a 2-core machine. Prints a table of mean and min - max accuracy over seeds per setting;
+``--out`` saves it with the command and date.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,66 +38,115 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jobs
 
 DEFAULT_TRIPLES = "0,0,1;0.5,0,1;0.5,0.2,1;0.2,0.2,1.2;0,0.5,1.5;0.5,0.5,1;0.729,1.49,1.49"
-COMMON = ["--epochs", "60", "--lr", "0.1", "--sync-every", "8", "--quiet"]
-
-
-def run_one(ranks: int, args: list[str], seed: int, timeout: float) -> float | None:
-    """One training launch; its final test accuracy (None if it failed)."""
-    job = jobs.run_job([*COMMON, *args, "--seed", str(seed)], ranks, timeout=timeout)
-    if job.final is None:
-        print(f"  failed: {jobs.shown(job.cmd)}: {job.error}", file=sys.stderr)
-        return None
-    return job.final["test_acc"]
-
-
-VARIANTS = {
-    "pso-ps defaults": [],
-    "pso-ps --reset-momentum": ["--reset-momentum"],
-    "pso-ps --fitness holdout": ["--fitness", "holdout"],
-    "pso-ps --gbest-memory all": ["--gbest-memory", "all"],
-    "pso-ps --exchange best": ["--exchange", "best"],
+COMMON = ["--epochs", "60", "--lr", "0.1", "--quiet"]
+BASELINES = {"ssgd": "--algo ssgd", "pa": "--algo pa"}
+OPTIONS = {
+    "pso-ps paper": "",
+    "pso-ps --reset-momentum": "--reset-momentum",
+    "pso-ps --fitness holdout": "--fitness holdout",
+    "pso-ps --gbest-memory all": "--gbest-memory all",
+    "pso-ps --exchange best": "--exchange best",
+}
+RULES = {
+    "slowmo b=0.4": "--algo slowmo --outer-momentum 0.4",
+    "slowmo b=0.6": "--algo slowmo --outer-momentum 0.6",
+    "slowmo b=0.8": "--algo slowmo --outer-momentum 0.8",
+    "slowmo nesterov a=0.7 b=0.9": "--algo slowmo --outer-nesterov --outer-lr 0.7 "
+                                   "--outer-momentum 0.9",
+    "pso-ps paper": "",
+    "pso-ps paper c3=0.25": "--c3 0.25",
+    "pso-ps paper c3=0.5": "--c3 0.5",
+    "pso-ps paper c3=0.75": "--c3 0.75",
+    "pso-ps paper c3=1": "--c3 1",
+    "pso-ps paper answer=mean": "--answer mean",
+    "pso-ps paper c3=0.5 answer=mean": "--c3 0.5 --answer mean",
+    "pso-ps centre w=0.6 c2=0": "--pso-preset centre --w 0.6 --c2 0",
+    "pso-ps centre w=0.6 c2=0.1": "--pso-preset centre --w 0.6 --c2 0.1",
+    "pso-ps centre w=0.6 c2=0.3": "--pso-preset centre --w 0.6 --c2 0.3",
+    "pso-ps centre w=0.6 c2=1": "--pso-preset centre --w 0.6 --c2 1",
+    "pso-ps centre w=0.4 c2=0.1": "--pso-preset centre --w 0.4 --c2 0.1",
+    "pso-ps centre w=0.8 c2=0.1": "--pso-preset centre --w 0.8 --c2 0.1",
 }
 
 
-def settings(triples: str, variants: bool) -> list[tuple[str, list[str]]]:
-    out = [("ssgd", ["--algo", "ssgd"]), ("pa", ["--algo", "pa"])]
-    if variants:  # the default coefficients with one option changed at a time
-        return out + [(name, ["--algo", "pso-ps", *extra]) for name, extra in VARIANTS.items()]
-    for triple in triples.split(";"):
-        w, c1, c2 = triple.split(",")
-        out.append((f"pso-ps w={w} c1={c1} c2={c2}",
-                    ["--algo", "pso-ps", "--w", w, "--c1", c1, "--c2", c2]))
+def settings(group: str, triples: str) -> dict[str, list[str]]:
+    """Setting name -> training flags; PSO-PS settings start from the paper's preset."""
+    if group == "coefficients":
+        chosen = {f"pso-ps w={w} c1={c1} c2={c2}": f"--w {w} --c1 {c1} --c2 {c2}"
+                  for w, c1, c2 in (t.split(",") for t in triples.split(";"))}
+    else:
+        chosen = OPTIONS if group == "options" else RULES
+    out = {name: flags.split() for name, flags in BASELINES.items()}
+    for name, flags in chosen.items():
+        algo = [] if "--algo" in flags else ["--algo", "pso-ps", "--pso-preset", "paper"]
+        out[name] = [*algo, *flags.split()]
     return out
 
 
-def row(name: str, ranks: int, accs: list[float | None]) -> str:
+def run_one(ranks: int, sync: int, args: list[str], seed: int, timeout: float) -> dict:
+    """One training launch; its record (``test_acc`` None if it failed)."""
+    flags = [*COMMON, "--sync-every", str(sync), *args, "--seed", str(seed)]
+    job = jobs.run_job(flags, ranks, timeout=timeout)
+    if job.final is None:
+        print(f"  failed: {jobs.shown(job.cmd)}: {job.error}", file=sys.stderr)
+    final = job.final or {}
+    return {"ranks": ranks, "sync_every": sync, "seed": seed, "flags": args,
+            "cmd": jobs.shown(job.cmd), "rc": job.rc, "test_acc": final.get("test_acc"),
+            "wall_s": final.get("wall_s"), "started": jobs.now()}
+
+
+def row(name: str, ranks: int, sync: int, accs: list[float | None]) -> str:
     ok = [a for a in accs if a is not None]
     if not ok:
-        return f"| {ranks} | {name} | failed | | {len(accs)} |"
-    return (f"| {ranks} | {name} | {statistics.mean(ok):.4f} | {min(ok):.4f} – {max(ok):.4f} "
-            f"| {len(ok)}/{len(accs)} |")
+        return f"| {ranks} | {sync} | {name} | failed | | {len(accs)} |"
+    return (f"| {ranks} | {sync} | {name} | {statistics.mean(ok):.4f} | "
+            f"{min(ok):.4f} – {max(ok):.4f} | {len(ok)}/{len(accs)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group", choices=("coefficients", "options", "rules"),
+                        default="coefficients")
     parser.add_argument("--ranks", default="2,4", help="comma-separated rank counts")
+    parser.add_argument("--sync-every", default="8", help="comma-separated sync periods")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--triples", default=DEFAULT_TRIPLES, help="'w,c1,c2;w,c1,c2;...'")
-    parser.add_argument("--variants", action="store_true",
-                        help="scan the PSO-PS options at the default coefficients instead")
+    parser.add_argument("--only", help="comma-separated setting names to run (default: all)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--raw", type=Path, help="append run records here; skip runs in it")
     parser.add_argument("--out", help="write the table (markdown) here")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines = ["| ranks | setting | mean test acc | min – max | runs |", "|---|---|---|---|---|"]
+    done = {}
+    if args.raw and args.raw.exists():
+        for line in args.raw.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["name"], r["ranks"], r["sync_every"], r["seed"])] = r
+    chosen = settings(args.group, args.triples)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    lines = ["| ranks | sync every | setting | mean test acc | min – max | runs |",
+             "|---|---|---|---|---|---|"]
     for ranks in (int(r) for r in args.ranks.split(",")):
-        for name, extra in settings(args.triples, args.variants):
-            accs = [run_one(ranks, extra, seed, args.timeout) for seed in seeds]
-            lines.append(row(name, ranks, accs))
-            print(lines[-1], flush=True)
+        for sync in (int(n) for n in args.sync_every.split(",")):
+            for name, flags in chosen.items():
+                if name == "ssgd" and sync != int(args.sync_every.split(",")[0]):
+                    continue  # SSGD synchronises every step: one row per rank count
+                accs = []
+                for seed in seeds:
+                    record = done.get((name, ranks, sync, seed))
+                    if record is None:
+                        record = {"name": name, **run_one(ranks, sync, flags, seed,
+                                                          args.timeout)}
+                        if args.raw:
+                            args.raw.parent.mkdir(parents=True, exist_ok=True)
+                            with args.raw.open("a") as fh:
+                                fh.write(json.dumps(record) + "\n")
+                    accs.append(record["test_acc"])
+                lines.append(row(name, ranks, sync, accs))
+                print(lines[-1], flush=True)
     if args.out:
-        title = "options" if args.variants else "coefficient"
-        header = (f"# PSO-PS {title} scan on MNIST-1D\n\nMeasured {datetime.date.today()} "
+        header = (f"# PSO-PS {args.group} scan on MNIST-1D\n\nMeasured {datetime.date.today()} "
                   f"with `python bench/coef_scan.py {' '.join(sys.argv[1:])}`; every run: "
                   f"`{' '.join(COMMON)}` (cnn1d, batch 32 per rank), seeds {args.seeds}. "
                   "A run that crashed counts as failed; one that diverged stays in with its "

@@ -180,7 +180,8 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
     pso = {k: v for k, v in values.items() if k in pso_names}
     top = {k: v for k, v in values.items() if k not in pso_names}
     try:
-        return TrainConfig(**top, pso=PSOConfig(**pso))
+        return TrainConfig(**top, pso=PSOConfig.from_preset(
+            pso.pop("pso_preset", PSOConfig().pso_preset), **pso))
     except TypeError as exc:  # a wrongly typed value from TOML, e.g. a string for an int
         raise UsageError(f"bad setting: {exc}") from None
 

@@ -21,6 +21,20 @@ LAUNCH_SETTINGS = frozenset({
     "cuda_aware", "allow_gpu_sharing", "data_dir"})
 
 
+# Named PSO-PS settings (--pso-preset); flags given beside a preset override it. The field
+# defaults below are the default preset's values (a test checks).
+PSO_PRESETS: dict[str, dict[str, Any]] = {
+    # Ye et al.'s rule: each particle moves on its own towards the round's best particle, and
+    # the best particle is the answer; coefficients chosen on MNIST-1D (bench/results/
+    # coef_scan.md). The default of psops_mpi 0.1.
+    "paper": {"rule": "particle", "w": 0.5, "c1": 0.0, "c2": 1.0, "c3": 0.0,
+              "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
+    # The swarm moves as one from its centre, inertia as slow momentum, pulled to the best.
+    "centre": {"rule": "centre", "w": 0.6, "c1": 0.0, "c2": 0.1, "c3": 0.0,
+               "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
+}
+
+
 def _positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise UsageError(f"{name} must be a positive number, got {value!r}")
@@ -56,6 +70,10 @@ def check_choices(obj: object) -> None:
 class PSOConfig:
     """Coefficients of the particle-swarm step applied at every PSO-PS round."""
 
+    pso_preset: Literal["paper", "centre"] = "paper"
+    """Named PSO-PS settings that the PSO flags given beside it override: paper (each particle
+    moves on its own, Ye et al.'s rule) or centre (the swarm moves as one); see "PSO-PS
+    presets"."""
     w: float = 0.5
     """PSO inertia: the share of the previous velocity a particle keeps."""
     c1: float = 0.0
@@ -64,8 +82,8 @@ class PSOConfig:
     c2: float = 1.0
     """PSO pull towards the global best."""
     c3: float = 0.0
-    """After the move, pull each particle this share of the way to the swarm's mean (allgather
-    exchange only; see bench/results/mean_pull.md); 1 puts every particle at the mean."""
+    """After the move, pull each particle this share of the way to the swarm's mean (see
+    bench/results/mean_pull.md); 1 puts every particle at the mean."""
     vmax: float | None = field(default=None, metadata={"metavar": "V"})
     """Clamp every velocity component to [-vmax, vmax]; none: no clamp."""
     fitness: Literal["train", "holdout"] = "train"
@@ -76,8 +94,22 @@ class PSOConfig:
     fitness then a broadcast of the best particle (O(N) bytes)."""
     gbest_memory: Literal["round", "all"] = "round"
     """Global best: this round's best particle, or the best ever seen."""
+    rule: Literal["particle", "centre"] = "particle"
+    """PSO-PS move: every particle moves on its own (the paper's), or the swarm moves as one
+    from its centre, with inertia w as a slow momentum and a pull c2 to the best particle."""
+    answer: Literal["gbest", "mean"] = "gbest"
+    """What evaluation and export use: the global best particle, or the mean of the particles
+    (the centre rule has one answer: its centre)."""
     pso_kernel: Literal["fused", "reference"] = "fused"
     """PSO update: the one-pass custom op (psops_mpi.kernels), or plain torch ops."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PSOConfig:
+        """The settings of preset ``name`` with ``overrides`` applied."""
+        if name not in PSO_PRESETS:
+            raise UsageError(f"unknown pso preset {name!r}; choose one of: "
+                             f"{', '.join(PSO_PRESETS)}")
+        return cls(**{**PSO_PRESETS[name], **overrides, "pso_preset": name})
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -87,9 +119,9 @@ class PSOConfig:
             raise UsageError(f"--c3 must be between 0 and 1, got {self.c3!r}")
         if self.vmax is not None:
             _positive("--vmax", self.vmax)
-        if self.c3 > 0 and self.exchange != "allgather":
-            raise UsageError("--c3 needs --exchange allgather: the swarm's mean needs every "
-                             "particle")
+        if self.rule == "centre" and (self.c1 > 0 or self.c3 > 0):
+            raise UsageError("--rule centre moves the swarm as one: it takes no --c1 (personal "
+                             "bests) and no --c3 (every particle is at the centre already)")
 
 
 @dataclass(kw_only=True)

@@ -134,17 +134,19 @@ class Swarm:
         self.gbest_fitness = fitness
         self.gbest_owner = owner
 
-    def move(self, deterministic: bool = False) -> None:
+    def move(self, deterministic: bool = False, key_rank: int | None = None) -> None:
         """One PSO step of this particle, then advance the round counter.
 
         Before any finite fitness was seen there is no global best: the step is skipped
-        rather than pulling particles towards a meaningless point.
+        rather than pulling particles towards a meaningless point. ``key_rank`` replaces this
+        particle's rank in the key of the random draws (the same draws on every rank).
         """
         if self.gbest_owner >= 0:
             cfg = self.config
             update = pso_update_ if cfg.pso_kernel == "reference" else pso_update_fused_
+            rank = self.rank if key_rank is None else key_rank
             update(self.x, self.v, self.pbest, self.gbest, w=cfg.w, c1=cfg.c1, c2=cfg.c2,
-                   vmax=cfg.vmax, key=rng_key(self.seed, self.round, self.rank),
+                   vmax=cfg.vmax, key=rng_key(self.seed, self.round, rank),
                    deterministic=deterministic)
         self.round += 1
 

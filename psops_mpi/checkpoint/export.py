@@ -40,20 +40,22 @@ def _slices(flat: np.ndarray, entries: list, what: str) -> dict[str, np.ndarray]
 
 def export_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
     """The answer of the run in checkpoint ``path`` as a state_dict for its model: the weights
-    its metadata names as the answer (what the synchroniser evaluates), with the buffers of
-    the rank that holds them."""
+    its metadata names as the answer (what the synchroniser evaluates: one rank's array, or
+    rank -1, the mean over all ranks), with the buffers of the rank that holds them (rank 0
+    for a mean)."""
     folder = resolve(path)
     meta = store.read_metadata(folder)
     try:
         index, answer = int(meta["answer"]["rank"]), str(meta["answer"]["array"])
         layout = meta["layout"]
-        entry = meta["shards"][index]
+        entry = meta["shards"][max(index, 0)]  # -1: the mean over all ranks
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise UsageError(f"checkpoint {folder}: its metadata lacks the answer or the model "
                          f"layout ({type(exc).__name__}: {exc})") from None
-    shard = store.read_shard(folder / store.shard_name(index), entry["sha256"], entry["bytes"])
+    shard = store.read_shard(folder / store.shard_name(max(index, 0)), entry["sha256"],
+                             entry["bytes"])
     try:
-        position = shard.arrays[answer]
+        position = shard.arrays[answer] if index >= 0 else _mean_over_shards(folder, meta, answer)
         tensors = _slices(position, layout["params"], "parameter")
         buffers = shard.arrays.get("model/buffers", np.zeros(0, position.dtype))
         tensors.update({name: array for name, array in
@@ -64,6 +66,18 @@ def export_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
                            for key in layout["state_dict_keys"])
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"checkpoint {folder} lacks what a state_dict needs ({exc})") from None
+
+
+def _mean_over_shards(folder: Path, meta: dict[str, Any], key: str) -> np.ndarray:
+    """The mean of array ``key`` over every rank's shard (an answer of rank -1)."""
+    total = None
+    for entry in meta["shards"]:
+        shard = store.read_shard(folder / store.shard_name(entry["rank"]), entry["sha256"],
+                                 entry["bytes"])
+        array = shard.arrays[key]
+        total = array.astype(np.float64) if total is None else total + array
+    assert total is not None
+    return (total / len(meta["shards"])).astype(array.dtype)
 
 
 def _shown(value: Any) -> str:

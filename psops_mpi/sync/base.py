@@ -106,7 +106,8 @@ class Synchronizer(ABC):
 
     def consensus_source(self) -> tuple[int, str | None]:
         """Where a checkpoint holds the weights :meth:`consensus` evaluates: (rank, key of
-        this synchroniser's state holding them), or (rank, None) for that rank's model."""
+        this synchroniser's state holding them), or (rank, None) for that rank's model;
+        rank -1: the mean over all ranks."""
         return 0, None
 
     # ---- metrics

@@ -1,10 +1,20 @@
 """PSO-PS: every rank is a particle; every ``sync_every`` steps a particle-swarm step
 replaces averaging (Ye et al., IJCNN 2020, arXiv 2009.03816).
 
-A round: fitness f_k -> exchange (one Allgather of [x_k ; f_k], or MINLOC + Bcast of the best)
--> personal and global bests -> PSO move of x_k, v_k in place (a particle whose fitness is
-NaN or inf restarts at the global best instead) -> with c3 > 0, a pull towards the swarm's mean
--> average BatchNorm buffers.
+A round: fitness f_k -> exchange (one Allgather of [x_k ; f_k]; or MINLOC + Bcast of the best,
+plus one Allreduce when the swarm's mean m is needed) -> personal and global bests -> the move,
+by ``rule``:
+
+- ``particle`` (the paper's): PSO move of x_k, v_k in place (a particle whose fitness is NaN or
+  inf restarts at the global best instead), then with c3 > 0 a pull towards the mean,
+  x_k += c3 (m - x_k);
+- ``centre``: the swarm moves as one. From the point a every particle started the period at,
+  v = w v + (m - a) + c2 r2 (g - m) and every particle goes to a + v: periodic averaging with
+  inertia w as a slow momentum (SlowMo with alpha 1, beta w, when c2 = 0), pulled towards the
+  round's best particle. r2 is drawn the same on every rank;
+
+-> average BatchNorm buffers. Evaluation and export use the global best g, or the swarm's mean
+(``answer``).
 
 At another world size (a resume): fewer ranks keep the particles with the best personal
 fitness; more ranks start each new particle at the global best, at rest, with fresh momentum.
@@ -22,7 +32,7 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.config import PSOConfig
-from psops_mpi.flat import flat_buffer
+from psops_mpi.flat import flat_buffer, load_into
 from psops_mpi.swarm import Swarm, select_best
 from psops_mpi.sync.base import ResizePlan, SyncMetrics
 from psops_mpi.sync.flat_sync import FlatSynchronizer
@@ -61,11 +71,15 @@ class PSOSync(FlatSynchronizer):
         n = self.flat.numel
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.flat.data.device)
         self._fitness_slot = self.flat.packed[n:]
-        self._gathered = (
-            flat_buffer(self.world_size * (n + 1), self.flat.data.dtype,
-                       self.flat.data.device).view(self.world_size, n + 1)
-            if self.config.exchange == "allgather" else None
-        )
+        dtype, device = self.flat.data.dtype, self.flat.data.device
+        self._gathered = (flat_buffer(self.world_size * (n + 1), dtype, device)
+                          .view(self.world_size, n + 1)
+                          if self.config.exchange == "allgather" else None)
+        centre = self.config.rule == "centre"
+        # [sum of finite x ; their count], for the mean without the allgather's rows
+        self._mean_buf = (flat_buffer(n + 1, dtype, device)
+                          if self._gathered is None and (centre or self.config.c3 > 0) else None)
+        self.anchor = flat_buffer(n, dtype, device).copy_(self.flat.data) if centre else None
         self.last_fitness = math.inf
         self.restarts = 0  # rounds in which this particle had diverged and was restarted
 
@@ -89,22 +103,44 @@ class PSOSync(FlatSynchronizer):
         self._fitness_slot.copy_(fitness)
         self.last_fitness = float(fitness)  # one host sync per round, not per step
         self.swarm.offer_personal(self.last_fitness)
+        finite = math.isfinite(self.last_fitness)
         if self._gathered is not None:
             self._exchange_allgather()
+            mean = self._mean_of_rows()
         else:
+            mean = self._allreduce_mean(finite) if self._mean_buf is not None else None
             self._exchange_best()
-        diverged = not math.isfinite(self.last_fitness) and self.swarm.gbest_owner >= 0
-        if diverged:
+        diverged = not finite and (self.swarm.gbest_owner >= 0 or self.anchor is not None)
+        if self.anchor is not None:
+            self._move_centre(mean)
+        elif diverged:
             self.swarm.restart_at_global()
-            self.restarts += 1
         else:
             self.swarm.move()
-        if self.config.c3 > 0 and self._gathered is not None:
-            self._pull_to_mean()
+            if self.config.c3 > 0 and mean is not None:
+                self.flat.data.add_(mean.sub_(self.flat.data), alpha=self.config.c3)
+        self.restarts += diverged
         self.average_buffers()
         if self.reset_momentum or diverged:  # a diverged particle's momentum is too
             self.optimizer.state.clear()
         self._loss_sum.zero_()
+
+    def _move_centre(self, mean: torch.Tensor | None) -> None:
+        """The swarm moves as one (see the module docstring): x = a + v for every particle."""
+        x, anchor, swarm = self.flat.data, self.anchor, self.swarm
+        assert anchor is not None
+        if mean is None:  # no particle with a finite fitness: stay where the period began
+            x.copy_(anchor)
+            swarm.round += 1
+            return
+        x.copy_(mean)
+        if swarm.gbest_owner >= 0:  # v' = w v + c2 r2 (g - m), x = m + v'
+            swarm.move(key_rank=0)  # the same draws on every rank: one common move
+        else:
+            x.add_(swarm.v, alpha=self.config.w)
+            swarm.round += 1
+        swarm.v.copy_(x).sub_(anchor)  # v = x - a = w v + (m - a) + c2 r2 (g - m)
+        anchor.copy_(x)
 
     def _exchange_allgather(self) -> None:
         gathered = self._gathered
@@ -113,19 +149,31 @@ class PSOSync(FlatSynchronizer):
         if self.swarm.accepts_global(best):
             self.swarm.set_global(gathered[owner, :-1], best, owner)
 
-    def _pull_to_mean(self) -> None:
-        """x += c3 (mean - x), the mean over this round's gathered particles with a finite
-        fitness (a diverged particle would make the mean NaN)."""
+    def _mean_of_rows(self) -> torch.Tensor | None:
+        """The mean over this round's gathered particles with a finite fitness (a diverged
+        particle would make the mean NaN); None if none or not needed."""
         rows = self._gathered
         assert rows is not None
+        if self.anchor is None and self.config.c3 == 0:
+            return None
         finite = torch.isfinite(rows[:, -1])
         if bool(finite.all()):
-            mean = rows[:, :-1].mean(0)
-        elif bool(finite.any()):
-            mean = rows[finite, :-1].mean(0)
+            return rows[:, :-1].mean(0)
+        return rows[finite, :-1].mean(0) if bool(finite.any()) else None
+
+    def _allreduce_mean(self, finite: bool) -> torch.Tensor | None:
+        """The same mean with one Allreduce of [x ; 1] (diverged particles send zeros)."""
+        buf = self._mean_buf
+        assert buf is not None
+        n = self.flat.numel
+        if finite:
+            buf[:n].copy_(self.flat.data)
+            buf[n] = 1.0
         else:
-            return
-        self.flat.data.add_(mean.sub_(self.flat.data), alpha=self.config.c3)
+            buf.zero_()
+        self.exchange.allreduce_mean_(buf)
+        count = float(buf[n])
+        return buf[:n] / count if count > 0 else None
 
     def _exchange_best(self) -> None:
         local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
@@ -139,20 +187,36 @@ class PSOSync(FlatSynchronizer):
 
     @contextmanager
     def consensus(self) -> Iterator[None]:
-        """Evaluate the swarm's answer, the global best position, then restore this particle."""
-        if self.swarm.gbest_owner < 0:  # no finite fitness yet: nothing better to offer
+        """Evaluate the swarm's answer (the global best, or the mean of the particles), then
+        restore this particle."""
+        answer = self._answer()
+        if answer is None:  # every particle holds the answer already
             yield
             return
         saved = self.flat.data.clone()
-        self.flat.data.copy_(self.swarm.gbest)
+        self.flat.data.copy_(answer)
         try:
             yield
         finally:
             self.flat.data.copy_(saved)
 
+    def _answer(self) -> torch.Tensor | None:
+        if self.anchor is not None:  # after a round every particle sits at the centre
+            return None
+        if self.config.answer == "mean":
+            mean = self.flat.data.clone()
+            self.exchange.allreduce_mean_(mean)
+            return mean
+        # no finite fitness yet: nothing better to offer than the particle itself
+        return self.swarm.gbest if self.swarm.gbest_owner >= 0 else None
+
     def consensus_source(self) -> tuple[int, str | None]:
         owner = self.swarm.gbest_owner
-        return (owner, "swarm/gbest") if owner >= 0 else (0, None)
+        if self.anchor is not None or (self.config.answer == "gbest" and owner < 0):
+            return 0, None
+        if self.config.answer == "mean":
+            return -1, None
+        return owner, "swarm/gbest"
 
     def metrics(self) -> SyncMetrics:
         base = super().metrics()
@@ -171,9 +235,12 @@ class PSOSync(FlatSynchronizer):
     def state_dict(self) -> dict[str, Any]:
         """Adds the particle and the fitness in progress: the loss summed since the last round
         (float64, so a resumed round computes the very same fitness)."""
-        return {**super().state_dict(), "loss_sum": float(self._loss_sum),
-                "last_fitness": self.last_fitness, "restarts": self.restarts,
-                "swarm": self.swarm.state_dict()}
+        state = {**super().state_dict(), "loss_sum": float(self._loss_sum),
+                 "last_fitness": self.last_fitness, "restarts": self.restarts,
+                 "swarm": self.swarm.state_dict()}
+        if self.anchor is not None:
+            state["anchor"] = self.anchor
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -181,6 +248,8 @@ class PSOSync(FlatSynchronizer):
         self.last_fitness = float(state["last_fitness"])
         self.restarts = int(state["restarts"])
         self.swarm.load_state_dict(state["swarm"])
+        if self.anchor is not None:
+            load_into(self.anchor, state["anchor"])
 
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:

@@ -37,7 +37,7 @@ def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
         ({"sync_every": "4"}, "--sync-every must be a positive integer"),
         ({"c3": -0.5}, "--c3 must be a finite number >= 0"),
         ({"c3": 1.5}, "--c3 must be between 0 and 1"),
-        ({"c3": 0.5, "exchange": "best"}, "--c3 needs --exchange allgather"),
+        ({"rule": "centre", "c1": 0.2}, "--rule centre moves the swarm as one"),
     ],
 )
 def test_bad_values_raise_one_line(kwargs: dict, needle: str) -> None:
@@ -85,3 +85,18 @@ def test_flag_parse_errors_are_usage_errors() -> None:
         parse_config(["--epochs", "ten"])
     with pytest.raises(UsageError, match="unrecognized arguments"):
         parse_config(["--no-such-flag"])
+
+
+def test_the_default_pso_settings_are_the_default_preset() -> None:
+    default = PSOConfig()
+    assert default == PSOConfig.from_preset(default.pso_preset)
+
+
+def test_a_preset_sets_every_pso_value_and_flags_override_it() -> None:
+    paper = parse_config(["--pso-preset", "paper"]).pso
+    assert (paper.rule, paper.w, paper.c1, paper.c2, paper.c3, paper.answer) == \
+        ("particle", 0.5, 0.0, 1.0, 0.0, "gbest")  # psops_mpi 0.1's default, by hand
+    centre = parse_config(["--pso-preset", "centre", "--w", "0.3"]).pso
+    assert (centre.rule, centre.w, centre.pso_preset) == ("centre", 0.3, "centre")
+    with pytest.raises(UsageError, match="invalid choice"):
+        parse_config(["--pso-preset", "fancy"])

@@ -1,0 +1,107 @@
+"""PSO-PS's rules under MPI: the mean pull over either exchange, the centre rule against
+SlowMo, and the swarm's mean as its answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from psops_mpi import PSOSync, SlowMoSync
+
+pytestmark = pytest.mark.mpi(min_size=2)
+COMM = MPI.COMM_WORLD
+
+
+def mlp(seed: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def gathered(t: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.as_tensor(a) for a in COMM.allgather(t.detach().clone().numpy())]
+
+
+def local_step(model: nn.Module, opt: torch.optim.Optimizer, sync, step: int,
+               nan: bool = False) -> None:
+    """One SGD step on this rank's own batch; ``nan``: this rank's weights turn NaN first."""
+    if nan:
+        with torch.no_grad():
+            next(model.parameters()).fill_(math.nan)
+    gen = torch.Generator().manual_seed(100 * step + COMM.Get_rank())
+    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    opt.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    sync.after_backward()
+    opt.step()
+    sync.after_step(loss)
+
+
+def train_swarm(steps: int = 12, nan_at: int = -1, **pso: object) -> PSOSync:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sync = PSOSync(model, opt, COMM, sync_every=3, seed=5, **pso)
+    for step in range(steps):
+        local_step(model, opt, sync, step, nan=step == nan_at and COMM.Get_rank() == 1)
+    return sync
+
+
+@pytest.mark.parametrize("rule", ["particle", "centre"])
+def test_best_exchange_with_the_mean_matches_the_allgather(rule: str) -> None:
+    pull = {"c3": 0.5} if rule == "particle" else {}
+    via_rows = train_swarm(rule=rule, exchange="allgather", **pull)
+    via_mean = train_swarm(rule=rule, exchange="best", **pull)
+    assert torch.allclose(via_rows.flat.data, via_mean.flat.data, atol=1e-5)
+    assert via_rows.swarm.gbest_owner == via_mean.swarm.gbest_owner
+    n, p = via_mean.flat.numel, COMM.Get_size()
+    # per round: MINLOC of (double, int), a broadcast of N floats and a ring allreduce of
+    # [x ; 1]: O(N) bytes at any P, where the allgather sends (P - 1)(N + 1) floats
+    per_round = 16 + 4 * n + int(2 * (p - 1) / p * 4 * (n + 1))
+    assert via_mean.exchange.bytes_sent == via_mean.rounds * per_round
+
+
+def test_centre_rule_without_the_pull_is_slowmo_with_momentum_w() -> None:
+    sync = train_swarm(rule="centre", w=0.6, c2=0.0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    slowmo = SlowMoSync(model, opt, COMM, 3, outer_lr=1.0, outer_momentum=0.6)
+    for step in range(12):
+        local_step(model, opt, slowmo, step)
+    assert torch.allclose(sync.flat.data, slowmo.flat.data, atol=1e-5)
+    assert not torch.allclose(sync.flat.data, torch.cat(
+        [p.detach().reshape(-1) for p in mlp().parameters()]))  # it trained
+
+
+def test_centre_rule_keeps_one_model_pulled_towards_the_best() -> None:
+    plain = train_swarm(rule="centre", w=0.6, c2=0.0)
+    pulled = train_swarm(rule="centre", w=0.6, c2=1.0)
+    for sync in (plain, pulled):
+        positions = gathered(sync.flat.data)
+        assert all(torch.equal(p, positions[0]) for p in positions)  # every rank at the centre
+    assert not torch.allclose(plain.flat.data, pulled.flat.data)
+
+
+def test_centre_rule_restarts_a_diverged_particle_at_the_centre() -> None:
+    sync = train_swarm(rule="centre", nan_at=4)  # rank 1 diverges in the second period
+    assert torch.isfinite(sync.flat.data).all()
+    assert sync.restarts == (1 if COMM.Get_rank() == 1 else 0)
+    positions = gathered(sync.flat.data)
+    assert all(torch.equal(p, positions[0]) for p in positions)
+
+
+def test_mean_answer_evaluates_the_mean_of_the_particles() -> None:
+    sync = train_swarm(answer="mean", steps=13)  # ends mid-period: particles differ
+    sync.flush()
+    mine = sync.flat.data.clone()
+    expected = torch.stack(gathered(mine)).mean(0)
+    with sync.consensus():
+        assert torch.allclose(sync.flat.data, expected, atol=1e-6)
+        inside = gathered(sync.flat.data)
+    assert all(torch.equal(p, inside[0]) for p in inside)
+    assert torch.equal(sync.flat.data, mine)  # the particle itself is back
+    assert sync.consensus_source() == (-1, None)
