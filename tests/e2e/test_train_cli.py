@@ -41,9 +41,14 @@ def test_default_run_learns_mnist1d_and_writes_final_metrics(tmp_path: Path) -> 
     assert "final: test acc" in res.stdout
 
 
-def shards_of(folder: Path) -> list[h5py.File]:
+def read_shards(folder: Path, *names: str) -> list[dict[str, np.ndarray]]:
+    """The datasets ``names`` of every rank's shard of a checkpoint folder, rank by rank."""
     meta = json.loads((folder / "metadata.json").read_text())
-    return [h5py.File(folder / s["file"], "r") for s in meta["shards"]]
+    arrays = []
+    for entry in meta["shards"]:
+        with h5py.File(folder / entry["file"], "r") as fh:
+            arrays.append({name: fh[name][()] for name in names})
+    return arrays
 
 
 def final_checkpoint(root: Path) -> Path:
@@ -65,12 +70,7 @@ def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
     assert final["world_size"] == 4 and final["config"]["algo"] == algo
     assert final["test_acc"] > 0.5
     name = "swarm/gbest" if algo == "pso-ps" else "model/position"
-    files = shards_of(final_checkpoint(ckpt))
-    try:
-        models = [fh[name][()] for fh in files]
-    finally:
-        for fh in files:
-            fh.close()
+    models = [shard[name] for shard in read_shards(final_checkpoint(ckpt), name)]
     for rank, weights in enumerate(models[1:], start=1):
         np.testing.assert_allclose(weights, models[0], rtol=1e-6, atol=1e-7,
                                    err_msg=f"rank {rank} ends on another model than rank 0")
@@ -135,14 +135,10 @@ def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
     steps = 2 * (80 // 16)  # 2 epochs of 80 images per rank
     assert final["config"]["dataset"] == "cifar10" and final["steps"] == steps
     assert final["num_params"] == 269_722 and math.isfinite(final["test_loss"])
-    files = shards_of(final_checkpoint(ckpt))
-    try:
-        probes = [(int(fh["model/other/0.batches"][()]), int(fh["model/other/0.padded"][()]))
-                  for fh in files]
-        buffers = [fh["model/buffers"][()] for fh in files]
-    finally:
-        for fh in files:
-            fh.close()
+    shards = read_shards(final_checkpoint(ckpt), "model/other/0.batches",
+                         "model/other/0.padded", "model/buffers")
+    probes = [(int(s["model/other/0.batches"]), int(s["model/other/0.padded"])) for s in shards]
+    buffers = [s["model/buffers"] for s in shards]
     assert probes == [(steps, steps)] * 2  # every batch of every rank held padding
     fresh = [b.detach().reshape(-1) for b in user_models.resnet20_with_probe(
         (3, 32, 32), 10).buffers() if b.is_floating_point()]
@@ -170,9 +166,8 @@ def test_lr_schedule_gives_every_step_its_learning_rate(tmp_path: Path) -> None:
         for meta_file in sorted(ckpt.glob("step-*/metadata.json")):
             meta = json.loads(meta_file.read_text())
             assert meta["layout"]["params"][0] == ["clock", [1]]  # first in model/position
-            for fh in shards_of(meta_file.parent):
-                with fh:
-                    clock = float(fh["model/position"][0])
+            for shard in read_shards(meta_file.parent, "model/position"):
+                clock = float(shard["model/position"][0])
                 assert clock == pytest.approx(-sum(rate[: meta["step"]]), abs=1e-5), (
                     schedule, meta["step"])
             seen.append(meta["step"])
