@@ -21,6 +21,9 @@ LAUNCH_SETTINGS = frozenset({
     "cuda_aware", "allow_gpu_sharing", "data_dir"})
 
 
+DatasetName = Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"]
+DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
+
 # Named PSO-PS settings (--pso-preset); flags given beside a preset override it. The field
 # defaults below are the default preset's values (a test checks).
 PSO_PRESETS: dict[str, dict[str, Any]] = {
@@ -133,7 +136,7 @@ class TrainConfig:
     momentum step) or synchronous SGD."""
     sync_every: int = field(default=8, metadata={"metavar": "N"})
     """Local steps per round (PSO-PS, PA, SlowMo; SSGD synchronises every step)."""
-    dataset: Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"] = "mnist1d"
+    dataset: DatasetName = "mnist1d"
     """Dataset (see Data for the files each one reads)."""
     data_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Folder holding the dataset files (mnist, fashion-mnist, cifar10)."""

@@ -166,7 +166,8 @@ def resume_lines(run: Run, loaded: Loaded, state: LoopState) -> list[str]:
     if changed:
         lines.append("psops_mpi: settings changed since the checkpoint: " + ", ".join(changed))
     if resized:
-        lines.append("psops_mpi: " + loaded.plan.note)
+        lines.append(f"psops_mpi: the checkpoint has {meta['world_size']} rank(s), this job "
+                     f"{run.world.world_size}: {loaded.plan.note}")
         if state.resumed_from and state.resumed_from[0] != state.step_in_epoch:
             lines.append(f"psops_mpi: data order continues in epoch {state.epoch + 1} at step "
                          f"{state.step_in_epoch} of {state.steps_per_epoch} (the same "

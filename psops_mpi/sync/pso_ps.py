@@ -259,7 +259,6 @@ class PSOSync(FlatSynchronizer):
         sources = keep_best_particles(fits, new_size)
         old_size, owner = len(fits), summary.get("gbest_owner", -1)
         has_gbest = isinstance(owner, int) and 0 <= owner < old_size
-        head = f"the checkpoint has {old_size} rank(s), this job {new_size}: "
         if new_size < old_size:
             kept = ", ".join(f"{r} ({fits[r]:.4g})" for r in sources if r is not None)
             dropped = ", ".join(str(r) for r in range(old_size) if r not in sources)
@@ -271,7 +270,7 @@ class PSOSync(FlatSynchronizer):
                      if has_gbest else "particle 0's position (no round yet)")
             note = (f"rank(s) {new} start new particles at {where} with zero velocity and "
                     "fresh optimizer state")
-        return ResizePlan(sources, owner if has_gbest else 0, head + note)
+        return ResizePlan(sources, owner if has_gbest else 0, note)
 
     def on_resize(self, plan: ResizePlan) -> None:
         super().on_resize(plan)

@@ -13,6 +13,7 @@ import h5py
 import pytest
 
 from tests.helpers.launch import launch
+from tests.helpers.shards import flip_in_dataset
 
 MODEL = "tests.helpers.checkpoint_models:bn_net"
 RUN = ["--dataset", "synthetic", "--model", MODEL, "--epochs", "1", "--sync-every", "4",
@@ -36,10 +37,8 @@ def rewrite_metadata(folder: Path, rank: int) -> None:
 
 
 def flip_byte(folder: Path) -> None:
-    path = folder / "rank-00001.h5"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    """One weight changed inside the data: a valid HDF5 file that only the checksum refuses."""
+    flip_in_dataset(folder / "rank-00001.h5", "model/position", index=5)
 
 
 def truncate(folder: Path) -> None:

@@ -9,8 +9,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+import torch
 
+from tests.helpers import user_models
 from tests.helpers.formats import CIFAR_FILES, write_cifar_py, write_file, write_idx_set
 from tests.helpers.launch import launch
 
@@ -37,15 +41,46 @@ def test_default_run_learns_mnist1d_and_writes_final_metrics(tmp_path: Path) -> 
     assert "final: test acc" in res.stdout
 
 
+def read_shards(folder: Path, *names: str) -> list[dict[str, np.ndarray]]:
+    """The datasets ``names`` of every rank's shard of a checkpoint folder, rank by rank."""
+    meta = json.loads((folder / "metadata.json").read_text())
+    arrays = []
+    for entry in meta["shards"]:
+        with h5py.File(folder / entry["file"], "r") as fh:
+            arrays.append({name: fh[name][()] for name in names})
+    return arrays
+
+
+def final_checkpoint(root: Path) -> Path:
+    folders = sorted(root.glob("step-*/metadata.json"))
+    assert folders, f"no checkpoint in {root}"
+    return folders[-1].parent
+
+
 @pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-ps"])
 def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
-    metrics = tmp_path / "m.jsonl"
+    """Four ranks end on one model (PA and SSGD: every rank's weights; PSO-PS: the global
+    best), and each rank sent what the README says its algorithm sends."""
+    metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--algo", algo, "--dataset", "synthetic", "--epochs", "3", "--quiet",
-                  "--exchange", "best", "--metrics-out", str(metrics)], ranks=4)
+                  "--exchange", "best", "--metrics-out", str(metrics),
+                  "--checkpoint-dir", str(ckpt)], ranks=4)
     assert res.returncode == 0, res.stderr
     final = read_metrics(metrics)[-1]
     assert final["world_size"] == 4 and final["config"]["algo"] == algo
     assert final["test_acc"] > 0.5
+    name = "sync/swarm/gbest" if algo == "pso-ps" else "model/position"
+    models = [shard[name] for shard in read_shards(final_checkpoint(ckpt), name)]
+    for rank, weights in enumerate(models[1:], start=1):
+        np.testing.assert_allclose(weights, models[0], rtol=1e-6, atol=1e-7,
+                                   err_msg=f"rank {rank} ends on another model than rank 0")
+    # The synthetic mlp has no BatchNorm: only weights (or gradients) travel. 4 ranks:
+    # an allreduce sends 2(P-1)/P*4N = 6N bytes per rank; PSO-PS 'best' 4N + 16 per round.
+    n = final["num_params"]
+    assert n == 32 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    expected = {"ssgd": final["steps"] * 6 * n, "pa": final["rounds"] * 6 * n,
+                "pso-ps": final["rounds"] * (4 * n + 16)}[algo]
+    assert final["rounds"] >= 3 and final["comm_bytes_per_rank"] == expected
 
 
 @pytest.mark.parametrize("ranks", [0, 1], ids=["singleton", "mpiexec-n1"])
@@ -86,15 +121,74 @@ def bad_cifar_dir(base: Path) -> Path:
 
 
 def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
+    """PA trains resnet20 on CIFAR-10 files: every training batch was augmented (random
+    crops leave zero padding, counted by a probe in front of the model), and the BatchNorm
+    statistics were trained and end the same on both ranks."""
     write_cifar_py(tmp_path / "cifar-10-batches-py", n=32)  # 160 train, 32 test images
-    metrics = tmp_path / "m.jsonl"
-    res = launch(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet20",
+    metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    res = launch(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--algo", "pa",
+                  "--model", "tests.helpers.user_models:resnet20_with_probe",
                   "--epochs", "2", "--batch-size", "16", "--sync-every", "2",
-                  "--metrics-out", str(metrics)], ranks=2)
+                  "--metrics-out", str(metrics), "--checkpoint-dir", str(ckpt)], ranks=2)
     assert res.returncode == 0, res.stderr
     final = read_metrics(metrics)[-1]
-    assert final["config"]["dataset"] == "cifar10" and final["steps"] == 2 * (80 // 16)
+    steps = 2 * (80 // 16)  # 2 epochs of 80 images per rank
+    assert final["config"]["dataset"] == "cifar10" and final["steps"] == steps
     assert final["num_params"] == 269_722 and math.isfinite(final["test_loss"])
+    shards = read_shards(final_checkpoint(ckpt), "model/other/0.batches",
+                         "model/other/0.padded", "model/buffers")
+    probes = [(int(s["model/other/0.batches"]), int(s["model/other/0.padded"])) for s in shards]
+    buffers = [s["model/buffers"] for s in shards]
+    assert probes == [(steps, steps)] * 2  # every batch of every rank held padding
+    fresh = [b.detach().reshape(-1) for b in user_models.resnet20_with_probe(
+        (3, 32, 32), 10).buffers() if b.is_floating_point()]
+    assert not np.allclose(buffers[0], torch.cat(fresh).numpy())  # statistics were trained
+    np.testing.assert_allclose(buffers[1], buffers[0], rtol=1e-6, atol=1e-7)
+
+
+def test_lr_schedule_gives_every_step_its_learning_rate(tmp_path: Path) -> None:
+    """The model's extra parameter gets gradient 1 at every step, so under plain SGD it sits
+    at minus the sum of the learning rates so far; checkpoints every 5 of the 20 steps show
+    the cosine schedule (lr/2 (1 + cos(pi step / 20))) and a constant one, by hand."""
+    lr, num_steps = 0.1, 20
+    rates = {"cosine": [lr * 0.5 * (1 + math.cos(math.pi * j / num_steps))
+                        for j in range(num_steps)],
+             "constant": [lr] * num_steps}
+    for schedule, rate in rates.items():
+        ckpt = tmp_path / schedule
+        res = launch(["--dataset", "synthetic", "--model", "tests.helpers.user_models:lr_clock",
+                      "--algo", "pa", "--lr", str(lr), "--lr-schedule", schedule,
+                      "--momentum", "0", "--weight-decay", "0", "--max-steps", str(num_steps),
+                      "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5",
+                      "--keep-last", "10", "--quiet"], ranks=2)
+        assert res.returncode == 0, res.stderr
+        seen = []
+        for meta_file in sorted(ckpt.glob("step-*/metadata.json")):
+            meta = json.loads(meta_file.read_text())
+            assert meta["layout"]["params"][0] == ["clock", [1]]  # first in model/position
+            for shard in read_shards(meta_file.parent, "model/position"):
+                clock = float(shard["model/position"][0])
+                assert clock == pytest.approx(-sum(rate[: meta["step"]]), abs=1e-5), (
+                    schedule, meta["step"])
+            seen.append(meta["step"])
+        assert seen == [5, 10, 15, 20]
+
+
+def test_fitness_holdout_from_the_command_line(tmp_path: Path) -> None:
+    """With --fitness holdout a particle's fitness is its loss on the holdout batch in eval
+    mode; this model outputs zero logits there, so every fitness is ln(10) exactly, far
+    from the training loss it would be with the default fitness."""
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--dataset", "synthetic", "--model",
+                  "tests.helpers.user_models:constant_in_eval", "--fitness", "holdout",
+                  "--sync-every", "4", "--max-steps", "16", "--quiet",
+                  "--metrics-out", str(metrics)], ranks=2)
+    assert res.returncode == 0, res.stderr
+    events = read_metrics(metrics)
+    epoch, final = [e for e in events if e["event"] == "epoch"][-1], events[-1]
+    assert final["config"]["pso"]["fitness"] == "holdout" and epoch["rounds"] == 4
+    assert epoch["gbest_fitness"] == pytest.approx(math.log(10), abs=1e-6)
+    assert epoch["train_loss"] < math.log(10) - 0.5  # what the training loss would give
 
 
 BAD_INPUTS = {

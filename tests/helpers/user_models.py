@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 
@@ -85,3 +86,76 @@ class _NanOnRankZero(nn.Module):
 
 def nan_on_rank_zero(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return _NanOnRankZero(tiny_mlp(input_shape, num_classes))
+
+
+class _UnitGrad(torch.autograd.Function):
+    """Identity on ``x``; the gradient it hands ``clock`` is 1 whatever the data and loss."""
+
+    @staticmethod
+    def forward(ctx, x, clock):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones(1, dtype=grad.dtype, device=grad.device)
+
+
+class _LrClock(nn.Module):
+    """A model with one extra parameter, ``clock``, whose gradient is exactly 1 at every
+    training step: under plain SGD (no momentum, no weight decay) it moves by -lr per step,
+    so ``-clock`` is the sum of the learning rates used so far."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.clock = nn.Parameter(torch.zeros(1))
+        self.inner = inner
+
+    def forward(self, x):
+        if self.training:
+            x = _UnitGrad.apply(x, self.clock)
+        return self.inner(x)
+
+
+def lr_clock(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _LrClock(tiny_mlp(input_shape, num_classes))
+
+
+class _ConstantInEval(nn.Module):
+    """Trains normally; in eval mode outputs zero logits, so any loss evaluated there (the
+    holdout fitness, the test loss) is ln(num_classes) exactly."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out if self.training else torch.zeros_like(out)
+
+
+def constant_in_eval(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _ConstantInEval(tiny_mlp(input_shape, num_classes))
+
+
+class _AugmentationProbe(nn.Module):
+    """Counts training batches, and those holding an exact 0.0: a standardised CIFAR pixel is
+    never exactly 0 (the channel means times 255 are not integers), only the zero padding
+    of a random crop is, so with augmentation on nearly every batch has some."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("padded", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.batches += 1
+            self.padded += int(bool((x == 0).any()))
+        return x
+
+
+def resnet20_with_probe(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The built-in resnet20 behind an :class:`_AugmentationProbe` (no parameters of its own)."""
+    from psops_mpi.models import build_model
+
+    return nn.Sequential(_AugmentationProbe(), build_model("resnet20", input_shape, num_classes))

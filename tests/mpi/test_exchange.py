@@ -51,6 +51,8 @@ def test_bcast_from_last_rank(ex: Exchange, device: str) -> None:
     buf = torch.full((5,), float(ex.rank), device=device)
     ex.bcast_(buf, root)
     assert torch.all(buf == root)
+    # Counted as one buffer on every rank (the root sends it, each relay passes it on).
+    assert ex.bytes_sent == 5 * 4 and ex.calls == 1
 
 
 @pytest.mark.parametrize(
@@ -64,3 +66,5 @@ def test_bcast_from_last_rank(ex: Exchange, device: str) -> None:
 )
 def test_minloc(ex: Exchange, values, expected) -> None:
     assert ex.minloc(values(ex.rank)) == expected(ex.world_size)
+    # One C struct {double; int}: 8 + 4 bytes, padded to 16 (the README's "+ 16 bytes").
+    assert ex.bytes_sent == 16 and ex.calls == 1

@@ -146,17 +146,109 @@ def test_both_exchanges_follow_the_same_trajectory() -> None:
     assert fitness == sorted(fitness, reverse=True)  # memory 'all' never gets worse
 
 
-def test_rounds_average_batchnorm_statistics_and_can_reset_momentum() -> None:
+def new_sync(cls: type, model: nn.Module, opt, sync_every: int, **kw):
+    if cls is SSGDSync:
+        return SSGDSync(model, opt, COMM)
+    return cls(model, opt, COMM, sync_every, **kw)
+
+
+@pytest.mark.parametrize("cls", [PASync, SSGDSync, PSOSync])
+def test_a_round_replaces_batchnorm_statistics_by_their_mean_over_ranks(cls) -> None:
+    """Every rank feeds the net differently scaled data, so its running statistics differ;
+    the round (PA, PSO-PS: every 3 steps; SSGD: at flush) must leave every rank holding the
+    mean of all ranks' statistics as they were just before it, gathered here."""
     model = bn_net(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sync = PSOSync(model, opt, COMM, sync_every=3, reset_momentum=True)
+    sync = new_sync(cls, model, opt, 3, **({"reset_momentum": True} if cls is PSOSync else {}))
+    rank = COMM.Get_rank()
     for step in range(3):
         x, y = global_batch(step)
         part = my_part(x)
-        sgd_step(model, opt, sync, x[part] * (COMM.Get_rank() + 1), y[part])
-    buffers = gathered(sync.buffers.data)
-    assert all(torch.allclose(b, buffers[0]) for b in buffers)
-    assert sync.rounds == 1 and len(opt.state) == 0
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x[part] * (rank + 1) + rank), y[part])
+        loss.backward()
+        sync.after_backward()
+        opt.step()
+        if step == 2:
+            before = gathered(sync.buffers.data)  # every rank's statistics before the round
+        sync.after_step(loss)
+    sync.flush()  # SSGD averages its statistics here; PA and PSO-PS have nothing pending
+    assert sync.rounds == 1
+    expected = torch.stack(before).mean(0)
+    assert not torch.allclose(before[0], expected, atol=1e-3)  # rank 0's copy is not the mean
+    assert torch.allclose(sync.buffers.data, expected, rtol=1e-6, atol=1e-6)
+    running_mean = model[1].running_mean  # the module's own buffer is a view of the flat one
+    assert torch.equal(running_mean, sync.buffers.data[: running_mean.numel()])
+    if cls is PSOSync:
+        assert len(opt.state) == 0  # reset_momentum cleared the momentum at the round
+
+
+def allreduce_bytes(numel: int, size: int) -> int:
+    """README: an allreduce sends 2(P-1)/P of a buffer of 4-byte floats per rank."""
+    return 2 * (size - 1) * 4 * numel // size
+
+
+@pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-allgather", "pso-best"])
+def test_bytes_sent_per_rank_follow_the_readme(algo: str) -> None:
+    """Two rounds of a BatchNorm net (N parameters, B float buffers), counted against the
+    README's table: SSGD 2(P-1)/P*4N per step, PA the same per round, PSO-PS (P-1)*4(N+1)
+    with allgather or 4N + 16 with best (Bcast of the best particle plus the MINLOC pair),
+    and every round's averaging of the buffers 2(P-1)/P*4B."""
+    model = bn_net(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    size = COMM.Get_size()
+    num_params = sum(p.numel() for p in model.parameters())
+    num_buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    assert (num_params, num_buffers) == (99, 16)  # by hand: 6*8+8 + 8+8 + 8*3+3; 8 + 8
+    if algo == "ssgd":
+        sync = SSGDSync(model, opt, COMM)
+    elif algo == "pa":
+        sync = PASync(model, opt, COMM, 2)
+    else:
+        sync = PSOSync(model, opt, COMM, 2, exchange=algo.removeprefix("pso-"))
+    assert sync.exchange.bytes_sent == 0  # the initial broadcast is setup, not training
+    for step in range(4):
+        x, y = global_batch(step)
+        part = my_part(x)
+        sgd_step(model, opt, sync, x[part], y[part])
+    sync.flush()
+    buffers = allreduce_bytes(num_buffers, size)
+    expected = {
+        "ssgd": 4 * allreduce_bytes(num_params, size) + buffers,  # 4 steps, 1 round at flush
+        "pa": 2 * (allreduce_bytes(num_params, size) + buffers),
+        "pso-allgather": 2 * ((size - 1) * 4 * (num_params + 1) + buffers),
+        "pso-best": 2 * (4 * num_params + 16 + buffers),
+    }[algo]
+    calls = {"ssgd": 4 + 1, "pa": 2 * 2, "pso-allgather": 2 * 2, "pso-best": 2 * 3}[algo]
+    assert sync.exchange.counters()["comm_bytes"] == sync.exchange.bytes_sent == expected
+    assert sync.exchange.counters()["comm_calls"] == calls
+
+
+def test_holdout_fitness_decides_the_global_best_not_the_training_loss() -> None:
+    """The training losses rank the particles one way (rank 0 best), the holdout fitness the
+    other way (the last rank best): with fitness 'holdout' the last rank's particle must be
+    the global best on every rank, with its holdout value as the global fitness."""
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    calls = []
+
+    def holdout() -> torch.Tensor:
+        calls.append(1)
+        return torch.tensor(10.0 * (size - rank))
+
+    model = mlp(6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sync = PSOSync(model, opt, COMM, sync_every=2, fitness="holdout", fitness_fn=holdout)
+    for step in range(2):
+        x, y = global_batch(step)
+        part = my_part(x)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+        positions = gathered(sync.flat.data)
+        sync.after_step(torch.tensor(float(rank)))  # the "training loss": rank 0 is best
+    assert sync.rounds == 1 and len(calls) == 1  # one holdout evaluation per round
+    assert (sync.swarm.gbest_owner, sync.swarm.gbest_fitness) == (size - 1, 10.0)
+    assert torch.equal(sync.swarm.gbest, positions[size - 1])
 
 
 def test_consensus_evaluates_gbest_then_restores_the_particle() -> None:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,32 @@ def why_not() -> str | None:
     if missing:
         return f"Slurm/munge programs missing ({', '.join(missing)}): {INSTALL}"
     return None
+
+
+def in_ci(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this is a CI run (``CI=true``, as GitHub, GitLab and most CI services set)."""
+    value = (os.environ if environ is None else environ).get("CI", "")
+    return value.strip().lower() in ("true", "1", "yes")
+
+
+def start_for_tests(root: Path, environ: Mapping[str, str] | None = None) -> LocalSlurm:
+    """:func:`start` for the test tier. Where a prerequisite is absent (:func:`why_not`) the
+    tier skips, saying why; where everything is installed but the cluster does not start, it
+    skips too on a workstation, but under ``CI=true`` it fails with the reason: CI installs
+    Slurm on purpose, and a tier that silently vanished would let the run pass untested."""
+    import pytest
+
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    try:
+        return start(root)
+    except SlurmUnavailable as exc:
+        message = f"local Slurm did not start: {exc}"
+    if in_ci(environ):  # outside the except block: the report is the reason alone
+        pytest.fail(f"{message}\n(CI=true and Slurm is installed: the Slurm tier must run)",
+                    pytrace=False)
+    pytest.skip(message)
 
 
 def _program(name: str) -> str:

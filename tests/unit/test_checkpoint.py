@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -26,6 +27,7 @@ from psops_mpi.checkpoint.parts import (
 )
 from psops_mpi.checkpoint.resume import same_choice
 from psops_mpi.loop import LoopState
+from tests.helpers.shards import flip_in_dataset
 
 
 def plan_sources(fits: list[float], new_size: int, pso: bool) -> list[int | None]:
@@ -77,6 +79,25 @@ def test_damaged_shard_is_one_usage_error(tmp_path: Path, damage: str) -> None:
     with pytest.raises(UsageError) as err:
         store.read_shard(path, sha, size)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_value_changed_inside_an_array_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    """A flipped bit in the data region leaves a valid HDF5 file holding one wrong weight:
+    only the sha256 against the metadata can refuse it, when loading and when verifying."""
+    path = tmp_path / "s.h5"
+    position = np.linspace(-1, 1, 100, dtype=np.float32)
+    shard = store.Shard({"model/position": position, "swarm/velocity": position}, {"rank": 0})
+    sha, size = store.write_shard(path, shard, step=1)
+    flip_in_dataset(path, "model/position", index=7)
+    with h5py.File(path, "r") as fh:  # h5py alone sees nothing wrong
+        damaged = fh["model/position"][()]
+    assert np.flatnonzero(damaged != position).tolist() == [7]
+    assert path.stat().st_size == size
+    with pytest.raises(UsageError, match="does not match its checksum") as err:
+        store.read_shard(path, sha, size)
+    assert str(path) in str(err.value)
+    with pytest.raises(UsageError, match="does not match its size and checksum"):
+        store.verify_shard_file(path, sha, size)
 
 
 def make_checkpoint(root: Path, step: int, epoch: int, in_epoch: int, per_epoch: int,

@@ -3,12 +3,20 @@ reports and the environment; plus the real query of the loaded MPI library."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
 
 import pytest
 from mpi4py import MPI
 
-from psops_mpi.cuda_aware import decide, loaded_mpi_libraries, query_library, resolve
+from psops_mpi.cuda_aware import (
+    OFF_SWITCHES,
+    decide,
+    loaded_mpi_libraries,
+    query_library,
+    resolve,
+)
 
 
 def test_cpu_tensors_need_no_decision() -> None:
@@ -63,14 +71,36 @@ def test_loaded_mpi_libraries_parses_proc_maps(tmp_path: Path) -> None:
     assert loaded_mpi_libraries(str(tmp_path / "missing")) == []
 
 
+def cuda_support_by_the_other_query(paths: list[str]) -> bool | None:
+    """A second opinion: ``MPIX_Query_cuda_support()`` (MPICH >= 4, Open MPI >= 2) called
+    directly, where the code under test asks ``MPIX_GPU_query_support`` first."""
+    for path in paths:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        fn = getattr(lib, "MPIX_Query_cuda_support", None)
+        if fn is not None:
+            fn.restype, fn.argtypes = ctypes.c_int, []
+            return fn() == 1
+    return None
+
+
+PYPI_MPICH = "https://pypi.org/p/mpich/"  # in MPI_Get_library_version of the `mpich` wheel
+
+
 def test_the_loaded_mpi_library_is_found_and_queried() -> None:
     paths = loaded_mpi_libraries()
     assert paths, "importing mpi4py.MPI loads an MPI library"
+    assert all(Path(p).is_file() for p in paths)
     answer = query_library()
-    if "MPICH" in MPI.Get_library_version() or "Open MPI" in MPI.Get_library_version():
-        assert answer in (True, False)  # both have a query (MPICH >= 4, Open MPI >= 2)
-    else:  # pragma: no cover - other libraries
-        assert answer in (True, False, None)
+    assert answer == cuda_support_by_the_other_query(paths)
+    version = MPI.Get_library_version()
+    if PYPI_MPICH in version:  # the MPI of this project's machines and CI
+        # The wheel is built without CUDA (no --with-cuda in its configure line): the query
+        # exists (MPICH 5) and says no, so `auto` stages CUDA buffers through host memory.
+        assert "--with-cuda" not in version
+        assert answer is False
+        if not any(os.environ.get(v) for v in OFF_SWITCHES):
+            assert resolve("auto", "cuda") == decide("auto", "cuda", False, {})
+            assert resolve("auto", "cuda").reason == "auto: the MPI library reports no CUDA support"
 
 
 def test_libraries_without_the_query_give_no_answer() -> None:

@@ -100,26 +100,38 @@ def test_num_parameters_counts_elements() -> None:
     assert num_parameters(torch.nn.Linear(3, 2)) == 8
 
 
-@pytest.mark.parametrize(("dataset", "expected"), sorted(DEFAULT_MODELS.items()))
-def test_auto_picks_dataset_default(dataset: str, expected: str) -> None:
-    assert DEFAULT_MODELS[dataset] == expected
-    shapes = {"cnn1d": (1, 40), "lenet": (1, 28, 28), "resnet20": (3, 32, 32), "mlp": (32,)}
+# What `--model auto` builds for each dataset, written out by hand from the README ("`--model
+# auto` picks ...") and its Models table: the model's name and its parameter count.
+AUTO = {
+    "mnist1d": ("cnn1d", (1, 40), 8_010),
+    "mnist": ("lenet", (1, 28, 28), 61_706),
+    "fashion-mnist": ("lenet", (1, 28, 28), 61_706),
+    "cifar10": ("resnet20", (3, 32, 32), 269_722),
+    "synthetic": ("mlp", (32,), 32 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10),
+}
+
+
+def test_every_dataset_has_its_documented_default() -> None:
+    from psops_mpi.config import DATASETS
+
+    assert set(AUTO) == set(DATASETS)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert ("`--model auto` picks `cnn1d` for mnist1d, `lenet` for (fashion-)mnist, `resnet20` "
+            "for cifar10,\n`mlp` for synthetic.") in readme
+
+
+@pytest.mark.parametrize("dataset", sorted(AUTO))
+def test_auto_builds_the_documented_default(dataset: str) -> None:
+    name, shape, num_params = AUTO[dataset]
+    assert DEFAULT_MODELS[dataset] == name
     torch.manual_seed(3)
-    auto = build_model("auto", shapes[expected], 10, dataset=dataset)
+    auto = build_model("auto", shape, 10, dataset=dataset)
     torch.manual_seed(3)
-    named = build_model(expected, shapes[expected], 10)
+    named = build_model(name, shape, 10)
+    assert num_parameters(auto) == num_parameters(named) == num_params
     assert type(auto) is type(named)
-    assert num_parameters(auto) == num_parameters(named)
-
-
-def test_documented_defaults() -> None:
-    assert DEFAULT_MODELS == {
-        "mnist1d": "cnn1d",
-        "mnist": "lenet",
-        "fashion-mnist": "lenet",
-        "cifar10": "resnet20",
-        "synthetic": "mlp",
-    }
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(),
+                                                named.state_dict().values(), strict=True))
 
 
 def test_auto_without_known_dataset() -> None:
