@@ -4,19 +4,21 @@ What it reads: ``DIR/runs.jsonl`` (one record per training run: settings, final 
 accuracy curve against wall-clock) and ``DIR/sweep.json`` (command, machine, links, duration).
 What it writes, into ``--out-dir`` (default: DIR's parent):
 
-* ``REPORT.md``: the environment; the targets (our SSGD's throughput against DDP-gloo; time to
-  reach SSGD's final accuracy minus 1 point at 1 Gbit/s, 4 ranks, ``--sync-every 16``); PSO-PS
-  against PA at every sync period with the spread over seeds; the link grid (time per epoch,
-  bytes per rank, communication share); the PSO-PS options checked on Fashion-MNIST;
-* ``acc_vs_sync.png`` (final accuracy against sync period per algorithm),
-  ``speedup_vs_link.png`` (time-to-accuracy speedup over SSGD per link speed),
+* ``REPORT.md``: the environment; the accuracy grid (every method at every dataset, rank count
+  and sync period) with PSO-PS's default against PA and against SlowMo, cell by cell; the
+  PSO-PS variants; time to accuracy on the emulated 1 Gbit/s link; our SSGD's throughput
+  against DDP-gloo; every run's setting;
+* ``acc_vs_sync.png`` (final accuracy against the sync period per method) and
   ``time_to_accuracy.png`` (test accuracy against wall-clock at 1 Gbit/s).
 
-Definitions: the target accuracy of a setting (link, dataset, model, ranks) is the mean final
-test accuracy of psops_mpi's SSGD over the seeds, minus 0.01; a run's time to target is the
-wall-clock (from the first step, evaluation included) at the end of the first epoch whose test
-accuracy reaches it; speedup = SSGD's median time to target / the algorithm's. Timings are
-medians over seeds; accuracies mean (min - max). A partial sweep is reported as far as it got.
+Definitions. A cell's accuracy is the mean final test accuracy over seeds (min - max); its
+spread is the larger standard deviation over seeds of the two methods compared. Δ = mean of
+one minus mean of the other; "above" when Δ > spread, "level" when |Δ| <= spread, "below"
+when Δ < -spread. The target accuracy of a link setting is the mean final test accuracy of
+SSGD there minus 0.01; a run's time to target is the wall-clock (from the first step,
+evaluation included) at the end of the first epoch whose test accuracy reaches it; speedup =
+SSGD's median time to target / the method's, a seed that never reaches it counting as
+infinitely slow. A partial sweep is reported as far as it got.
 
     python bench/report.py bench/results/raw            # -> bench/results/REPORT.md + PNGs
 """
@@ -26,28 +28,32 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from figures import plot_acc_vs_sync, plot_speedup_vs_link, plot_time_to_accuracy
+from figures import plot_acc_vs_sync, plot_time_to_accuracy
 from runs import (
-    ALGO_LABEL,
-    LINK_ORDER,
+    DEFAULT_PSO,
     Run,
     acc_cell,
     fmt,
-    link_keys,
+    label,
     load,
     median,
+    method,
     ok,
     select,
     setting,
     speedup,
+    spread,
     target_of,
     ttt,
 )
+
+GRID_METHODS = ("ssgd", "pa", "slowmo", "pso-ps[paper]", DEFAULT_PSO)
+LINK_METHODS = ("ssgd", "ddp", "pa", "slowmo", "pso-ps[paper]", DEFAULT_PSO)
+
 
 # ---------------------------------------------------------------------------- sections
 
@@ -94,8 +100,7 @@ def ddp_section(runs: list[Run]) -> list[str]:
              "| link | dataset | model | ranks | ours samples/s | DDP samples/s | ratio per "
              "seed | **median ratio** | final acc ours / DDP |",
              "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({setting(r) for r in runs if r["algo"] == "ddp"},
-                  key=lambda k: (LINK_ORDER.index(k[0]) if k[0] in LINK_ORDER else 9, k[1:]))
+    keys = sorted({setting(r) for r in runs if r["algo"] == "ddp"})
     for key in keys:
         ours = {r["seed"]: r for r in runs if setting(r) == key and r["algo"] == "ssgd"}
         ddp = {r["seed"]: r for r in runs if setting(r) == key and r["algo"] == "ddp"}
@@ -114,162 +119,151 @@ def ddp_section(runs: list[Run]) -> list[str]:
     return [*lines, ""]
 
 
-def link_rows(runs: list[Run], key: tuple) -> list[str]:
-    target = target_of(runs, key)
-    base, _, _ = ttt(select(runs, algo="ssgd", link=key[0], dataset=key[1], model=key[2],
-                            ranks=key[3]), target)
-    rows = []
-    for algo in ("ssgd", "ddp", "pa", "pso-ps"):
-        group = [r for r in runs if setting(r) == key and r["algo"] == algo
-                 and not r.get("variant") and (algo in ("ssgd", "ddp") or r["sync_every"] == 16)]
-        if not group:
-            continue
-        t, reached, n = ttt(group, target)
-        comm = median(r.get("comm_share") for r in group)
-        rows.append(
-            f"| {key[0]} | {key[2]} ({key[1]}), {key[3]} ranks | {ALGO_LABEL[algo]} "
-            f"| {acc_cell(group)} "
-            f"| {fmt(median(r['s_per_epoch'] for r in group), '.2f')} "
-            f"| {fmt(median(r['comm_bytes_per_rank'] for r in group) / 1e6, '.1f')} "
-            f"| {fmt(None if comm is None else 100 * comm, '.0f')} "
-            f"| {fmt(t, '.1f', 'not reached')} ({reached}/{n}) "
-            f"| {fmt(speedup(base, t), '.2f')} |")
-    return rows
+def compare(mine: list[Run], other: list[Run]) -> tuple[float, float, str] | None:
+    """(Δ of the means, spread, verdict) of two cells of seeds, or None if one is empty."""
+    if not mine or not other:
+        return None
+    delta = (statistics.mean(r["test_acc"] for r in mine)
+             - statistics.mean(r["test_acc"] for r in other))
+    width = max(spread(mine), spread(other))
+    verdict = "above" if delta > width else ("level" if delta >= -width else "below")
+    return delta, width, verdict
 
 
-def link_section(runs: list[Run]) -> tuple[list[str], list[str]]:
-    """Time to accuracy and its speedup over SSGD at --sync-every 16, every link."""
-    keys = link_keys(runs)
-    header = ["| link | model (data) | algorithm | final test acc | s/epoch | MB sent/rank "
-              "| comm % | time to target, s (seeds reached) | speedup vs SSGD |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    target_lines = ["## Target: at 1 Gbit/s, 4 ranks, `--sync-every 16`, PSO-PS reaches SSGD's "
-                    "final accuracy − 1 point ≥ 2× sooner than SSGD", ""]
-    all_lines = ["## Links: time per epoch, traffic and time to accuracy (PA and PSO-PS at "
-                 "`--sync-every 16`)", "", *header]
-    one_g = [k for k in keys if k[0] == "1gbit"]
-    for key in one_g:
-        target = target_of(runs, key)
-        target_lines.append(f"- **{key[2]}** on {key[1]} ({_params(runs, key)} parameters, "
-                            f"{key[3]} ranks): "
-                            f"target {fmt(target, '.4f')}; " + _headline(runs, key))
-    target_lines += ["", "The 1 Gbit/s rows (all links: the table further down):", "", *header]
-    for key in one_g:
-        target_lines += link_rows(runs, key)
-    for key in keys:
-        all_lines += link_rows(runs, key)
-    return [*target_lines, ""], [*all_lines, ""]
-
-
-def _params(runs: list[Run], key: tuple) -> str:
-    counts = {r["num_params"] for r in runs if setting(r) == key}
-    return ", ".join(f"{c:,}" for c in sorted(counts)) or "?"
-
-
-def _headline(runs: list[Run], key: tuple) -> str:
-    target = target_of(runs, key)
-    pick: Callable[[str], list[Run]] = lambda a: [  # noqa: E731
-        r for r in runs if setting(r) == key and r["algo"] == a and not r.get("variant")
-        and (a == "ssgd" or r["sync_every"] == 16)]
-    base, _, _ = ttt(pick("ssgd"), target)
-    pso, reached, n = ttt(pick("pso-ps"), target)
-    pa, _, _ = ttt(pick("pa"), target)
-    if pso is None:
-        pa_text = ("did not reach it" if pa is None
-                   else f"{pa:.1f} s ({fmt(speedup(base, pa), '.2f')}×)")
-        return (f"PSO-PS did not reach it (in {reached} of {n} seeds); SSGD "
-                f"{fmt(base, '.1f')} s, PA {pa_text}.")
-    ratio = speedup(base, pso)
-    verdict = "met" if ratio is not None and ratio >= 2 else "not met"
-    return (f"PSO-PS {pso:.1f} s against SSGD {fmt(base, '.1f')} s: **{fmt(ratio, '.2f')}×** "
-            f"(target ≥ 2×: {verdict}); PA {fmt(pa, '.1f', 'not reached')} "
-            f"({fmt(speedup(base, pa), '.2f')}×).")
-
-
-def pso_vs_pa_section(runs: list[Run]) -> list[str]:
-    lines = ["## PSO-PS against PA (and SSGD) at each sync period", "",
-             "Final test accuracy, mean (min – max) over seeds, on the machine as it is (shm). "
-             "Δ = PSO-PS mean − PA mean. On MNIST-1D an epoch has 62 (2 ranks) or 31 (4 "
-             "ranks) steps per rank and a round is forced at every epoch end (for "
-             "evaluation), so `--sync-every 64` there means one round per epoch.", ""]
+def _cells(runs: list[Run]) -> list[tuple[str, str, int, int]]:
     acc = [r for r in runs if r["group"] == "accuracy"]
-    for dataset, model in sorted({(r["dataset"], r["model"]) for r in acc}):
+    return sorted({(r["dataset"], r["model"], r["ranks"], r["sync_every"]) for r in acc
+                   if r["algo"] not in ("ssgd", "ddp")})
+
+
+def _cell_runs(runs: list[Run], cell: tuple, name: str) -> list[Run]:
+    dataset, _, ranks, sync = cell
+    return [r for r in select(runs, group="accuracy", dataset=dataset, ranks=ranks)
+            if method(r) == name and (r["algo"] in ("ssgd", "ddp") or r["sync_every"] == sync)]
+
+
+def _verdict_text(result: tuple[float, float, str] | None) -> str:
+    if result is None:
+        return "–"
+    delta, width, verdict = result
+    return f"{delta:+.4f} ± {width:.4f} **{verdict}**"
+
+
+def accuracy_section(runs: list[Run]) -> list[str]:
+    """Every method in every cell, and the default PSO-PS against PA and SlowMo."""
+    lines = ["## Accuracy grid: every method, dataset, rank count and sync period", "",
+             "Final test accuracy, mean (min – max) over seeds, on the machine as it is (the "
+             "ranks share its cores, which changes no rank's arithmetic: see the note below). "
+             "Δ columns: the default PSO-PS's mean minus the other's, ± the larger seed "
+             "standard deviation of the two, and the verdict (above / level / below).", ""]
+    for dataset, model in sorted({c[:2] for c in _cells(runs)}):
         lines += [f"### {dataset} ({model})", "",
-                  "| ranks | sync every | PA | PSO-PS | Δ | PSO-PS runs with a diverged "
-                  "particle |", "|---|---|---|---|---|---|"]
-        for ranks in sorted({r["ranks"] for r in acc if r["dataset"] == dataset}):
-            here = select(acc, dataset=dataset, ranks=ranks)
-            for algo in ("ssgd", "ddp"):
-                group = select(here, algo=algo)
-                if group:
-                    lines.append(f"| {ranks} | {ALGO_LABEL[algo]} | {acc_cell(group)} | | | |")
-            for n in sorted({r["sync_every"] for r in here if r["algo"] in ("pa", "pso-ps")}):
-                pa, pso = select(here, algo="pa", sync_every=n), select(here, algo="pso-ps",
-                                                                         sync_every=n)
-                delta = (statistics.mean(r["test_acc"] for r in pso)
-                         - statistics.mean(r["test_acc"] for r in pa)) if pa and pso else None
-                diverged = sum(bool(r.get("diverged")) for r in pso)
-                lines.append(f"| {ranks} | {n} | {acc_cell(pa)} | {acc_cell(pso)} "
-                             f"| {fmt(delta, '+.4f')} | {diverged}/{len(pso)} |")
+                  "| ranks | sync every | " + " | ".join(label(m) for m in GRID_METHODS)
+                  + " | PSO-PS default − PA | PSO-PS default − SlowMo |",
+                  "|---|---|" + "---|" * (len(GRID_METHODS) + 2)]
+        for cell in (c for c in _cells(runs) if c[:2] == (dataset, model)):
+            groups = {m: _cell_runs(runs, cell, m) for m in GRID_METHODS}
+            lines.append(
+                f"| {cell[2]} | {cell[3]} | "
+                + " | ".join(acc_cell(groups[m]) for m in GRID_METHODS)
+                + f" | {_verdict_text(compare(groups[DEFAULT_PSO], groups['pa']))}"
+                + f" | {_verdict_text(compare(groups[DEFAULT_PSO], groups['slowmo']))} |")
         lines.append("")
     return lines
 
 
-def defaults_section(runs: list[Run]) -> list[str]:
-    variants = [r for r in runs if r["group"] == "defaults"]
-    if not variants:
+def targets_section(runs: list[Run]) -> list[str]:
+    """The accuracy targets, counted over the cells."""
+    tally: dict[str, dict[str, int]] = {"pa": {}, "slowmo": {}, "pso-ps[paper]": {}}
+    for cell in _cells(runs):
+        mine = _cell_runs(runs, cell, DEFAULT_PSO)
+        for other, counts in tally.items():
+            result = compare(mine, _cell_runs(runs, cell, other))
+            if result is not None:
+                counts[result[2]] = counts.get(result[2], 0) + 1
+    lines = ["## Targets: the default PSO-PS against PA, SlowMo and the paper's rule", "",
+             "Over the cells of the accuracy grid (dataset × ranks × sync period):", ""]
+    for other, counts in tally.items():
+        total = sum(counts.values())
+        lines.append(f"- against {label(other)}: above in {counts.get('above', 0)}, level in "
+                     f"{counts.get('level', 0)}, below in {counts.get('below', 0)} of "
+                     f"{total} cells.")
+    pa = tally["pa"]
+    total = sum(pa.values())
+    if total:
+        met_all = pa.get("below", 0) == 0
+        met_third = pa.get("above", 0) * 3 >= total
+        lines += ["", f"Target 1 (≥ PA within the spread in every cell): "
+                      f"**{'met' if met_all else 'not met'}**; above PA by more than the "
+                      f"spread in at least a third of the cells: "
+                      f"**{'met' if met_third else 'not met'}** "
+                      f"({pa.get('above', 0)} of {total})."]
+    return [*lines, ""]
+
+
+def variants_section(runs: list[Run]) -> list[str]:
+    """The PSO-PS variants of the grid beside the default, per cell."""
+    names = sorted({method(r) for r in runs if r["algo"] == "pso-ps"} - set(GRID_METHODS))
+    if not names:
         return []
-    first = variants[0]
-    base = [r for r in runs if r["group"] == "accuracy" and r["algo"] == "pso-ps"
-            and r["dataset"] == first["dataset"] and r["ranks"] == first["ranks"]
-            and r["sync_every"] == first["sync_every"]]
-    pa = [r for r in runs if r["group"] == "accuracy" and r["algo"] == "pa"
-          and r["dataset"] == first["dataset"] and r["ranks"] == first["ranks"]
-          and r["sync_every"] == first["sync_every"]]
-    lines = [f"## PSO-PS options checked on {first['dataset']} ({first['model']}, "
-             f"{first['ranks']} ranks, `--sync-every {first['sync_every']}`)", "",
-             "One option changed at a time from the defaults (w=0.5, c1=0, c2=1, train-loss "
-             "fitness, this round's best, momentum kept).", "",
-             "| setting | final test acc | runs with a diverged particle |", "|---|---|---|",
-             f"| PA (for reference) | {acc_cell(pa)} | |",
-             f"| PSO-PS defaults | {acc_cell(base)} | "
-             f"{sum(bool(r.get('diverged')) for r in base)}/{len(base)} |"]
-    for name in sorted({r["variant"] for r in variants}):
-        group = [r for r in variants if r["variant"] == name]
-        lines.append(f"| PSO-PS {name} | {acc_cell(group)} | "
-                     f"{sum(bool(r.get('diverged')) for r in group)}/{len(group)} |")
+    lines = ["## PSO-PS variants explored", "",
+             "Final test accuracy, mean (min – max) over seeds; the variants' flags are in "
+             "`bench/sweep.py` (`VARIANTS`).", "",
+             "| data | ranks | sync every | " + " | ".join(label(m) for m in
+                                                         (DEFAULT_PSO, *names)) + " |",
+             "|---|---|---|" + "---|" * (len(names) + 1)]
+    for cell in _cells(runs):
+        groups = [_cell_runs(runs, cell, m) for m in (DEFAULT_PSO, *names)]
+        if any(groups[1:]):
+            lines.append(f"| {cell[0]} | {cell[2]} | {cell[3]} | "
+                         + " | ".join(acc_cell(g) for g in groups) + " |")
+    return [*lines, ""]
+
+
+def link_section(runs: list[Run]) -> list[str]:
+    """Time to accuracy against SSGD on the emulated link."""
+    keys = sorted({setting(r) for r in runs if r["group"] == "link"})
+    lines = ["## Target: time to accuracy on an emulated 1 Gbit/s link, 4 ranks, "
+             "`--sync-every 16`", "",
+             "The default PSO-PS should reach SSGD's final accuracy − 1 point at least 2× sooner "
+             "than SSGD, on mlp-wide and on LeNet.", "",
+             "| model (data) | method | final test acc | s/epoch | MB sent/rank | comm % "
+             "| time to target, s (seeds reached) | speedup vs SSGD |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        target = target_of(runs, key)
+        group_of = {m: [r for r in runs if setting(r) == key and method(r) == m]
+                    for m in LINK_METHODS}
+        base, _, _ = ttt(group_of["ssgd"], target)
+        for name, group in group_of.items():
+            if not group:
+                continue
+            t, reached, n = ttt(group, target)
+            comm = median(r.get("comm_share") for r in group)
+            lines.append(
+                f"| {key[2]} ({key[1]}), target {fmt(target, '.4f')} | {label(name)} "
+                f"| {acc_cell(group)} | {fmt(median(r['s_per_epoch'] for r in group), '.2f')} "
+                f"| {fmt(median(r['comm_bytes_per_rank'] for r in group) / 1e6, '.1f')} "
+                f"| {fmt(None if comm is None else 100 * comm, '.0f')} "
+                f"| {fmt(t, '.1f', 'not reached')} ({reached}/{n}) "
+                f"| **{fmt(speedup(base, t), '.2f')}** |")
     return [*lines, ""]
 
 
 def all_settings_section(runs: list[Run]) -> list[str]:
-    """Every setting of the sweep: accuracy, time per epoch, traffic, comm share, time to
-    the setting's target."""
     lines = ["## Every setting", "",
-             "Medians over seeds except accuracy (mean, min – max). Time to target: SSGD's "
-             "mean final accuracy − 0.01 in the same setting (link, data, model, ranks).", "",
-             "| link | data | model | ranks | algorithm | sync every | seeds | final test acc "
-             "| s/epoch | MB sent/rank | comm % | time to target, s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| link | data | model | ranks | method | sync every | seeds | final test acc "
+             "| MB sent/rank |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
-        name = f"{ALGO_LABEL[r['algo']]}" + (f" [{r['variant']}]" if r.get("variant") else "")
-        sync = "every step" if r["algo"] in ("ssgd", "ddp") else str(r["sync_every"])
-        groups.setdefault((*setting(r), name, sync), []).append(r)
-
-    def order(k: tuple) -> tuple:
-        link_rank = LINK_ORDER.index(k[0]) if k[0] in LINK_ORDER else 9
-        return (k[1], k[2], k[3], link_rank, k[4], int(k[5]) if k[5].isdigit() else 0)
-
-    for key in sorted(groups, key=order):
+        sync = 1 if r["algo"] in ("ssgd", "ddp") else r["sync_every"]
+        groups.setdefault((*setting(r), method(r), sync), []).append(r)
+    for key in sorted(groups):
         group = groups[key]
-        t, reached, n = ttt(group, target_of(runs, key[:4]))
-        comm = median(r.get("comm_share") for r in group)
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {key[5]} | {len(group)} "
-            f"| {acc_cell(group)} | {fmt(median(r['s_per_epoch'] for r in group), '.2f')} "
-            f"| {fmt(median(r['comm_bytes_per_rank'] for r in group) / 1e6, '.1f')} "
-            f"| {fmt(None if comm is None else 100 * comm, '.0f')} "
-            f"| {fmt(t, '.1f', 'not reached')} ({reached}/{n}) |")
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {label(key[4])} "
+            f"| {'every step' if key[5] == 1 else key[5]} | {len(group)} | {acc_cell(group)} "
+            f"| {fmt(median(r['comm_bytes_per_rank'] for r in group) / 1e6, '.1f')} |")
     return [*lines, ""]
 
 
@@ -291,27 +285,26 @@ def write_report(raw: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "acc_vs_sync.png": plot_acc_vs_sync(runs, out_dir / "acc_vs_sync.png"),
-        "speedup_vs_link.png": plot_speedup_vs_link(runs, out_dir / "speedup_vs_link.png"),
         "time_to_accuracy.png": plot_time_to_accuracy(runs, out_dir / "time_to_accuracy.png"),
     }
-    target_lines, link_lines = link_section(runs)
     try:
         raw_rel = raw.resolve().relative_to(out_dir.resolve())
     except ValueError:
         raw_rel = raw
-    lines = ["# Benchmarks: PSO-PS against PA, SSGD and DDP-gloo", "",
+    lines = ["# Benchmarks: PSO-PS against PA, SlowMo, SSGD and DDP-gloo", "",
              f"Generated by `python bench/report.py {raw}` from `{raw_rel}/runs.jsonl` "
              "(one record per training run: settings, command, final metrics, accuracy per "
              "epoch against wall-clock). How the runs were made: `bench/sweep.py`'s "
-             "docstring. Definitions: `bench/report.py`'s docstring (target = SSGD's mean "
-             "final accuracy − 0.01; time to target = wall-clock at the end of the first "
-             "epoch reaching it; medians over seeds for times).", "",
-             *environment_section(meta, all_runs), *ddp_section(runs), *target_lines]
-    for name, made in plots.items():
-        if made:
-            lines += [f"![{name}]({name})", ""]
-    lines += [*pso_vs_pa_section(runs), *link_lines, *defaults_section(runs),
-              *all_settings_section(runs), *failures_section(all_runs)]
+             "docstring; definitions: `bench/report.py`'s.", "",
+             *environment_section(meta, all_runs), *targets_section(runs),
+             *accuracy_section(runs)]
+    if plots["acc_vs_sync.png"]:
+        lines += ["![acc_vs_sync.png](acc_vs_sync.png)", ""]
+    lines += [*link_section(runs)]
+    if plots["time_to_accuracy.png"]:
+        lines += ["![time_to_accuracy.png](time_to_accuracy.png)", ""]
+    lines += [*variants_section(runs), *ddp_section(runs), *all_settings_section(runs),
+              *failures_section(all_runs)]
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report

@@ -12,11 +12,23 @@ from pathlib import Path
 
 TARGET_DROP = 0.01
 LINK_ORDER = ("shm", "10gbit", "1gbit")
-ALGO_LABEL = {"ssgd": "SSGD (psops_mpi)", "ddp": "SSGD (DDP-gloo)", "pa": "PA",
-              "pso-ps": "PSO-PS"}
-COLORS = {"ssgd": "tab:blue", "ddp": "tab:gray", "pa": "tab:orange", "pso-ps": "tab:green"}
+# The methods a sweep compares, in the order tables list them; PSO-PS runs name their preset.
+DEFAULT_PSO = "pso-ps[centre]"  # PSO-PS's default preset (psops_mpi/config.py)
+METHOD_LABEL = {"ssgd": "SSGD", "ddp": "SSGD (DDP-gloo)", "pa": "PA", "slowmo": "SlowMo",
+                "pso-ps[paper]": "PSO-PS paper", "pso-ps[centre]": "PSO-PS centre (default)"}
+COLORS = {"ssgd": "tab:blue", "ddp": "tab:gray", "pa": "tab:orange", "slowmo": "tab:purple",
+          "pso-ps[paper]": "tab:olive", "pso-ps[centre]": "tab:green"}
 
 Run = dict
+
+
+def method(r: Run) -> str:
+    """A run's method: its algorithm, with its PSO-PS variant in brackets."""
+    return f"{r['algo']}[{r['variant']}]" if r.get("variant") else r["algo"]
+
+
+def label(name: str) -> str:
+    return METHOD_LABEL.get(name, name.replace("pso-ps[", "PSO-PS ").rstrip("]"))
 
 
 def load(raw: Path) -> tuple[list[Run], dict]:
@@ -38,6 +50,12 @@ def select(runs: list[Run], **want: object) -> list[Run]:
 def median(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(vals) if vals else None
+
+
+def spread(runs: list[Run]) -> float:
+    """The seed spread of a setting: the standard deviation of its final accuracies."""
+    accs = [r["test_acc"] for r in runs]
+    return statistics.stdev(accs) if len(accs) > 1 else 0.0
 
 
 def acc_cell(runs: list[Run]) -> str:
@@ -66,8 +84,7 @@ def time_to(curve: list[list[float]], target: float) -> float | None:
 
 
 def target_of(runs: list[Run], key: tuple) -> float | None:
-    ssgd = [r["test_acc"] for r in runs if setting(r) == key and r["algo"] == "ssgd"
-            and not r.get("variant")]
+    ssgd = [r["test_acc"] for r in runs if setting(r) == key and r["algo"] == "ssgd"]
     return statistics.mean(ssgd) - TARGET_DROP if ssgd else None
 
 
@@ -86,12 +103,3 @@ def speedup(base: float | None, other: float | None) -> float | None:
     if base is None or other is None or other <= 0:
         return None
     return base / other
-
-
-def link_keys(runs: list[Run], links: tuple[str, ...] | None = None) -> list[tuple]:
-    """Settings of the link grid (and their shm twins), models first, then link speed."""
-    setups = {setting(r)[1:] for r in runs if r["group"] == "link"}
-    keys = {setting(r) for r in runs if setting(r)[1:] in setups and r["algo"] == "ssgd"
-            and (links is None or r["link"] in links)}
-    return sorted(keys, key=lambda k: (k[2], k[1], LINK_ORDER.index(k[0])
-                                       if k[0] in LINK_ORDER else 9))

@@ -1,32 +1,38 @@
-"""The training sweep: PSO-PS against PA, SSGD and PyTorch DDP, on real data and emulated links.
+"""The training sweep: PSO-PS against PA, SlowMo, SSGD and PyTorch DDP, on real data and an
+emulated 1 Gbit/s link.
 
 What it measures. Every run is one real training job, ``mpiexec -n P python -m
 psops_mpi.train ... --metrics-out F`` (or ``bench/ddp_ssgd.py``, the same SSGD training through
 ``DistributedDataParallel`` with gloo), and from its JSON-lines metrics it keeps: final test
 accuracy, time per epoch, the accuracy curve against wall-clock (for the time to reach a target
-accuracy), bytes sent per rank, and the share of the run spent inside MPI. Every algorithm gets
+accuracy), bytes sent per rank, and the share of the run spent inside MPI. Every method gets
 the same model, optimizer (the defaults: SGD, lr 0.1, momentum 0.9, weight decay 5e-4, cosine
 schedule), batch size (32 per rank), data shards and number of samples; ``--threads 1``.
 
+The methods (``--algos`` picks some by name): ``ssgd``; ``ddp`` (link grid only); ``pa``;
+``slowmo`` (its defaults); ``pso-paper`` (``--pso-preset paper``, psops_mpi 0.1's default);
+``pso`` (PSO-PS's default preset, named explicitly); and on MNIST-1D the PSO-PS variants
+explored by ``bench/coef_scan.py --group rules`` (``VARIANTS`` below).
+
 The plan (``--quick`` shrinks it to a few minutes):
 
-* accuracy grid, on the machine as it is (``shm``): algorithm {ssgd, pa, pso-ps} x
-  ``--sync-every`` {1, 4, 16, 64} x dataset {mnist1d (cnn1d, 20 epochs), fashion-mnist
-  (lenet, 2 epochs; real files)} x ranks {2, 4}, plus DDP-gloo, per seed;
-* link grid, 4 ranks, ``--sync-every 16``: {ssgd, ddp, pa, pso-ps} on a communication-heavy
-  model (``mlp-wide``, 1.1M parameters, on mnist1d, 12 epochs) at links {shm, 10gbit, 1gbit},
-  and on the CNNs (cnn1d on mnist1d, lenet on fashion-mnist) at 1gbit (their shm runs are in
-  the accuracy grid). Emulated links: bench/netem.py (needs root);
-* defaults check: PSO-PS with one option changed at a time (w=0, c1=0.2, holdout fitness,
-  momentum reset, all-time global best) on fashion-mnist, 2 ranks, ``--sync-every 16``.
+* accuracy grid, on the machine as it is (``shm``): method x ``--sync-every`` {4, 16, 64}
+  x dataset {mnist1d (cnn1d, 60 epochs), fashion-mnist (lenet, 10 epochs; real files)} x
+  ranks {4, 8, 16}, per seed. The ranks share the machine's cores, so times there are not
+  reported; final accuracy does not depend on how ranks share cores (each rank's arithmetic
+  is the same whatever the scheduling: see the report);
+* link grid, 4 ranks, ``--sync-every 16``, emulated 1 Gbit/s (bench/netem.py, needs root):
+  {ssgd, ddp, pa, slowmo, pso-paper, pso} on a communication-heavy model (``mlp-wide``, 1.1M
+  parameters, on mnist1d, 12 epochs) and on LeNet (fashion-mnist, 10 epochs): time to reach
+  SSGD's final accuracy minus 1 point.
 
 Seeds are done one after the other (``--seeds``); within a seed the runs are shuffled with a
 fixed seed so load from other jobs on the machine spreads evenly over the configurations,
-except that each psops_mpi SSGD run and its DDP twin stay next to each other (their
-throughput ratio is the comparison). Each run is appended to ``OUT/runs.jsonl`` as soon as it
-ends, so a partial sweep can be reported, and ``--resume`` skips runs already there and adds
-to them (for instance another seed: ``--resume --seeds 2 --datasets mnist1d``); each
-invocation's command, machine and duration are kept in ``OUT/sweep.json``.
+except that each psops_mpi SSGD run and its DDP twin stay next to each other. Each run is
+appended to ``OUT/runs.jsonl`` as soon as it ends, so a partial sweep can be reported, and
+``--resume`` skips runs already there and adds to them (for instance another seed or dataset:
+``--resume --seeds 2 --datasets mnist1d``); each invocation's command, machine and duration
+are kept in ``OUT/sweep.json``. ``--groups accuracy`` or ``--groups link`` runs one grid.
 
 Run it (not under MPI itself: it starts one job per run)::
 
@@ -37,9 +43,7 @@ Run it (not under MPI itself: it starts one job per run)::
 With ``--launcher srun`` each job is started by ``srun -n P --mpi=pmi2`` (MPICH; give
 ``--srun-mpi pmix`` for Open MPI) inside the current allocation; emulated links need
 ``mpiexec`` (Slurm starts its tasks outside the namespace) and real links need no emulation.
-Duration on a 2-core VM shared with other jobs: the full sweep (130 runs, seeds 0 and 1)
-51 minutes; a third seed (``--resume --seeds 2``) added 15 minutes; ``--quick`` about 2 minutes
-(bench/results/REPORT.md states each invocation's measured duration).
+bench/results/REPORT.md states each invocation's measured duration.
 """
 
 from __future__ import annotations
@@ -61,26 +65,29 @@ import jobs
 import netem
 
 REPO = jobs.REPO
-SYNC_PERIODS = (1, 4, 16, 64)
+SYNC_PERIODS = (4, 16, 64)
 # dataset -> (model, epochs) of the accuracy grid
-ACCURACY_SETUPS = {"mnist1d": ("cnn1d", 20), "fashion-mnist": ("lenet", 2)}
-# (dataset, model, epochs, links) of the link grid at 4 ranks, --sync-every 16
-LINK_SETUPS = (
-    ("mnist1d", "mlp-wide", 12, ("shm", "10gbit", "1gbit")),
-    ("mnist1d", "cnn1d", 20, ("1gbit",)),
-    ("fashion-mnist", "lenet", 2, ("1gbit",)),
-)
-LINK_RANKS, LINK_SYNC = 4, 16
-# The PSO-PS options checked off MNIST-1D: one change at a time from the defaults, on
-# Fashion-MNIST (lenet, 2 epochs) at 2 ranks, --sync-every 16.
-VARIANTS = {
-    "w=0": ("--w", "0"),
-    "c1=0.2": ("--c1", "0.2"),
-    "holdout": ("--fitness", "holdout"),
-    "reset-momentum": ("--reset-momentum",),
-    "gbest-all": ("--gbest-memory", "all"),
+ACCURACY_SETUPS = {"mnist1d": ("cnn1d", 60), "fashion-mnist": ("lenet", 10)}
+ACCURACY_RANKS = (4, 8, 16)
+# (dataset, model, epochs) of the link grid at 4 ranks, --sync-every 16, 1 Gbit/s
+LINK_SETUPS = (("mnist1d", "mlp-wide", 12), ("fashion-mnist", "lenet", 10))
+LINK_RANKS, LINK_SYNC, LINK = 4, 16, "1gbit"
+# method -> (--algo, variant label, extra flags); PSO-PS always names its preset
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "ssgd": ("ssgd", "", ()),
+    "ddp": ("ddp", "", ()),
+    "pa": ("pa", "", ()),
+    "slowmo": ("slowmo", "", ()),
+    "pso-paper": ("pso-ps", "paper", ("--pso-preset", "paper")),
+    "pso": ("pso-ps", "centre", ("--pso-preset", "centre")),
 }
-VARIANT_RANKS = 2
+ACCURACY_METHODS = ("ssgd", "pa", "slowmo", "pso-paper", "pso")
+# The PSO-PS variants explored on MNIST-1D (bench/results/rules), in the accuracy grid there.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "paper c3=0.5": ("--pso-preset", "paper", "--c3", "0.5"),
+    "paper answer=mean": ("--pso-preset", "paper", "--answer", "mean"),
+    "centre c2=0": ("--pso-preset", "centre", "--c2", "0"),
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ class Spec:
     sync_every: int
     seed: int
     max_steps: int = 0
-    variant: str = ""  # a PSO-PS option changed from its default (group "defaults")
+    variant: str = ""  # PSO-PS: its preset, and the options changed from it
     extra: tuple[str, ...] = ()  # the flags of that change
 
     @property
@@ -126,24 +133,29 @@ class Plan:
             self.specs.append(spec)
 
 
-def algo_runs(algos: tuple[str, ...], syncs: tuple[int, ...]) -> list[tuple[str, int]]:
-    """(algo, sync period) pairs: SSGD and DDP synchronise every step, so they run once."""
-    runs = [(a, 1) for a in ("ssgd", "ddp") if a in algos]
-    runs += [(a, n) for a in ("pa", "pso-ps") if a in algos for n in syncs]
+def method_runs(methods: tuple[str, ...], syncs: tuple[int, ...]) -> list[dict]:
+    """Spec fields per (method, sync period): SSGD and DDP synchronise every step, so they
+    run once (as sync period 1)."""
+    runs = []
+    for name in methods:
+        algo, variant, extra = METHODS[name]
+        for n in (1,) if algo in ("ssgd", "ddp") else syncs:
+            runs.append({"algo": algo, "variant": variant, "extra": extra, "sync_every": n})
     return runs
+
+
+def variant_runs(syncs: tuple[int, ...]) -> list[dict]:
+    return [{"algo": "pso-ps", "variant": name, "extra": extra, "sync_every": n}
+            for name, extra in VARIANTS.items() for n in syncs]
 
 
 def build_plan(args: argparse.Namespace) -> list[list[Spec]]:
     """The runs, one list per seed, each list in its interleaved order."""
-    algos = tuple(args.algos.split(","))
-    links = tuple(args.links.split(","))
+    methods = tuple(args.algos.split(","))
     passes = []
     for seed in args.seeds:
         plan = Plan()
-        if args.quick:
-            _quick(plan, seed, algos, links, args.max_steps)
-        else:
-            _full(plan, seed, algos, links, args.max_steps)
+        (_quick if args.quick else _full)(plan, seed, methods, args)
         wanted = [s for s in plan.specs
                   if args.datasets is None or s.dataset in args.datasets.split(",")]
         if args.ranks:
@@ -152,38 +164,34 @@ def build_plan(args: argparse.Namespace) -> list[list[Spec]]:
     return passes
 
 
-def _full(plan: Plan, seed: int, algos: tuple[str, ...], links: tuple[str, ...],
-          max_steps: int) -> None:
-    if "shm" in links:
+def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namespace) -> None:
+    common = {"seed": seed, "max_steps": args.max_steps}
+    groups = args.groups.split(",")
+    if "accuracy" in groups:
         for dataset, (model, epochs) in ACCURACY_SETUPS.items():
-            for ranks in (2, 4):
-                for algo, n in algo_runs(algos, SYNC_PERIODS):
+            runs = method_runs(tuple(m for m in methods if m in ACCURACY_METHODS),
+                               SYNC_PERIODS)
+            if dataset == "mnist1d" and "variants" in methods:
+                runs += variant_runs(SYNC_PERIODS)
+            for ranks in ACCURACY_RANKS:
+                for run in runs:
                     plan.add(group="accuracy", link="shm", dataset=dataset, model=model,
-                             epochs=epochs, ranks=ranks, algo=algo, sync_every=n, seed=seed,
-                             max_steps=max_steps)
-    for dataset, model, epochs, setup_links in LINK_SETUPS:
-        for link in (lk for lk in setup_links if lk in links):
-            for algo, n in algo_runs(algos, (LINK_SYNC,)):
-                plan.add(group="link", link=link, dataset=dataset, model=model, epochs=epochs,
-                         ranks=LINK_RANKS, algo=algo, sync_every=n, seed=seed,
-                         max_steps=max_steps)
-    if "shm" in links and "pso-ps" in algos:
-        model, epochs = ACCURACY_SETUPS["fashion-mnist"]
-        for name, flags in VARIANTS.items():
-            plan.add(group="defaults", link="shm", dataset="fashion-mnist", model=model,
-                     epochs=epochs, ranks=VARIANT_RANKS, algo="pso-ps", sync_every=LINK_SYNC,
-                     seed=seed, max_steps=max_steps, variant=name, extra=flags)
+                             epochs=epochs, ranks=ranks, **run, **common)
+    if "link" in groups:
+        for dataset, model, epochs in LINK_SETUPS:
+            for run in method_runs(tuple(m for m in methods if m in METHODS), (LINK_SYNC,)):
+                plan.add(group="link", link=LINK, dataset=dataset, model=model,
+                         epochs=epochs, ranks=LINK_RANKS, **run, **common)
 
 
-def _quick(plan: Plan, seed: int, algos: tuple[str, ...], links: tuple[str, ...],
-           max_steps: int) -> None:
-    """A few minutes on 2 cores: MNIST-1D's CNN at 2 ranks, two sync periods, every link."""
-    for link in links:
+def _quick(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namespace) -> None:
+    """A few minutes on 2 cores: MNIST-1D's CNN at 2 ranks, two sync periods, each link."""
+    for link in args.links.split(","):
         syncs = (4, 16) if link == "shm" else (16,)
-        for algo, n in algo_runs(algos, syncs):
+        for run in method_runs(tuple(m for m in methods if m in METHODS), syncs):
             plan.add(group="accuracy" if link == "shm" else "link", link=link,
-                     dataset="mnist1d", model="cnn1d", epochs=3, ranks=2, algo=algo,
-                     sync_every=n, seed=seed, max_steps=max_steps)
+                     dataset="mnist1d", model="cnn1d", epochs=3, ranks=2, seed=seed,
+                     max_steps=args.max_steps, **run)
 
 
 def interleave(specs: list[Spec], seed: int) -> list[Spec]:
@@ -288,10 +296,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results/raw", help="folder for runs.jsonl, sweep.json")
     p.add_argument("--quick", action="store_true", help="a few minutes: see the docstring")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1; quick: 0)")
-    p.add_argument("--links", default=None,
-                   help="comma-separated: shm and/or rates (default shm,10gbit,1gbit; quick: "
-                        "shm,1gbit); emulated rates need root")
-    p.add_argument("--algos", default="ssgd,ddp,pa,pso-ps", help="comma-separated subset")
+    p.add_argument("--links", default="shm,1gbit",
+                   help="--quick only: comma-separated shm and/or rates (emulated rates need "
+                        "root)")
+    p.add_argument("--groups", default="accuracy,link", help="comma-separated grids to run")
+    p.add_argument("--algos", default=",".join([*METHODS, "variants"]),
+                   help="comma-separated methods (and 'variants': the explored PSO-PS rules)")
     p.add_argument("--datasets", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--ranks", default=None,
                    help="comma-separated world sizes that replace every run's own (scaling "
@@ -302,14 +312,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--resume", action="store_true", help="skip runs already in runs.jsonl")
     args = p.parse_args(argv)
-    args.seeds = _int_list(p, "--seeds", args.seeds or ("0" if args.quick else "0,1"))
+    args.seeds = _int_list(p, "--seeds", args.seeds or ("0" if args.quick else "0,1,2"))
     args.ranks = _int_list(p, "--ranks", args.ranks) if args.ranks else None
-    args.links = args.links or ("shm,1gbit" if args.quick else "shm,10gbit,1gbit")
+    unknown = set(args.algos.split(",")) - {*METHODS, "variants"}
+    if unknown:
+        p.error(f"--algos: unknown method(s) {', '.join(sorted(unknown))}; choose from "
+                f"{', '.join([*METHODS, 'variants'])}")
     try:
         for link in args.links.split(","):
             netem.check_link_name(link)
     except ValueError as exc:
         p.error(str(exc))
+    if not args.quick:  # the full plan's links are its own
+        args.links = "shm," + LINK if "link" in args.groups else "shm"
     if args.launcher == "srun" and any(map(netem.is_emulated, args.links.split(","))):
         p.error("emulated links need --launcher mpiexec (srun starts tasks outside the "
                 "namespace); use --links shm under srun")
