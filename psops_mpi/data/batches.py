@@ -74,7 +74,17 @@ def eval_shard(dataset: Dataset, rank: int, world_size: int) -> tuple[torch.Tens
 
 
 class ShardedBatches:
-    """Per-rank mini-batches: each epoch one shared shuffle, cut into disjoint equal shards."""
+    """Per-rank mini-batches: each epoch one shared shuffle, cut into disjoint equal shards.
+
+    Args:
+        dataset: from :func:`psops_mpi.data.load_dataset`, on this rank's device.
+        rank, world_size: this rank and the number of ranks that train together.
+        batch_size: samples per batch on this rank.
+        seed: the data order's seed (the same on every rank).
+
+    Every rank gets ``steps_per_epoch`` batches per epoch, the same number everywhere (rounds
+    are collectives); ``epoch(e)`` yields them as (inputs, labels) on the dataset's device.
+    """
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int, batch_size: int,
                  seed: int) -> None:
