@@ -3,15 +3,13 @@ SlowMo, and the swarm's mean as its answer."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
 from psops_mpi import PSOSync, SlowMoSync
+from tests.helpers.training import local_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 COMM = MPI.COMM_WORLD
@@ -24,22 +22,6 @@ def mlp(seed: int = 3) -> nn.Module:
 
 def gathered(t: torch.Tensor) -> list[torch.Tensor]:
     return [torch.as_tensor(a) for a in COMM.allgather(t.detach().clone().numpy())]
-
-
-def local_step(model: nn.Module, opt: torch.optim.Optimizer, sync, step: int,
-               nan: bool = False) -> None:
-    """One SGD step on this rank's own batch; ``nan``: this rank's weights turn NaN first."""
-    if nan:
-        with torch.no_grad():
-            next(model.parameters()).fill_(math.nan)
-    gen = torch.Generator().manual_seed(100 * step + COMM.Get_rank())
-    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-    opt.zero_grad(set_to_none=False)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    sync.after_backward()
-    opt.step()
-    sync.after_step(loss)
 
 
 def train_swarm(steps: int = 12, nan_at: int = -1, **pso: object) -> PSOSync:

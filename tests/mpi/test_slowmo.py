@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
 from psops_mpi import PASync, SlowMoSync
+from tests.helpers.training import local_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 COMM = MPI.COMM_WORLD
@@ -17,18 +17,6 @@ COMM = MPI.COMM_WORLD
 def mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def local_step(model: nn.Module, opt: torch.optim.Optimizer, sync, step: int) -> None:
-    """One SGD step on this rank's own batch (different on every rank and step)."""
-    gen = torch.Generator().manual_seed(100 * step + COMM.Get_rank())
-    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-    opt.zero_grad(set_to_none=False)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    sync.after_backward()
-    opt.step()
-    sync.after_step(loss)
 
 
 def test_outer_lr_one_and_no_momentum_is_pa_bit_for_bit() -> None:
