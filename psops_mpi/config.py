@@ -92,9 +92,11 @@ class PSOConfig:
     fitness: Literal["train", "holdout"] = "train"
     """Particle fitness: mean training loss over the last sync period, or the loss on one fixed
     holdout batch that is the same on every rank."""
-    exchange: Literal["allgather", "best"] = "allgather"
-    """PSO-PS exchange: every rank receives every particle (O(P*N) bytes), or MINLOC of the
-    fitness then a broadcast of the best particle (O(N) bytes)."""
+    exchange: Literal["auto", "allgather", "best"] = "auto"
+    """PSO-PS exchange: every rank receives every particle (O(P*N) bytes), MINLOC of the
+    fitness then a broadcast of the best particle (O(N) bytes, plus an allreduce when the rule
+    needs the swarm's mean), or auto: the cheaper of the two by the cost model (printed at
+    start)."""
     gbest_memory: Literal["round", "all"] = "round"
     """Global best: this round's best particle, or the best ever seen."""
     rule: Literal["particle", "centre"] = "particle"

@@ -204,10 +204,12 @@ def announce(run: Run, loaded: Loaded | None) -> None:
         print0(run.world, describe(run))
         print0(run.world, f"psops_mpi: {env['mpi_library']} (mpi4py {env['mpi4py']}); "
                           f"{run.world.cuda_aware.describe()}")
+        if run.sync.describe():
+            print0(run.world, f"psops_mpi: {run.sync.describe()}")
     run.metrics.append = loaded is not None
     run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
                       num_params=run.sync.flat.numel, environment=env,
-                      cuda_aware=run.world.cuda_aware.describe(),
+                      cuda_aware=run.world.cuda_aware.describe(), sync=run.sync.describe(),
                       resumed_from=loaded and str(loaded.folder))
 
 

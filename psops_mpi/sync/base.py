@@ -112,6 +112,10 @@ class Synchronizer(ABC):
 
     # ---- metrics
 
+    def describe(self) -> str:
+        """One line on what a round does, printed at start ('' for nothing to add)."""
+        return ""
+
     @abstractmethod
     def metrics(self) -> SyncMetrics:
         """Counters so far (steps, rounds, bytes, seconds in MPI, events, shared values)."""

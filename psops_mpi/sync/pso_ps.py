@@ -62,6 +62,7 @@ class PSOSync(FlatSynchronizer):
                  **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
+        self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
         super().__init__(model, optimizer, comm, sync_every, cuda_aware)
         if self.config.fitness == "holdout" and fitness_fn is None:
             raise ValueError("fitness 'holdout' needs a fitness_fn that returns the loss")
@@ -74,7 +75,7 @@ class PSOSync(FlatSynchronizer):
         dtype, device = self.flat.data.dtype, self.flat.data.device
         self._gathered = (flat_buffer(self.world_size * (n + 1), dtype, device)
                           .view(self.world_size, n + 1)
-                          if self.config.exchange == "allgather" else None)
+                          if self._chosen_exchange() == "allgather" else None)
         centre = self.config.rule == "centre"
         # [sum of finite x ; their count], for the mean without the allgather's rows
         self._mean_buf = (flat_buffer(n + 1, dtype, device)
@@ -83,10 +84,25 @@ class PSOSync(FlatSynchronizer):
         self.last_fitness = math.inf
         self.restarts = 0  # rounds in which this particle had diverged and was restarted
 
+    def _chosen_exchange(self) -> str:
+        """allgather or best, as configured or, for auto, as the cost model prefers."""
+        if not self.exchange_kind:
+            cfg = self.config
+            self.exchange_kind = cfg.exchange if cfg.exchange != "auto" else choose_exchange(
+                self.world_size, self.flat.numel, needs_mean=cfg.rule == "centre" or cfg.c3 > 0)
+        return self.exchange_kind
+
     def _largest_message(self) -> int:
-        if self.config.exchange == "allgather":  # staged as one [send ; recv] buffer
+        if self._chosen_exchange() == "allgather":  # staged as one [send ; recv] buffer
             return (self.world_size + 1) * self.flat.packed.numel()
         return super()._largest_message()
+
+    def describe(self) -> str:
+        how = ("every rank receives every particle" if self.exchange_kind == "allgather"
+               else "MINLOC and a broadcast of the best particle")
+        auto = " (auto: the cheaper for this swarm)" if self.config.exchange == "auto" else ""
+        return (f"PSO-PS {self.config.pso_preset} rule {self.config.rule}, exchange "
+                f"{self.exchange_kind}{auto}: {how}")
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         if loss is not None:
@@ -227,7 +243,7 @@ class PSOSync(FlatSynchronizer):
     def summary(self) -> dict[str, Any]:
         what = "this round's best" if self.config.gbest_memory == "round" else "best ever seen"
         return {"gbest_fitness": self.swarm.gbest_fitness, "gbest_owner": self.swarm.gbest_owner,
-                "gbest_is": what}
+                "gbest_is": what, "exchange": self.exchange_kind}
 
     def rank_summary(self) -> dict[str, Any]:
         return {"pbest_fitness": self.swarm.pbest_fitness}
@@ -293,6 +309,35 @@ class PSOSync(FlatSynchronizer):
         self._loss_sum.fill_(self.steps_since_round * swarm.gbest_fitness if finite else 0.0)
         self.last_fitness = math.inf
         self.restarts = 0
+
+
+# The link choose_exchange assumes: 10 Gbit/s Ethernet, 20 us per message (bench/
+# scaling_model.py's "10gbit"); the choice moves little with it (bytes dominate).
+_ALPHA_S, _BYTES_PER_S = 20e-6, 10e9 / 8
+_MAX_GATHER_BYTES = 1 << 30  # an allgather receive buffer above 1 GiB per rank: best
+
+
+def choose_exchange(world_size: int, numel: int, needs_mean: bool) -> str:
+    """The PSO-PS exchange with the smaller modelled round time (bench/scaling_model.py):
+    allgather, (P-1) messages of 4(N+1) bytes; best, MINLOC + a broadcast of 4N bytes, plus
+    an allreduce of 4(N+1) when the rule needs the swarm's mean. The allgather also needs a
+    receive buffer of P x 4(N+1) bytes: above 1 GiB it is never chosen."""
+    p, n = world_size, 4 * (numel + 1)
+    if p <= 1:
+        return "allgather"
+    hops = math.ceil(math.log2(p))
+
+    def ring_allreduce(size: float) -> float:
+        return 2 * (p - 1) * _ALPHA_S + 2 * (p - 1) / p * size / _BYTES_PER_S
+
+    allgather = (p - 1) * (_ALPHA_S + n / _BYTES_PER_S)
+    best = (2 * hops * _ALPHA_S  # MINLOC
+            + (hops + p - 1) * _ALPHA_S + 2 * (p - 1) / p * n / _BYTES_PER_S)  # broadcast
+    if needs_mean:
+        best += ring_allreduce(n)
+    if p * n > _MAX_GATHER_BYTES or best < allgather:
+        return "best"
+    return "allgather"
 
 
 def _fitness(value: object) -> float:
