@@ -4,7 +4,8 @@ A rank that never reaches a collective (stuck in user code, on a hung node whose
 lives on) leaves the others waiting inside MPI forever, and nothing says who is missing. Every
 place where ranks wait for each other (the setup agreement, a round, a step of SSGD, the
 checkpoint and stop agreements, evaluation) first passes :meth:`StallWatch.arrive`: a
-non-blocking barrier, polled with sleeps that grow with the wait (a long wait costs no core),
+non-blocking barrier, polled without pause for ``SPIN_S`` (as MPI itself waits), then with
+sleeps that grow with the wait (a long wait costs no core, and ends at most ~3% late),
 after which the collective itself runs as usual: every rank is known to be there. Polling a
 large collective directly would slow it down, since MPI moves data only while it is called;
 the barrier costs one small message latency (a few microseconds on one node, measured in
@@ -34,7 +35,9 @@ from psops_mpi.errors import EXIT_STALLED
 
 REPORT_S = 120.0  # default: a first report after two minutes (Horovod's stall check: 60 s)
 NOTICE_TAG, ANSWER_TAG = 0x5053, 0x5054  # point-to-point tags of the notices ("PS")
-SPIN_S = 2e-4  # poll without sleeping this long: most waits end within it
+# Poll without sleeping this long, as a blocking MPI call would (MPICH polls all the time):
+# the skew between ranks at a round is usually shorter, and a sleeping rank wakes late.
+SPIN_S = 0.01
 MAX_SLEEP_S = 0.02  # longest sleep between two polls (also the most a wait ends late by)
 
 Where = str | Callable[[], str]
@@ -133,7 +136,7 @@ class StallWatch:
                 next_report += self.report_s
             if self.abort_s and elapsed >= self.abort_s:
                 self._abort(elapsed, where, heard, answered)
-            time.sleep(min(MAX_SLEEP_S, max(1e-4, elapsed / 32)))
+            time.sleep(min(MAX_SLEEP_S, elapsed / 32))  # at most ~3% late
         self._finish_sends()
         if reported:
             self._print(f"psops_mpi: every rank arrived at {_text(where)} after "
