@@ -236,12 +236,17 @@ def bench_allreduce(comm: MPI.Comm, ex: Exchange, n: int, warmup: int, repeats: 
 
 @dataclass
 class FaultRow:
-    """One part of the fault handling at one size: median ms and its share of a bare round."""
+    """One part of the fault handling at one size: median ms and its share of a bare round;
+    for the guarded rounds also the paired cost: the median over iterations of (guarded −
+    bare) in the same iteration, which a burst of background load shifts far less than it
+    shifts either median."""
 
     op: str
     n: int
     ms: float
     share_of_round: float  # of pa-bare, the PA round without the guard
+    paired_extra_ms: float | None = None
+    samples_ms: list[float] = field(default_factory=list)
 
 
 def bench_faults(comm: MPI.Comm, ex: Exchange, n: int, warmup: int,
@@ -272,9 +277,18 @@ def bench_faults(comm: MPI.Comm, ex: Exchange, n: int, warmup: int,
         "agreement": lambda: poll(next(step)) and None,
         "finite-check": lambda: all_finite(flat.data) and None,
     }
-    med = {name: statistics.median(ts)
-           for name, ts in interleaved(comm, ops, warmup, repeats).items()}
-    return [FaultRow(name, n, t * 1e3, t / med["pa-bare"]) for name, t in med.items()]
+    times = interleaved(comm, ops, warmup, repeats)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    pairs = {"pa-guarded": "pa-bare", "ssgd-guarded": "ssgd-bare"}
+    rows = []
+    for name, t in med.items():
+        bare = pairs.get(name)
+        extra = (statistics.median(g - b for g, b in zip(times[name], times[bare],
+                                                           strict=True)) * 1e3
+                 if bare else None)
+        rows.append(FaultRow(name, n, t * 1e3, t / med["pa-bare"], extra,
+                             [round(x * 1e3, 4) for x in times[name]]))
+    return rows
 
 
 def check_finite_mean(comm: MPI.Comm, ex: Exchange, n: int) -> None:
@@ -358,10 +372,12 @@ def table(env: dict[str, object], rows: Sequence[Row], repeats: int, warmup: int
 
 
 def fault_table(rows: Sequence[FaultRow]) -> str:
-    lines = ["# what the fault handling adds, same method; share = median / median of pa-bare",
-             f"{'op':<13} {'N':>10} {'ms':>9} {'share of a PA round':>20}"]
-    lines += [f"{r.op:<13} {r.n:>10} {r.ms:>9.4f} {100 * r.share_of_round:>19.2f}%"
-              for r in rows]
+    lines = ["# what the fault handling adds, same method; share = median / median of pa-bare;",
+             "# paired extra = median over iterations of (guarded - bare) in the same iteration",
+             f"{'op':<13} {'N':>10} {'ms':>9} {'share of a PA round':>20} "
+             f"{'paired extra ms':>16}"]
+    lines += [f"{r.op:<13} {r.n:>10} {r.ms:>9.4f} {100 * r.share_of_round:>19.2f}% "
+              f"{fmt(r.paired_extra_ms, '.4f'):>16}" for r in rows]
     return "\n".join(lines)
 
 

@@ -32,7 +32,8 @@ from psops_mpi.world import World
 
 EVAL_BATCH = 1024
 LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-host sync)
-POLL_TARGET_S = 1.0  # the ranks agree on stop signals about this often (at least once a round)
+POLL_TARGET_S = 1.0  # the ranks agree on stop signals about this often...
+POLL_MAX_STEPS = 100  # ...and at least this often, should the steps' time change
 
 
 @dataclass
@@ -184,21 +185,25 @@ class StopPoll:
 
     An agreement is one small non-blocking Allreduce(MAX) of three integers (watched for
     missing ranks like every wait): [rank 0's clock says due, the signal, the steps to the
-    next agreement]. Rank 0 picks that interval so that agreements come about every
-    ``target_s`` of training and at least every ``max_interval`` steps (a sync period): a
-    signal is acted on within about a second plus one step, at the cost of one small message
-    per round or per second, whichever is rarer (measured in ``bench/exchange_bench.py``).
+    next agreement]. Rank 0 picks that interval from the time its last steps took, so that
+    agreements come about every ``target_s`` of training (and at least every
+    ``max_interval`` steps): a signal is acted on within about a second plus one step, at the
+    cost of one small message a second (tens of microseconds: ``bench/exchange_bench.py``).
+    A fixed number of steps would not do: at a few seconds a step, one agreement per round
+    could miss Slurm's 30 s between SIGTERM and SIGKILL; at a millisecond a step, it would
+    cost a message every few milliseconds.
 
     Args:
         comm: the ranks that agree.
         stop: this rank's note of a stop signal.
         clock_due: whether a timed checkpoint is due by this rank's clock.
-        max_interval: the most steps between two agreements.
+        max_interval: the most steps between two agreements (also the first ones, before
+            rank 0 knows how long a step takes, come one step apart).
         target_s: seconds of training between two agreements, at most ``max_interval``.
     """
 
     def __init__(self, comm: MPI.Comm, stop: StopRequest, clock_due: Callable[[], bool],
-                 max_interval: int, target_s: float = POLL_TARGET_S) -> None:
+                 max_interval: int = POLL_MAX_STEPS, target_s: float = POLL_TARGET_S) -> None:
         self.comm, self.stop, self.clock_due = comm, stop, clock_due
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
         self.max_interval, self.target_s = max(1, max_interval), target_s
@@ -250,7 +255,7 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
     cfg, world = run.config, run.world
     last = total_steps(cfg, state.steps_per_epoch)
     test_x, test_y = data.eval_shard(run.dataset, world.rank, world.world_size)
-    poll = StopPoll(world.comm, stop or StopRequest(), checkpoints.clock_due, cfg.sync_every)
+    poll = StopPoll(world.comm, stop or StopRequest(), checkpoints.clock_due)
     progress = Progress(last, world.is_root, cfg.quiet)
     # Resumed from the checkpoint written after its epoch's evaluation: evaluate again for the
     # final line, but do not report the epoch twice.

@@ -36,13 +36,13 @@ def no_traceback(res: Result) -> None:
 
 # ---- non-finite values
 
-@pytest.mark.parametrize(("algo", "counted"), [("pa", "restarts"), ("slowmo", "restarts"),
-                                                ("ssgd", "skipped_steps")])
+@pytest.mark.parametrize(("algo", "counted"), [("pa", "restarts"), ("ssgd", "skipped_steps")])
 def test_one_nan_batch_on_one_rank_does_not_reach_the_others(tmp_path: Path, algo: str,
                                                              counted: str) -> None:
-    """Rank 1's 10th batch gives NaN logits: PA and SlowMo leave rank 1 out of the round's
-    mean and restart it there, SSGD skips that step on every rank; the run ends like a
-    healthy one, and the epoch line and metrics count the event."""
+    """Rank 1's 10th batch gives NaN logits: PA leaves rank 1 out of the round's mean and
+    restarts it there (SlowMo does the same: tests/mpi/test_faults.py), SSGD skips that step
+    on every rank; the run ends like a healthy one, and the epoch line and metrics count the
+    event."""
     metrics = tmp_path / "m.jsonl"
     res = launch(["--dataset", "synthetic", "--epochs", "2", "--algo", algo, "--model",
                   MODELS + "nan_once_on_rank_one", "--metrics-out", str(metrics)], ranks=2)
@@ -144,9 +144,9 @@ def test_checkpoints_on_a_full_file_system(small_tmpfs: Path, tmp_path: Path) ->
 
 # ---- stop signals
 
-SIGNALLED = ["--dataset", "synthetic", "--epochs", "2", "--quiet", "--algo", "pso-ps",
-             "--sync-every", "8", "--model", MODELS + "slow_with_pid"]  # 64 steps of >= 20 ms
-LAST_STEP = 64
+SIGNALLED = ["--dataset", "synthetic", "--epochs", "3", "--quiet", "--algo", "pso-ps",
+             "--sync-every", "8", "--model", MODELS + "slow_with_pid"]  # 96 steps of >= 20 ms
+LAST_STEP = 96
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +179,10 @@ def signal_mid_training(args: list[str], pid_dir: Path, target: str, signum: int
 def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
         tmp_path: Path, uninterrupted: Path, target: str, signum: int) -> None:
     """SIGTERM to mpiexec (which forwards it to every rank), or SIGUSR1 to rank 1 alone:
-    every rank stops at one agreed step within a sync period, after a checkpoint of that
-    step, exit code 75; the same command then continues to the end, and every rank's
-    weights, momentum and swarm end bit for bit as in the run that was never signalled."""
+    every rank stops at one agreed step within about a second (the ranks agree about once a
+    second: here every 40 to 50 steps), after a checkpoint of that step, exit code 75; the
+    same command then continues to the end, and every rank's weights, momentum and swarm
+    end bit for bit as in the run that was never signalled."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = [*SIGNALLED, "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics)]
     res = signal_mid_training(args, tmp_path, target, signum)
@@ -190,7 +191,7 @@ def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
     stopped = events(metrics)[-1]
     step = stopped["step"]
     assert stopped["event"] == "stopped" and stopped["reason"] == signal.Signals(signum).name
-    assert 1 <= step <= 2 * 8 + 1 < LAST_STEP  # within a period of the first agreements
+    assert 1 <= step < LAST_STEP
     assert [s for s, _ in complete_checkpoints(ckpt)] == [step]
     assert stopped["checkpoint"] == str(ckpt / f"step-{step:08d}")
     assert (f"psops_mpi: stopped by {signal.Signals(signum).name} at step {step}: checkpoint "
