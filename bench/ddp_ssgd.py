@@ -73,8 +73,10 @@ class DDPSync(Synchronizer):
         self.flat, self.buffers = FlatParams(model), FlatBuffers(model)
         self.steps = 0
 
-    def after_backward(self) -> None:
-        """Nothing to do: DDP's hooks allreduced the gradients during backward()."""
+    def after_backward(self) -> bool:
+        """Nothing to do: DDP's hooks allreduced the gradients during backward(); every step
+        is taken."""
+        return True
 
     def after_step(self, loss: torch.Tensor | None = None) -> bool:
         self.steps += 1

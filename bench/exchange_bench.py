@@ -35,6 +35,16 @@ set; the header line shows both settings (see bench/README.md for what this does
 figures). With a few ms per round, a 1M-float row needs a quiet machine (or many more
 ``--repeats``) before its ratio means anything.
 
+A second table measures what the fault handling adds (README, "When things go wrong"), in
+the same interleaved way: ``pa-guarded`` is a PA round as ``PASync`` runs it (the ranks meet
+at the stall watch's barrier, check their weights are finite with one reduction, and average
+``[x ; flag]`` in one Allreduce over the finite ranks) beside ``pa-bare``, the round before
+that guard (``Exchange.allreduce_mean_``); ``ssgd-guarded`` / ``ssgd-bare`` the same for an
+SSGD step's gradient (barrier, Allreduce, finiteness of the mean); and the parts alone:
+``arrive`` (the watched barrier), ``agreement`` (one ``StopPoll`` agreement on stop signals
+and timed checkpoints: a non-blocking Allreduce of three integers) and ``finite-check`` (the
+reduction over N floats). Each is shown as a share of ``pa-bare``.
+
 PyTorch threads are set as a training run sets them (``psops_mpi.world.init_world``: this
 rank's fair share of the cores, or ``--threads``), since the divide in ``allreduce_mean_``
 runs on them.
@@ -61,8 +71,10 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.exchange import Exchange
-from psops_mpi.flat import FlatParams, flat_buffer
+from psops_mpi.flat import FlatParams, all_finite, flat_buffer
+from psops_mpi.loop import StopPoll
 from psops_mpi.metrics import environment as training_environment
+from psops_mpi.stop import StopRequest
 from psops_mpi.world import init_world, node_local
 
 Op = Callable[[], None]
@@ -222,6 +234,74 @@ def bench_allreduce(comm: MPI.Comm, ex: Exchange, n: int, warmup: int, repeats: 
     return make_row("allreduce", n, interleaved(comm, ops, warmup, repeats))
 
 
+@dataclass
+class FaultRow:
+    """One part of the fault handling at one size: median ms and its share of a bare round;
+    for the guarded rounds also the paired cost: the median over iterations of (guarded −
+    bare) in the same iteration, which a burst of background load shifts far less than it
+    shifts either median."""
+
+    op: str
+    n: int
+    ms: float
+    share_of_round: float  # of pa-bare, the PA round without the guard
+    paired_extra_ms: float | None = None
+    samples_ms: list[float] = field(default_factory=list)
+
+
+def bench_faults(comm: MPI.Comm, ex: Exchange, n: int, warmup: int,
+                 repeats: int) -> list[FaultRow]:
+    flat = flat_params(n)
+    flat.data.fill_(comm.Get_rank() + 1.0)
+    flat.grad.fill_(comm.Get_rank() + 1.0)
+    bare = flat_params(n)
+    bare.data.fill_(comm.Get_rank() + 1.0)
+    poll = StopPoll(comm, StopRequest(), lambda: False, max_interval=1)
+    step = iter(range(1, 1 << 40))
+
+    def pa_guarded() -> None:
+        ex.arrive("bench")
+        ex.allreduce_finite_mean_(flat.packed, all_finite(flat.data))
+
+    def ssgd_guarded() -> None:
+        ex.arrive("bench")
+        ex.allreduce_mean_(flat.grad)
+        all_finite(flat.grad)
+
+    ops: dict[str, Op] = {
+        "pa-guarded": pa_guarded,
+        "pa-bare": lambda: ex.allreduce_mean_(bare.data),
+        "ssgd-guarded": ssgd_guarded,
+        "ssgd-bare": lambda: ex.allreduce_mean_(bare.grad),
+        "arrive": lambda: ex.arrive("bench"),
+        "agreement": lambda: poll(next(step)) and None,
+        "finite-check": lambda: all_finite(flat.data) and None,
+    }
+    times = interleaved(comm, ops, warmup, repeats)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    pairs = {"pa-guarded": "pa-bare", "ssgd-guarded": "ssgd-bare"}
+    rows = []
+    for name, t in med.items():
+        bare = pairs.get(name)
+        extra = (statistics.median(g - b for g, b in zip(times[name], times[bare],
+                                                           strict=True)) * 1e3
+                 if bare else None)
+        rows.append(FaultRow(name, n, t * 1e3, t / med["pa-bare"], extra,
+                             [round(x * 1e3, 4) for x in times[name]]))
+    return rows
+
+
+def check_finite_mean(comm: MPI.Comm, ex: Exchange, n: int) -> None:
+    """The guarded PA round gives the plain mean when every rank is finite."""
+    p, rank = comm.Get_size(), comm.Get_rank()
+    mean = np.mean([rank_values(r, n)[:n].astype(np.float64) for r in range(p)], axis=0)
+    flat = flat_params(n)
+    flat.data.copy_(torch.from_numpy(rank_values(rank, n)[:n]))
+    count = ex.allreduce_finite_mean_(flat.packed, all_finite(flat.data))
+    fail(comm, count == p and np.allclose(flat.data.numpy(), mean, rtol=1e-5, atol=1e-6),
+         f"ours allreduce_finite_mean_ N={n}")
+
+
 def make_row(op: str, n: int, times: dict[str, list[float]]) -> Row:
     payload = n * FLOAT_BYTES
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -291,6 +371,16 @@ def table(env: dict[str, object], rows: Sequence[Row], repeats: int, warmup: int
     return "\n".join(lines)
 
 
+def fault_table(rows: Sequence[FaultRow]) -> str:
+    lines = ["# what the fault handling adds, same method; share = median / median of pa-bare;",
+             "# paired extra = median over iterations of (guarded - bare) in the same iteration",
+             f"{'op':<13} {'N':>10} {'ms':>9} {'share of a PA round':>20} "
+             f"{'paired extra ms':>16}"]
+    lines += [f"{r.op:<13} {r.n:>10} {r.ms:>9.4f} {100 * r.share_of_round:>19.2f}% "
+              f"{fmt(r.paired_extra_ms, '.4f'):>16}" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -303,19 +393,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in args.sizes:
         check_allgather(comm, ex, n)
         check_allreduce(comm, ex, n)
+        check_finite_mean(comm, ex, n)
     rows: list[Row] = []
+    faults: list[FaultRow] = []
     for n in args.sizes:
         rows.append(bench_allgather(comm, ex, n, args.warmup, args.repeats))
         rows.append(bench_allreduce(comm, ex, n, args.warmup, args.repeats))
+        faults.extend(bench_faults(comm, ex, n, args.warmup, args.repeats))
     env = environment(comm)
     if comm.Get_rank() == 0:
         print(table(env, rows, args.repeats, args.warmup), flush=True)
+        print(fault_table(faults), flush=True)
         if args.json:
             settings = {"sizes": args.sizes, "warmup": args.warmup, "repeats": args.repeats,
                         "threads": args.threads, "argv": sys.argv}
             with open(args.json, "w") as fh:
                 json.dump({"environment": env, "settings": settings,
-                           "rows": [asdict(r) for r in rows]}, fh, indent=1)
+                           "rows": [asdict(r) for r in rows],
+                           "faults": [asdict(r) for r in faults]}, fh, indent=1)
                 fh.write("\n")
     return 0
 

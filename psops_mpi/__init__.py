@@ -12,6 +12,7 @@ from psops_mpi.config import PSOConfig, TrainConfig
 from psops_mpi.errors import UsageError
 
 __all__ = [
+    "NonFiniteStop",
     "PASync",
     "PSOConfig",
     "PSOSync",
@@ -24,8 +25,8 @@ __all__ = [
     "make_sync",
 ]
 __version__ = "0.2.0"
-_FROM_SYNC = {"PASync", "PSOSync", "SSGDSync", "SlowMoSync", "SyncMetrics", "Synchronizer",
-              "make_sync"}
+_FROM_SYNC = {"NonFiniteStop", "PASync", "PSOSync", "SSGDSync", "SlowMoSync", "SyncMetrics",
+              "Synchronizer", "make_sync"}
 
 
 def __getattr__(name: str) -> Any:

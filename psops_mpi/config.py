@@ -18,7 +18,8 @@ IDENTITY_SETTINGS = ("algo", "dataset", "model")
 # Settings of one launch only: a resume that changes them is expected, not worth a note.
 LAUNCH_SETTINGS = frozenset({
     "resume", "resume_strict", "checkpoint_dir", "metrics_out", "quiet", "threads", "device",
-    "cuda_aware", "allow_gpu_sharing", "data_dir"})
+    "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite", "stall_report_s",
+    "stall_abort_s"})
 
 
 DatasetName = Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"]
@@ -198,6 +199,14 @@ class TrainConfig:
     decide from what the MPI library reports (auto)."""
     allow_gpu_sharing: bool = False
     """Allow more ranks per node than GPUs (they share them round-robin)."""
+    max_nonfinite: int = field(default=10, metadata={"metavar": "K"})
+    """Stop the job (exit code 3) after K consecutive syncs (SSGD: steps; others: rounds)
+    skipped because no rank had a finite gradient or finite weights."""
+    stall_report_s: float = field(default=120.0, metadata={"metavar": "S"})
+    """When ranks have waited S seconds for others at a round, step or agreement, rank 0
+    names the ranks that have not arrived, and again every S seconds (0: off)."""
+    stall_abort_s: float = field(default=0.0, metadata={"metavar": "S"})
+    """End the job (exit code 5) when ranks have waited S seconds for others (0: never)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.pso, dict):
@@ -208,6 +217,9 @@ class TrainConfig:
         for name in ("threads", "max_steps", "checkpoint_every"):
             _integer(flag(name), getattr(self, name), 0)
         _integer("--keep-last", self.keep_last, 1)
+        _integer("--max-nonfinite", self.max_nonfinite, 1)
+        _non_negative("--stall-report-s", self.stall_report_s)
+        _non_negative("--stall-abort-s", self.stall_abort_s)
         _positive("--lr", self.lr)
         _non_negative("--momentum", self.momentum)
         _non_negative("--weight-decay", self.weight_decay)

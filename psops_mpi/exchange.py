@@ -6,6 +6,9 @@ bandwidth-optimal algorithms so the three training algorithms compare on equal t
 ring allreduce sends 2(P-1)/P of the buffer, allgather (P-1) times the block, a broadcast
 (pipelined) one buffer from the root and the same through each relay.
 
+Where the ranks of a round first meet, the synchroniser calls :meth:`Exchange.arrive`: a
+watched barrier (:mod:`psops_mpi.stall`) that names the ranks which do not come.
+
 CUDA tensors are handed to MPI directly only when the caller says the MPI library is
 CUDA-aware; otherwise they are staged through one pinned host buffer, allocated once:
 synchronisers size it up front with :meth:`Exchange.reserve` for their largest message (it
@@ -20,6 +23,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from mpi4py import MPI
+
+from psops_mpi.stall import StallWatch, Where
 
 
 def _mpi(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -37,13 +42,16 @@ class Exchange:
     Args:
         comm: the communicator (never looked up globally).
         cuda_aware: pass CUDA tensors to MPI directly instead of staging them on the host.
+        watch: reports ranks that do not arrive (default: the communicator's shared watch).
     """
 
-    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False) -> None:
+    def __init__(self, comm: MPI.Comm, cuda_aware: bool = False,
+                 watch: StallWatch | None = None) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self.cuda_aware = cuda_aware
+        self.watch = watch or StallWatch.of(comm)
         self.reset_counters()
         self._staging: torch.Tensor | None = None
 
@@ -96,6 +104,37 @@ class Exchange:
         yield _mpi(host)
         if staged:
             buf.view(-1).copy_(host)
+
+    def arrive(self, where: Where) -> None:
+        """Wait until every rank got here (a barrier whose wait is watched for missing
+        ranks), so the collectives that follow cannot hang on a rank that never comes.
+        Not counted as traffic."""
+        self.watch.arrive(where)
+
+    def allreduce_finite_mean_(self, packed: torch.Tensor, finite: bool) -> int:
+        """Average ``packed[:-1]`` over the ranks where ``finite`` is True, in one Allreduce.
+
+        The last slot carries the flag: each rank sends ``[x ; 1]``, or zeros when its ``x`` is
+        not finite (so a NaN cannot reach the sum), and the summed slot counts the ranks in
+        the mean. Every rank, finite or not, receives the mean.
+
+        Returns:
+            The number of ranks with finite values; with none, ``packed[:-1]`` is all zeros.
+        """
+        numel = packed.numel() - 1
+        if finite:
+            packed[numel:].fill_(1.0)
+        else:
+            packed.zero_()
+        if self.world_size > 1:
+            nbytes = (packed.numel() * packed.element_size() * 2 * (self.world_size - 1)
+                      / self.world_size)
+            with self._timed(nbytes), self._in_place(packed) as mpi_buf:
+                self.comm.Allreduce(MPI.IN_PLACE, mpi_buf)
+        count = int(packed[numel].item())  # one host read per round
+        if count > 1:
+            packed[:numel].div_(count)
+        return count
 
     def allreduce_mean_(self, buf: torch.Tensor) -> None:
         """Replace ``buf`` by its mean over all ranks, in place (one Allreduce)."""

@@ -1,15 +1,17 @@
 """The training loop: the loop state, one step, the end of an epoch, the whole run.
 
-Step: batch -> forward -> backward -> ``sync.after_backward()`` -> ``optimizer.step()`` ->
-``sync.after_step(loss)`` -> sums on the device -> checkpoint when due. Epoch end:
-``sync.flush()`` -> evaluate ``sync.consensus()`` -> one JSON line and one printed line.
+Step: batch -> forward -> backward -> ``sync.after_backward()`` -> ``optimizer.step()`` (unless
+every rank skips the step) -> ``sync.after_step(loss)`` -> sums on the device -> every few
+steps the ranks agree on a timed checkpoint and on stop signals (:class:`StopPoll`) ->
+checkpoint when due, and stop after it if a signal asked. Epoch end: ``sync.flush()`` ->
+evaluate ``sync.consensus()`` -> one JSON line and one printed line.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +25,15 @@ from psops_mpi import data
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.config import TrainConfig
 from psops_mpi.metrics import MetricsWriter, Progress
+from psops_mpi.stall import StallWatch
+from psops_mpi.stop import Stopped, StopRequest
 from psops_mpi.sync import ResizePlan, Synchronizer
 from psops_mpi.world import World
 
 EVAL_BATCH = 1024
 LOG_EVERY = 20  # steps between progress-bar updates (each costs a device-to-host sync)
+POLL_TARGET_S = 1.0  # the ranks agree on stop signals about this often...
+POLL_MAX_STEPS = 100  # ...and at least this often, should the steps' time change
 
 
 @dataclass
@@ -130,7 +136,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: MPI.Comm)
         totals[1] += (out.argmax(1) == target).sum()
         totals[2] += len(target)
     model.train()
-    summed = reduce_sum(totals.cpu().numpy(), comm)
+    totals_np = totals.cpu().numpy()
+    StallWatch.of(comm).arrive("the evaluation")  # a rank stuck in the model is named
+    summed = reduce_sum(totals_np, comm)
     return summed[0] / summed[2], summed[1] / summed[2]
 
 
@@ -162,48 +170,137 @@ def train_step(run: Run, state: LoopState, x: torch.Tensor, y: torch.Tensor, lr:
     loss = F.cross_entropy(out, y)
     optimizer.zero_grad(set_to_none=False)  # keep grads as views of the flat buffer
     loss.backward()
-    sync.after_backward()
-    optimizer.step()
+    # False: every rank skips this step (non-finite gradient). A synchroniser written before
+    # after_backward() returned anything returns None: its steps are taken.
+    if sync.after_backward() is not False:
+        optimizer.step()
     sync.after_step(loss)
     state.count(loss, out, y)
 
 
-def train(run: Run, state: LoopState, checkpoints: Checkpointer) -> dict[str, Any]:
+class StopPoll:
+    """Where the ranks agree on what only some of them know, without a collective at every
+    step: that a stop signal reached some rank (:mod:`psops_mpi.stop`), and that rank 0's
+    clock says a timed checkpoint is due (the ranks' clocks differ).
+
+    An agreement is one small non-blocking Allreduce(MAX) of three integers (watched for
+    missing ranks like every wait): [rank 0's clock says due, the signal, the steps to the
+    next agreement]. Rank 0 picks that interval from the time its last steps took, so that
+    agreements come about every ``target_s`` of training (and at least every
+    ``max_interval`` steps): a signal is acted on within about a second plus one step, at the
+    cost of one small message a second (tens of microseconds: ``bench/exchange_bench.py``).
+    A fixed number of steps would not do: at a few seconds a step, one agreement per round
+    could miss Slurm's 30 s between SIGTERM and SIGKILL; at a millisecond a step, it would
+    cost a message every few milliseconds.
+
+    Args:
+        comm: the ranks that agree.
+        stop: this rank's note of a stop signal.
+        clock_due: whether a timed checkpoint is due by this rank's clock.
+        max_interval: the most steps between two agreements (also the first ones, before
+            rank 0 knows how long a step takes, come one step apart).
+        target_s: seconds of training between two agreements, at most ``max_interval``.
+    """
+
+    def __init__(self, comm: MPI.Comm, stop: StopRequest, clock_due: Callable[[], bool],
+                 max_interval: int = POLL_MAX_STEPS, target_s: float = POLL_TARGET_S) -> None:
+        self.comm, self.stop, self.clock_due = comm, stop, clock_due
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+        self.max_interval, self.target_s = max(1, max_interval), target_s
+        self.watch = StallWatch.of(comm)
+        self.next_step: int | None = None
+        self._since: tuple[float, int] | None = None  # rank 0: (time, step) of the last one
+        self.agreements = 0
+
+    def __call__(self, step: int) -> tuple[bool, int]:
+        """At ``step`` (every rank calls it after every step): (a timed checkpoint is due,
+        the stop signal or 0), the same on every rank."""
+        if self.world_size == 1:  # nothing to agree on: look at every step, for free
+            return self.clock_due(), self.stop.signum
+        if self.next_step is None:
+            self.next_step = step
+        if step < self.next_step:
+            return False, 0
+        mine = [int(self.clock_due()), self.stop.signum, self._interval(step)]
+        if self.rank != 0:
+            mine[0] = mine[2] = 0  # rank 0's clock decides, and the interval
+        agreed = np.array(mine, dtype=np.int64)
+        request = self.comm.Iallreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)
+        self.watch.wait(request, lambda: f"step {step} (the agreement on checkpoints and "
+                                         "stop signals)")
+        self.agreements += 1
+        self.next_step = step + max(1, int(agreed[2]))
+        return bool(agreed[0]), int(agreed[1])
+
+    def _interval(self, step: int) -> int:
+        """Rank 0: steps to the next agreement, from the time steps took since the last."""
+        now = time.monotonic()
+        since, self._since = self._since, (now, step)
+        if since is None or step <= since[1]:
+            return 1
+        step_s = (now - since[0]) / (step - since[1])
+        return int(min(self.max_interval, max(1, self.target_s // max(step_s, 1e-9))))
+
+
+def train(run: Run, state: LoopState, checkpoints: Checkpointer,
+          stop: StopRequest | None = None) -> dict[str, Any]:
     """The training loop from ``state`` on; returns the final metrics (the same on every
-    rank)."""
+    rank), with ``checkpoint_error`` set when the final checkpoint could not be written.
+
+    Raises:
+        Stopped: on every rank, after the checkpoint at the step where the ranks agreed to
+            stop because a stop signal reached some of them.
+        NonFiniteStop: on every rank, from the synchroniser.
+    """
     cfg, world = run.config, run.world
     last = total_steps(cfg, state.steps_per_epoch)
     test_x, test_y = data.eval_shard(run.dataset, world.rank, world.world_size)
+    poll = StopPoll(world.comm, stop or StopRequest(), checkpoints.clock_due)
     progress = Progress(last, world.is_root, cfg.quiet)
     # Resumed from the checkpoint written after its epoch's evaluation: evaluate again for the
     # final line, but do not report the epoch twice.
     reported = state.evaluated
-    while True:
-        stepped = False
-        for x, y in run.batches.epoch(state.epoch, state.step_in_epoch):
-            if state.step >= last:  # also when resumed from the end of the run
+    try:
+        while True:
+            stepped = False
+            for x, y in run.batches.epoch(state.epoch, state.step_in_epoch):
+                if state.step >= last:  # also when resumed from the end of the run
+                    break
+                stepped = True
+                train_step(run, state, x, y, learning_rate(cfg, state.step, last))
+                if state.step < last:  # the last step's checkpoint is the final one
+                    after_step(state.step, poll, checkpoints)
+                if progress.shown and (state.step % LOG_EVERY == 0 or state.step == last):
+                    sums = state.epoch_sums
+                    progress.update(state.step - progress.bar.n, loss=float(sums[0] / sums[2]),
+                                    acc=float(sums[1] / sums[2]),
+                                    samples_s=state.step * len(y) * world.world_size
+                                    / state.elapsed_s)
+            repeat = reported and not stepped
+            reported = False
+            record, counted = end_of_epoch(run, state, test_x, test_y, report=not repeat)
+            if not repeat:
+                progress.line(epoch_line(record, cfg.epochs, counted))
+            if state.step >= last or state.epoch + 1 >= cfg.epochs:
                 break
-            stepped = True
-            train_step(run, state, x, y, learning_rate(cfg, state.step, last))
-            if state.step < last:  # the last step's checkpoint is the final one
-                checkpoints.after_step(state.step, poll_clock=state.step % cfg.sync_every == 0)
-            if progress.shown and (state.step % LOG_EVERY == 0 or state.step == last):
-                sums = state.epoch_sums
-                progress.update(state.step - progress.bar.n, loss=float(sums[0] / sums[2]),
-                                acc=float(sums[1] / sums[2]),
-                                samples_s=state.step * len(y) * world.world_size
-                                / state.elapsed_s)
-        repeat = reported and not stepped
-        reported = False
-        record, counted = end_of_epoch(run, state, test_x, test_y, report=not repeat)
-        if not repeat:
-            progress.line(epoch_line(record, cfg.epochs, counted))
-        if state.step >= last or state.epoch + 1 >= cfg.epochs:
-            break
-        state.next_epoch()
-    progress.close()
-    checkpoints.final(state.step)
-    return {**record, "steps": state.step, "checkpoint_s": checkpoints.seconds}
+            state.next_epoch()
+    finally:
+        progress.close()
+    saved = checkpoints.final(state.step)
+    return {**record, "steps": state.step, "checkpoint_s": checkpoints.seconds,
+            "checkpoint_error": None if saved else checkpoints.last_error}
+
+
+def after_step(step: int, poll: StopPoll, checkpoints: Checkpointer) -> None:
+    """A checkpoint when due (by steps, or by rank 0's clock as the ranks agreed), and the
+    stop, after a checkpoint of this very step, when a signal asked for one."""
+    timed, signum = poll(step)
+    if not signum:
+        checkpoints.after_step(step, timed)
+        return
+    held = checkpoints.at_stop(step)
+    error = None if held or checkpoints.root is None else checkpoints.last_error
+    raise Stopped(signum, step, held, error)
 
 
 def end_of_epoch(run: Run, state: LoopState, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -217,9 +314,9 @@ def end_of_epoch(run: Run, state: LoopState, test_x: torch.Tensor, test_y: torch
         test_loss, test_acc = evaluate(run.model, test_x, test_y, comm)
     train_sums = reduce_sum(state.epoch_sums.cpu().numpy(), comm)
     metrics = sync.metrics()
-    counted = sorted(metrics.counts)
+    summed = sorted(metrics.counts)
     totals = reduce_sum([metrics.comm_bytes, metrics.comm_s,
-                         *(metrics.counts[k] for k in counted)], comm)
+                         *(metrics.counts[k] for k in summed)], comm)
     wall = state.elapsed_s
     record = {
         "epoch": state.epoch + 1, "train_loss": train_sums[0] / train_sums[2],
@@ -229,8 +326,10 @@ def end_of_epoch(run: Run, state: LoopState, test_x: torch.Tensor, test_y: torch
         "comm_s": totals[1] / run.world.world_size,
         "samples_per_s": metrics.steps * run.config.batch_size * run.world.world_size / wall,
         **metrics.values,
-        **{k: int(total) for k, total in zip(counted, totals[2:], strict=True)},  # all ranks
+        **{k: int(total) for k, total in zip(summed, totals[2:], strict=True)},  # all ranks
+        **metrics.shared_counts,  # the same on every rank: once
     }
+    counted = sorted([*summed, *metrics.shared_counts])
     state.evaluated = True
     if report:
         run.metrics.write("epoch", **record)

@@ -4,6 +4,8 @@ end."""
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,21 @@ from psops_mpi import data, models
 from psops_mpi.checkpoint.parts import ModelPart, OptimizerPart, RNGPart, Stateful
 from psops_mpi.checkpoint.resume import Loaded, resume
 from psops_mpi.checkpoint.saver import Checkpointer
+from psops_mpi.checkpoint.store import complete_checkpoints
 from psops_mpi.cli import parse_config
 from psops_mpi.config import IDENTITY_SETTINGS, LAUNCH_SETTINGS
-from psops_mpi.errors import UsageError
+from psops_mpi.errors import (
+    EXIT_CHECKPOINT,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_STOPPED,
+    UsageError,
+)
 from psops_mpi.loop import LoopState, Run
 from psops_mpi.metrics import MetricsWriter, check_writable, environment
-from psops_mpi.sync import make_sync
+from psops_mpi.stall import StallWatch
+from psops_mpi.stop import Stopped, signal_name
+from psops_mpi.sync import NonFiniteStop, make_sync
 from psops_mpi.world import NodeLocal, agree, init_world, print0
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
@@ -66,6 +77,7 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     0's weights (the first collective on tensors)."""
     built = agree(comm, lambda: prepare(argv, comm, local))
     config, model = built["config"], built["model"]
+    StallWatch.of(comm).configure(config.stall_report_s, config.stall_abort_s)
     fitness_fn = None
     if config.pso.fitness == "holdout":
         holdout = data.holdout_batch(built["dataset"], HOLDOUT_SIZE, config.seed)
@@ -213,12 +225,83 @@ def announce(run: Run, loaded: Loaded | None) -> None:
                       resumed_from=loaded and str(loaded.folder))
 
 
-def finish(run: Run, final: dict[str, Any]) -> dict[str, Any]:
-    """The ``final`` metrics event and line."""
-    final = {**final, "world_size": run.world.world_size, "num_params": run.sync.flat.numel,
+def finish(run: Run, final: dict[str, Any]) -> int:
+    """The ``final`` metrics event and line; returns the exit code.
+
+    ``ok`` in the event is True only for exit code 0. A final test loss that is not finite
+    (every rank's model destroyed) is a failure, not a result: no ``final:`` line, an error
+    line instead, exit code 3. A final checkpoint that could not be written leaves the
+    results as they are (the saver printed why) and exit code 4.
+    """
+    checkpoint_error = final.pop("checkpoint_error", None)
+    problems, code = [], EXIT_OK
+    if not math.isfinite(final["test_loss"]):
+        problems.append(f"the final test loss is not finite ({final['test_loss']})")
+        code = EXIT_NONFINITE
+    if checkpoint_error:
+        problems.append(f"the final {checkpoint_error}")
+        code = code or EXIT_CHECKPOINT
+    final = {**final, "ok": not problems, "exit_code": code,
+             **({"error": "; ".join(problems)} if problems else {}),
+             "world_size": run.world.world_size, "num_params": run.sync.flat.numel,
              "config": run.config.to_dict()}
     run.metrics.write("final", **final)
     run.metrics.close()
-    print0(run.world, f"final: test acc {final['test_acc']:.4f}  test loss "
-                      f"{final['test_loss']:.4f}  {final['wall_s']:.1f}s  {final['steps']} steps")
-    return final
+    results = (f"test acc {final['test_acc']:.4f}  test loss {final['test_loss']:.4f}  "
+               f"{final['wall_s']:.1f}s  {final['steps']} steps")
+    if code == EXIT_NONFINITE:
+        print0(run.world, f"psops_mpi: error: training ended with a non-finite test loss "
+                          f"after {final['steps']} steps ({results}); exit code {code}",
+               file=sys.stderr)
+    else:
+        print0(run.world, f"final: {results}")
+    return code
+
+
+def newest_checkpoint(run: Run) -> str:
+    """Where the run can be resumed from, in words, for the lines below."""
+    root = run.config.checkpoint_dir
+    complete = complete_checkpoints(Path(root)) if root else []
+    return (f"the newest complete checkpoint is {complete[-1][1]}" if complete
+            else "there is no checkpoint" if not root else "there is no complete checkpoint")
+
+
+def stopped_by_signal(run: Run, stopped: Stopped) -> int:
+    """The line, the ``stopped`` event and the exit code of a run stopped by a signal."""
+    name = signal_name(stopped.signum)
+    where = f"stopped by {name} at step {stopped.step}"
+    if stopped.checkpoint is not None:
+        code = EXIT_STOPPED
+        line = (f"psops_mpi: {where}: checkpoint {stopped.checkpoint} written; run the same "
+                f"command to continue (exit code {code})")
+    elif stopped.error is not None:
+        code = EXIT_CHECKPOINT
+        line = (f"psops_mpi: error: {where}, but its checkpoint was not written; "
+                f"{newest_checkpoint(run)} (exit code {code})")
+    else:  # no --checkpoint-dir: as a signal would have ended it, but cleanly
+        code = 128 + stopped.signum
+        line = (f"psops_mpi: {where} with no checkpoint (no --checkpoint-dir): this run "
+                f"cannot be continued (exit code {code})")
+    _stopped_event(run, name, stopped.step, code, line,
+                   checkpoint=stopped.checkpoint and str(stopped.checkpoint))
+    return code
+
+
+def stopped_by_nonfinite(run: Run, exc: NonFiniteStop) -> int:
+    """The line, the ``stopped`` event and the exit code of a run that no rank could keep
+    finite."""
+    limit = f" (--max-nonfinite {run.config.max_nonfinite})" if exc.at_limit else ""
+    line = (f"psops_mpi: error: stopped at step {exc.step}: {exc.reason}{limit}; "
+            f"{newest_checkpoint(run)}; lower --lr or look for bad data (exit code "
+            f"{EXIT_NONFINITE})")
+    _stopped_event(run, "non-finite", exc.step, EXIT_NONFINITE, line)
+    return EXIT_NONFINITE
+
+
+def _stopped_event(run: Run, reason: str, step: int, code: int, line: str,
+                   **extra: Any) -> None:
+    print0(run.world, line, file=sys.stderr)
+    run.metrics.write("stopped", reason=reason, step=step, exit_code=code,
+                      message=line.removeprefix("psops_mpi: ").removeprefix("error: "),
+                      **extra)
+    run.metrics.close()

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from psops_mpi.cuda_aware import CudaAwareDecision, resolve
 from psops_mpi.errors import UsageError, error_line
+from psops_mpi.stall import StallWatch
 
 T = TypeVar("T")
 ABORT_GRACE_S = 1.0  # seconds for the launcher to forward a failing rank's last words
@@ -223,13 +224,15 @@ def init_world(comm: MPI.Comm, local: NodeLocal | tuple[int, int], device: str =
                  resolve(cuda_aware, dev.type))
 
 
-def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
+def agree(comm: MPI.Comm, fn: Callable[[], T], where: str = "the start-up checks") -> T:
     """Run ``fn`` on every rank; if it raises UsageError on any rank, every rank exits with 2.
     ``fn`` must not call collectives: a rank that fails early would miss them.
 
     Bad input is found before training by every rank, but not always by all of them (a file
     missing on one node): a small allgather of the messages lets every rank stop together
     and rank 0 print one line, instead of some ranks waiting forever in the next collective.
+    A rank that takes too long (data on a slow file system, a hung node) is named by rank 0
+    while the others wait (:mod:`psops_mpi.stall`; ``where`` names the wait).
     """
     result: T | None = None
     message = None
@@ -237,6 +240,8 @@ def agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
         result = fn()
     except UsageError as exc:
         message = str(exc)
+    if comm.Get_size() > 1:
+        StallWatch.of(comm).arrive(where)
     messages = comm.allgather(message) if comm.Get_size() > 1 else [message]
     failed = [(rank, msg) for rank, msg in enumerate(messages) if msg is not None]
     if not failed:

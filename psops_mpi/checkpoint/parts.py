@@ -92,12 +92,16 @@ def check_like(template: dict[str, Any], state: dict[str, Any], where: str,
 
 
 def check_state(name: str, part: Stateful, state: dict[str, Any], where: str) -> None:
-    """Part ``name``'s own check if it has one, else: shaped like its current state."""
+    """Part ``name``'s own check if it has one, else: shaped like its current state, but for
+    the keys the part lists in ``optional_state_keys`` (added since older checkpoints were
+    written: the part loads them with a default)."""
     own = getattr(part, "check_state", None)
     if own is not None:
         own(state, where)
     else:
-        check_like(part.state_dict(), state, where, f"{name}/")
+        optional = set(getattr(part, "optional_state_keys", ()))
+        template = {k: v for k, v in part.state_dict().items() if k not in optional}
+        check_like(template, state, where, f"{name}/")
 
 
 class ModelPart:

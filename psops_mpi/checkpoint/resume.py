@@ -121,11 +121,11 @@ def resume(comm: MPI.Comm, resume_setting: str, checkpoint_dir: str | None,
         folder = choose_folder(resume_setting, checkpoint_dir)
         return None if folder is None else read(folder, rank, parts, check_meta, plan)
 
-    loaded = agree(comm, load)
+    loaded = agree(comm, load, "the checks of the checkpoint to resume from")
     # Each rank chose by listing the folder itself; a shared file system may show nodes
     # different listings for a while, and ranks resuming different steps would deadlock.
     choices = comm.allgather(None if loaded is None else str(loaded.folder))
-    agree(comm, lambda: same_choice(choices))
+    agree(comm, lambda: same_choice(choices), "the choice of the checkpoint to resume from")
     if loaded is not None:
         restore(loaded, parts, own_parts)
     return loaded

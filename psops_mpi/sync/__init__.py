@@ -10,30 +10,33 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.config import TrainConfig
-from psops_mpi.sync.base import ResizePlan, Synchronizer, SyncMetrics
+from psops_mpi.sync.base import NonFiniteStop, ResizePlan, Synchronizer, SyncMetrics
 from psops_mpi.sync.flat_sync import FlatSynchronizer
 from psops_mpi.sync.pa import PASync
 from psops_mpi.sync.pso_ps import PSOSync
 from psops_mpi.sync.slowmo import SlowMoSync
 from psops_mpi.sync.ssgd import SSGDSync
 
-__all__ = ["FlatSynchronizer", "PASync", "PSOSync", "ResizePlan", "SSGDSync", "SlowMoSync",
-           "SyncMetrics", "Synchronizer", "make_sync"]
+__all__ = ["FlatSynchronizer", "NonFiniteStop", "PASync", "PSOSync", "ResizePlan", "SSGDSync",
+           "SlowMoSync", "SyncMetrics", "Synchronizer", "make_sync"]
 
 
 def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
               comm: MPI.Comm, fitness_fn: Callable[[], torch.Tensor] | None = None,
               cuda_aware: bool = False) -> Synchronizer:
     """The synchroniser ``config.algo`` names, set up from the config."""
+    limit = config.max_nonfinite
     if config.algo == "ssgd":
-        return SSGDSync(model, optimizer, comm, 1, cuda_aware)
+        return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit)
     if config.algo == "pa":
-        return PASync(model, optimizer, comm, config.sync_every, cuda_aware)
+        return PASync(model, optimizer, comm, config.sync_every, cuda_aware, max_nonfinite=limit)
     if config.algo == "slowmo":
         return SlowMoSync(model, optimizer, comm, config.sync_every, outer_lr=config.outer_lr,
                           outer_momentum=config.outer_momentum,
                           outer_nesterov=config.outer_nesterov,
-                          reset_momentum=config.reset_momentum, cuda_aware=cuda_aware)
+                          reset_momentum=config.reset_momentum, cuda_aware=cuda_aware,
+                          max_nonfinite=limit)
     return PSOSync(model, optimizer, comm, config.sync_every, config=config.pso,
                    seed=config.seed, fitness_fn=fitness_fn,
-                   reset_momentum=config.reset_momentum, cuda_aware=cuda_aware)
+                   reset_momentum=config.reset_momentum, cuda_aware=cuda_aware,
+                   max_nonfinite=limit)

@@ -10,6 +10,15 @@ For checkpoints a synchroniser is a stateful part like a torch optimizer (``stat
 ``load_state_dict``), plus what a resume at another world size needs: a plan of which old
 rank each new rank continues (:meth:`Synchronizer.plan_resize`) and a hook run after loading
 (:meth:`Synchronizer.on_resize`).
+
+Non-finite values (one NaN batch on one rank) must not reach the other ranks: a synchroniser
+leaves them out of what it exchanges. When the step's averaged gradient is not finite,
+``after_backward`` returns False and sets the gradients to None, so the ``optimizer.step()``
+that follows changes nothing (torch optimizers skip parameters without a gradient: neither
+the weights nor the momentum move), whether or not the loop looks at the result. A rank whose
+weights are not finite at a round restarts from what the others agree on. When no rank has
+finite values for ``max_nonfinite`` syncs in a row, the four calls raise
+:class:`NonFiniteStop` on every rank at the same step.
 """
 
 from __future__ import annotations
@@ -27,13 +36,30 @@ if TYPE_CHECKING:
     from psops_mpi.flat import FlatBuffers, FlatParams
 
 
+class NonFiniteStop(RuntimeError):
+    """No rank had finite values for too many syncs in a row: raised on every rank at the
+    same step (the decision is taken from values every rank holds alike).
+
+    Attributes:
+        step: the step (this synchroniser's count) at which it stopped.
+        reason: what happened, in words, for the one line the user sees.
+        at_limit: True when ``max_nonfinite`` skipped syncs in a row stopped it; False when
+            there was nothing left to skip back to.
+    """
+
+    def __init__(self, step: int, reason: str, at_limit: bool = True) -> None:
+        super().__init__(f"stopped at step {step}: {reason}")
+        self.step, self.reason, self.at_limit = step, reason, at_limit
+
+
 @dataclass
 class SyncMetrics:
     """What a synchroniser reports for the epoch metrics.
 
     ``counts`` are events of this rank (restarted particles, skipped steps) that the loop sums
-    over the ranks; ``values`` are the same on every rank (the global best's fitness) and are
-    reported as they are.
+    over the ranks; ``shared_counts`` are events that happen on every rank together (a step
+    every rank skipped), reported once, not summed; ``values`` are the same on every rank (the
+    global best's fitness) and are reported as they are.
     """
 
     steps: int
@@ -42,11 +68,12 @@ class SyncMetrics:
     comm_s: float
     counts: dict[str, int] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
+    shared_counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         """Everything in one flat dict, for printing."""
         return {"steps": self.steps, "rounds": self.rounds, "comm_bytes": self.comm_bytes,
-                "comm_s": self.comm_s, **self.counts, **self.values}
+                "comm_s": self.comm_s, **self.counts, **self.shared_counts, **self.values}
 
 
 @dataclass(frozen=True)
@@ -88,8 +115,10 @@ class Synchronizer(ABC):
     # ---- the four calls of a training step, and evaluation
 
     @abstractmethod
-    def after_backward(self) -> None:
-        """Called after ``loss.backward()``, before ``optimizer.step()``."""
+    def after_backward(self) -> bool:
+        """Called after ``loss.backward()``, before ``optimizer.step()``. False: the step is
+        skipped on every rank (its gradients are set to None, so ``optimizer.step()`` changes
+        nothing; a loop may also leave that call out)."""
 
     @abstractmethod
     def after_step(self, loss: torch.Tensor | None = None) -> bool:

@@ -35,7 +35,7 @@ from psops_mpi.config import PSOConfig
 from psops_mpi.flat import flat_buffer, load_into
 from psops_mpi.swarm import Swarm, select_best
 from psops_mpi.sync.base import ResizePlan, SyncMetrics
-from psops_mpi.sync.flat_sync import FlatSynchronizer
+from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
 
 
 class PSOSync(FlatSynchronizer):
@@ -50,20 +50,24 @@ class PSOSync(FlatSynchronizer):
             ``config.fitness == 'holdout'``; by default the mean training loss passed to
             :meth:`after_step` since the last round.
         reset_momentum: clear the local optimizer's state (momentum) after every round.
+        max_nonfinite: as :class:`FlatSynchronizer`; a round is skipped when no particle has
+            a finite fitness.
     """
 
     extra_slots = 1
+    nonfinite = "no particle had a finite fitness"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  comm: MPI.Comm | None = None, sync_every: int = 8, *,
                  config: PSOConfig | None = None, seed: int = 0,
                  fitness_fn: Callable[[], torch.Tensor] | None = None,
                  reset_momentum: bool = False, cuda_aware: bool = False,
-                 **overrides: object) -> None:
+                 max_nonfinite: int = MAX_NONFINITE, **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
-        super().__init__(model, optimizer, comm, sync_every, cuda_aware)
+        super().__init__(model, optimizer, comm, sync_every, cuda_aware,
+                         max_nonfinite=max_nonfinite)
         if self.config.fitness == "holdout" and fitness_fn is None:
             raise ValueError("fitness 'holdout' needs a fitness_fn that returns the loss")
         self.fitness_fn = fitness_fn
@@ -82,7 +86,6 @@ class PSOSync(FlatSynchronizer):
                           if self._gathered is None and (centre or self.config.c3 > 0) else None)
         self.anchor = flat_buffer(n, dtype, device).copy_(self.flat.data) if centre else None
         self.last_fitness = math.inf
-        self.restarts = 0  # rounds in which this particle had diverged and was restarted
 
     def _chosen_exchange(self) -> str:
         """allgather or best, as configured or, for auto, as the cost model prefers."""
@@ -121,11 +124,12 @@ class PSOSync(FlatSynchronizer):
         self.swarm.offer_personal(self.last_fitness)
         finite = math.isfinite(self.last_fitness)
         if self._gathered is not None:
-            self._exchange_allgather()
+            any_finite = self._exchange_allgather()
             mean = self._mean_of_rows()
         else:
             mean = self._allreduce_mean(finite) if self._mean_buf is not None else None
-            self._exchange_best()
+            any_finite = self._exchange_best()
+        self._count_sync(any_finite)
         diverged = not finite and (self.swarm.gbest_owner >= 0 or self.anchor is not None)
         if self.anchor is not None:
             self._move_centre(mean)
@@ -135,9 +139,10 @@ class PSOSync(FlatSynchronizer):
             self.swarm.move()
             if self.config.c3 > 0 and mean is not None:
                 self.flat.data.add_(mean.sub_(self.flat.data), alpha=self.config.c3)
-        self.restarts += diverged
         self.average_buffers()
-        if self.reset_momentum or diverged:  # a diverged particle's momentum is too
+        if diverged:  # its momentum diverged too: restarted with fresh optimizer state
+            self._restart()
+        if self.reset_momentum:
             self.optimizer.state.clear()
         self._loss_sum.zero_()
 
@@ -158,12 +163,14 @@ class PSOSync(FlatSynchronizer):
         swarm.v.copy_(x).sub_(anchor)  # v = x - a = w v + (m - a) + c2 r2 (g - m)
         anchor.copy_(x)
 
-    def _exchange_allgather(self) -> None:
+    def _exchange_allgather(self) -> bool:
+        """Every particle to every rank; True if some particle's fitness is finite."""
         gathered = self._gathered
         self.exchange.allgather(self.flat.packed, gathered)
         owner, best = select_best(gathered[:, -1])
         if self.swarm.accepts_global(best):
             self.swarm.set_global(gathered[owner, :-1], best, owner)
+        return math.isfinite(best)
 
     def _mean_of_rows(self) -> torch.Tensor | None:
         """The mean over this round's gathered particles with a finite fitness (a diverged
@@ -184,14 +191,12 @@ class PSOSync(FlatSynchronizer):
         n = self.flat.numel
         if finite:
             buf[:n].copy_(self.flat.data)
-            buf[n] = 1.0
-        else:
-            buf.zero_()
-        self.exchange.allreduce_mean_(buf)
-        count = float(buf[n])
-        return buf[:n] / count if count > 0 else None
+        count = self.exchange.allreduce_finite_mean_(buf, finite)
+        return buf[:n] if count > 0 else None
 
-    def _exchange_best(self) -> None:
+    def _exchange_best(self) -> bool:
+        """MINLOC of the fitness, then the best particle from its owner; True if some
+        particle's fitness is finite."""
         local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
         best, owner = self.exchange.minloc(local)
         # Every rank holds the same (best, owner), so all take the same branch.
@@ -200,6 +205,7 @@ class PSOSync(FlatSynchronizer):
                 self.swarm.gbest.copy_(self.flat.data)
             self.exchange.bcast_(self.swarm.gbest, root=owner)
             self.swarm.set_global(self.swarm.gbest, best, owner)
+        return math.isfinite(best)
 
     @contextmanager
     def consensus(self) -> Iterator[None]:
@@ -235,8 +241,7 @@ class PSOSync(FlatSynchronizer):
         return owner, "swarm/gbest"
 
     def metrics(self) -> SyncMetrics:
-        base = super().metrics()
-        base.counts["restarts"] = self.restarts  # diverged particles restarted at g
+        base = super().metrics()  # restarts: diverged particles restarted at g
         base.values["gbest_fitness"] = self.swarm.gbest_fitness
         return base
 
@@ -252,8 +257,7 @@ class PSOSync(FlatSynchronizer):
         """Adds the particle and the fitness in progress: the loss summed since the last round
         (float64, so a resumed round computes the very same fitness)."""
         state = {**super().state_dict(), "loss_sum": float(self._loss_sum),
-                 "last_fitness": self.last_fitness, "restarts": self.restarts,
-                 "swarm": self.swarm.state_dict()}
+                 "last_fitness": self.last_fitness, "swarm": self.swarm.state_dict()}
         if self.anchor is not None:
             state["anchor"] = self.anchor
         return state
@@ -262,7 +266,6 @@ class PSOSync(FlatSynchronizer):
         super().load_state_dict(state)
         self._loss_sum.fill_(float(state["loss_sum"]))
         self.last_fitness = float(state["last_fitness"])
-        self.restarts = int(state["restarts"])
         self.swarm.load_state_dict(state["swarm"])
         if self.anchor is not None:
             load_into(self.anchor, state["anchor"])

@@ -13,6 +13,11 @@ and every rank continues from the new anchor. Dividing by ``lr`` keeps ``u`` in 
 while a schedule changes the rate, as the paper does. alpha = 1 with beta = 0 is PA exactly
 (the new weights are computed as ``m + (1 - alpha) * lr * d - alpha * lr * beta * u``, so that
 case adds zeros to the mean).
+
+A rank whose weights are not finite is left out of the mean (a flag in a slot after the
+weights, in the same Allreduce) and continues from the new anchor like every rank, with fresh
+optimizer state (``restarts``). When no rank's weights are finite, the round is skipped
+(``skipped_rounds``): every rank goes back to the anchor and the slow momentum is kept.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from psops_mpi.flat import flat_buffer, load_into
-from psops_mpi.sync.flat_sync import FlatSynchronizer
+from psops_mpi.flat import all_finite, flat_buffer, load_into
+from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
 
 
 class SlowMoSync(FlatSynchronizer):
@@ -42,8 +47,9 @@ class SlowMoSync(FlatSynchronizer):
                  comm: MPI.Comm | None = None, sync_every: int = 8, *,
                  outer_lr: float = 1.0, outer_momentum: float = 0.6,
                  outer_nesterov: bool = False, reset_momentum: bool = False,
-                 cuda_aware: bool = False) -> None:
-        super().__init__(model, optimizer, comm, sync_every, cuda_aware)
+                 cuda_aware: bool = False, max_nonfinite: int = MAX_NONFINITE) -> None:
+        super().__init__(model, optimizer, comm, sync_every, cuda_aware,
+                         max_nonfinite=max_nonfinite)
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self.outer_nesterov, self.reset_momentum = outer_nesterov, reset_momentum
         data = self.flat.data
@@ -53,7 +59,16 @@ class SlowMoSync(FlatSynchronizer):
     def _round(self) -> None:
         x, alpha, beta = self.flat.data, self.outer_lr, self.outer_momentum
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.exchange.allreduce_mean_(x)  # x is now the mean m
+        finite = all_finite(x)
+        any_finite = self.exchange.allreduce_finite_mean_(self.flat.packed, finite) > 0
+        if not finite:
+            self._restart()
+        self._count_sync(any_finite)
+        if not any_finite:  # no mean to step towards: back to the anchor, momentum kept
+            x.copy_(self.anchor)
+            self.average_buffers()
+            return
+        # x is now the mean m
         if lr > 0:
             delta = self.anchor.sub_(x).div_(lr)  # d, in the anchor's memory
             if self.outer_nesterov:

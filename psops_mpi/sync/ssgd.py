@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+from psops_mpi.flat import all_finite
 from psops_mpi.sync.flat_sync import FlatSynchronizer
 
 
 class SSGDSync(FlatSynchronizer):
     """Average gradients over all ranks after every backward pass (``sync_every`` is unused:
-    weights never diverge, so only BatchNorm statistics are averaged, at :meth:`flush`)."""
+    weights never diverge, so only BatchNorm statistics are averaged, at :meth:`flush`).
 
-    def after_backward(self) -> None:
+    A NaN or inf in any rank's gradient reaches the average on every rank alike, so every
+    rank sees that the average is not finite without another message (one local reduction
+    over the gradient) and skips the step: the gradients are set to None, and
+    ``optimizer.step()`` leaves weights and momentum as they were (``skipped_steps``).
+    """
+
+    extra_slots = 0
+    skipped_name = "skipped_steps"
+    nonfinite = "the averaged gradient was not finite"
+    sync_unit = "steps"
+
+    def after_backward(self) -> bool:
         self.flat.attach_grads()
+        step = self.steps + 1
+        self.exchange.arrive(lambda: f"step {step}")
         self.exchange.allreduce_mean_(self.flat.grad)
+        finite = all_finite(self.flat.grad)
+        if not finite:
+            for param in self.flat.params:  # attach_grads() makes them views again next step
+                param.grad = None
+        self._count_sync(finite)
+        self._stop_if_stuck(step)
+        return finite
 
     def _round_due(self) -> bool:
         return False  # gradients were averaged already; rounds happen only at flush()

@@ -75,10 +75,11 @@ def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
         np.testing.assert_allclose(weights, models[0], rtol=1e-6, atol=1e-7,
                                    err_msg=f"rank {rank} ends on another model than rank 0")
     # The synthetic mlp has no BatchNorm: only weights (or gradients) travel. 4 ranks:
-    # an allreduce sends 2(P-1)/P*4N = 6N bytes per rank; PSO-PS 'best' 4N + 16 per round.
+    # an allreduce sends 2(P-1)/P*4N = 6N bytes per rank (PA: N+1 floats, the weights and
+    # their finite flag); PSO-PS 'best' 4N + 16 per round.
     n = final["num_params"]
     assert n == 32 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
-    expected = {"ssgd": final["steps"] * 6 * n, "pa": final["rounds"] * 6 * n,
+    expected = {"ssgd": final["steps"] * 6 * n, "pa": final["rounds"] * 6 * (n + 1),
                 "pso-ps": final["rounds"] * (4 * n + 16)}[algo]
     assert final["rounds"] >= 3 and final["comm_bytes_per_rank"] == expected
 

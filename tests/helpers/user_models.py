@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -159,3 +160,91 @@ def resnet20_with_probe(input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
     from psops_mpi.models import build_model
 
     return nn.Sequential(_AugmentationProbe(), build_model("resnet20", input_shape, num_classes))
+
+
+# ---- faults, for tests/e2e/test_faults.py: real NaNs, sleeping ranks, rank pids
+
+class _Faulty(nn.Module):
+    """Trains ``inner``; ``fault(call)`` runs at every training forward pass (numbered from
+    1 on this rank) and may return a factor for the output (NaN: a real non-finite loss)."""
+
+    def __init__(self, inner: nn.Module, fault) -> None:
+        super().__init__()
+        self.inner, self.fault, self.calls = inner, fault, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            factor = self.fault(self.calls)
+            if factor is not None:
+                return out * factor
+        return out
+
+
+def nan_once_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Rank 1's 10th training batch gives NaN logits, once: a single bad batch."""
+    return _Faulty(tiny_mlp(input_shape, num_classes),
+                   lambda call: float("nan") if call == 10 and _world_rank() == 1 else None)
+
+
+def nan_from_step_five(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Every rank's training batches give NaN logits from the 5th on: nothing can recover."""
+    return _Faulty(tiny_mlp(input_shape, num_classes),
+                   lambda call: float("nan") if call >= 5 else None)
+
+
+class _NanInEval(nn.Module):
+    """Trains normally; NaN logits in eval mode, so the test loss is NaN."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out if self.training else out * float("nan")
+
+
+def nan_in_eval(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _NanInEval(tiny_mlp(input_shape, num_classes))
+
+
+PID_DIR_ENV = "PSOPS_TEST_PID_DIR"
+
+
+def _slow_with_pid(call: int) -> None:
+    """Each rank writes its pid to ``$PSOPS_TEST_PID_DIR/rank-R.pid`` at its first training
+    batch (so a test can signal one rank), and every batch takes 20 ms longer (so a test
+    can signal it in the middle of training)."""
+    if call == 1:
+        import os
+        from pathlib import Path
+
+        folder = Path(os.environ[PID_DIR_ENV])
+        part = folder / f"rank-{_world_rank()}.pid.part"
+        part.write_text(str(os.getpid()))
+        part.rename(part.with_suffix(""))
+    time.sleep(0.02)
+
+
+def slow_with_pid(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return _Faulty(tiny_mlp(input_shape, num_classes), _slow_with_pid)
+
+
+def _sleep_on_rank_one(seconds: float):
+    def fault(call: int) -> None:
+        if call == 6 and _world_rank() == 1:
+            time.sleep(seconds)
+
+    return fault
+
+
+def sleeps_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Rank 1 spends 3.5 s in its 6th training batch (user code that stalls, then goes on)."""
+    return _Faulty(tiny_mlp(input_shape, num_classes), _sleep_on_rank_one(3.5))
+
+
+def hangs_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Rank 1 hangs in its 6th training batch (for ten minutes: a job must not wait it out)."""
+    return _Faulty(tiny_mlp(input_shape, num_classes), _sleep_on_rank_one(600))

@@ -191,9 +191,10 @@ def allreduce_bytes(numel: int, size: int) -> int:
 @pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-allgather", "pso-best"])
 def test_bytes_sent_per_rank_follow_the_readme(algo: str) -> None:
     """Two rounds of a BatchNorm net (N parameters, B float buffers), counted against the
-    README's table: SSGD 2(P-1)/P*4N per step, PA the same per round, PSO-PS (P-1)*4(N+1)
-    with allgather or 4N + 16 with best (Bcast of the best particle plus the MINLOC pair),
-    and every round's averaging of the buffers 2(P-1)/P*4B."""
+    README's table: SSGD 2(P-1)/P*4N per step, PA 2(P-1)/P*4(N+1) per round (the weights and
+    their finite flag), PSO-PS (P-1)*4(N+1) with allgather or 4N + 16 with best (Bcast of the
+    best particle plus the MINLOC pair), and every round's averaging of the buffers and
+    their flag 2(P-1)/P*4(B+1)."""
     model = bn_net(8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     size = COMM.Get_size()
@@ -212,10 +213,10 @@ def test_bytes_sent_per_rank_follow_the_readme(algo: str) -> None:
         part = my_part(x)
         sgd_step(model, opt, sync, x[part], y[part])
     sync.flush()
-    buffers = allreduce_bytes(num_buffers, size)
+    buffers = allreduce_bytes(num_buffers + 1, size)
     expected = {
         "ssgd": 4 * allreduce_bytes(num_params, size) + buffers,  # 4 steps, 1 round at flush
-        "pa": 2 * (allreduce_bytes(num_params, size) + buffers),
+        "pa": 2 * (allreduce_bytes(num_params + 1, size) + buffers),
         "pso-allgather": 2 * ((size - 1) * 4 * (num_params + 1) + buffers),
         "pso-best": 2 * (4 * num_params + 16 + buffers),
     }[algo]

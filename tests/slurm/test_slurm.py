@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tests.helpers.launch import REPO
+from tests.helpers.user_models import PID_DIR_ENV
 from tests.slurm.local_slurm import LocalSlurm
 
 JOB_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -67,3 +68,57 @@ def test_cpu_template_runs_to_completion_through_sbatch(slurm: LocalSlurm,
     assert final["config"]["dataset"] == "synthetic"  # PSOPS_ARGS reached the training
     checkpoints = sorted((results / "checkpoints").glob("step-*/metadata.json"))
     assert len(checkpoints) == 1  # the final one
+
+
+def test_cpu_template_stops_on_usr1_requeues_itself_and_finishes(slurm: LocalSlurm,
+                                                                 tmp_path: Path) -> None:
+    """What the time limit's `--signal=B:USR1@120` does, sent by hand: the batch script
+    passes USR1 to srun, every rank checkpoints and exits 75, the script requeues the job,
+    and the requeued job (same id, same results folder) resumes and completes."""
+    results, out, pids = tmp_path / "results", tmp_path / "job.out", tmp_path / "pids"
+    pids.mkdir()
+    env = {**JOB_ENV, "PSOPS_ARGS": "--dataset synthetic --epochs 2 --quiet --model "
+                                    "tests.helpers.user_models:slow_with_pid",
+           "PSOPS_RESULTS": str(results), "PSOPS_PYTHON": sys.executable,
+           PID_DIR_ENV: str(pids)}
+    submitted = slurm.command(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={out}",
+                               str(REPO / "slurm" / "train_cpu.sbatch")],
+                              timeout=60, cwd=REPO, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while not (pids / "rank-1.pid").exists():  # both ranks are training
+        assert time.monotonic() < deadline, (slurm.job_fields(job_id),
+                                             out.read_text() if out.exists() else "")
+        time.sleep(0.2)
+    signalled = slurm.command(["scancel", "--signal=USR1", "--batch", job_id], timeout=30)
+    assert signalled.returncode == 0, signalled.stderr
+    fields = wait_requeued_then_done(slurm, job_id, timeout=240)
+    log = out.read_text() if out.exists() else "(no output file)"
+    assert fields.get("JobState") == "COMPLETED" and fields.get("Restarts") == "1", (fields, log)
+    assert "psops_mpi: stopped by SIGUSR1 at step" in log
+    assert f"requeueing job {job_id} to continue" in log and "final: test acc" in log
+    events = read_metrics(results / "metrics.jsonl")
+    assert [e["event"] for e in events if e["event"] != "epoch"] == ["start", "stopped",
+                                                                      "start", "final"]
+    stopped, resumed = events[1], events[2]
+    assert stopped["reason"] == "SIGUSR1" and resumed["resumed_from"] == stopped["checkpoint"]
+    assert events[-1]["ok"] is True and events[-1]["steps"] == 64
+
+
+def wait_requeued_then_done(slurm: LocalSlurm, job_id: str, timeout: float) -> dict[str, str]:
+    """Poll until the job ran again after its requeue and ended. Slurm holds a requeued
+    job for two minutes (its begin time): it is released at once, for as long as it waits
+    for that time (the hold is set again while the first run's step completes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = slurm.job_fields(job_id)
+        state, restarts = fields.get("JobState", ""), fields.get("Restarts", "0")
+        if restarts != "0" and state == "PENDING" and fields.get("Reason") == "BeginTime":
+            slurm.command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+        if restarts != "0" and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            return fields
+        time.sleep(0.5)
+    slurm.command(["scancel", job_id], timeout=30)
+    raise AssertionError(f"job {job_id} did not finish after its requeue within {timeout}s: "
+                         f"{slurm.job_fields(job_id)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,49 @@ def test_scaling_template_runs_the_sweep_once_per_node_count_that_fits() -> None
     args = sweep.parse_args(sweeps[1].split()[1:])
     assert {spec.ranks for runs in sweep.build_plan(args) for spec in runs} == {8}
     assert "skipping 4 nodes: the job has only 2" in res.stderr
+
+
+FAKE_SRUN = """#!/bin/bash
+# stands for srun and the training: stops with 75 on USR1 or TERM, as psops_mpi.train does
+echo "srun $$ started"
+trap 'echo "srun got USR1"; exit 75' USR1
+trap 'echo "srun got TERM"; exit 75' TERM
+for i in $(seq 300); do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("name", ["train_cpu.sbatch", "train_gpu.sbatch"])
+@pytest.mark.parametrize(("signal_name", "requeued"), [("USR1", True), ("TERM", False)])
+def test_training_templates_forward_stop_signals_and_requeue_after_usr1(
+        tmp_path: Path, name: str, signal_name: str, requeued: bool) -> None:
+    """`--signal=B:USR1@120` reaches the batch script only: it must pass the signal to srun,
+    wait for the training's own exit code (75: stopped after a checkpoint), and requeue the
+    job after USR1 (the time limit is near); after TERM (scancel, preemption) it does not.
+    srun and scontrol are stand-ins that say what they got."""
+    read, _ = directives(REPO / "slurm" / name)
+    assert {"#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"} \
+        <= {line.split("  ")[0] for line in read}
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text('#!/bin/bash\necho "scontrol $*"\n')
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1",
+           "PSOPS_RESULTS": str(tmp_path / "results")}
+    script = subprocess.Popen(["bash", str(REPO / "slurm" / name)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert script.stdout is not None
+        for line in script.stdout:  # the stand-in is running, its traps are set
+            if "srun" in line and "started" in line:
+                break
+        time.sleep(0.3)
+        script.send_signal(getattr(signal, f"SIG{signal_name}"))
+        out, err = script.communicate(timeout=30)
+    finally:
+        script.kill()
+    assert script.returncode == 75, (out, err)
+    assert f"srun got {signal_name}" in out
+    assert ("scontrol requeue 77" in out) == requeued, out

@@ -1,0 +1,209 @@
+"""Waiting for the other ranks, and saying which ones do not come.
+
+A rank that never reaches a collective (stuck in user code, on a hung node whose process
+lives on) leaves the others waiting inside MPI forever, and nothing says who is missing. Every
+place where ranks wait for each other (the setup agreement, a round, a step of SSGD, the
+checkpoint and stop agreements, evaluation) first passes :meth:`StallWatch.arrive`: a
+non-blocking barrier, polled without pause for ``SPIN_S`` (as MPI itself waits), then with
+sleeps that grow with the wait (a long wait costs no core, and ends at most ~3% late),
+after which the collective itself runs as usual: every rank is known to be there. Polling a
+large collective directly would slow it down, since MPI moves data only while it is called;
+the barrier costs one small message latency (a few microseconds on one node, measured in
+``bench/exchange_bench.py``).
+
+Who is missing: a rank that has waited ``NOTICE_S`` sends rank 0 a tiny message naming the
+wait (every wait has a number, the same on every rank), and rank 0 answers it. After
+``report_s`` rank 0 prints the ranks it has not heard from, and again every ``report_s``
+while the wait lasts; if rank 0 is the one missing, rank 1 says so (it got no answer). With
+``abort_s`` set, the wait ends the job with one line and :data:`EXIT_STALLED`.
+
+Nothing here runs at import; one watch per communicator (:meth:`StallWatch.of`), shared by
+everything that waits on it, so that the wait numbers match across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import ClassVar, TextIO
+
+import numpy as np
+from mpi4py import MPI
+
+from psops_mpi.errors import EXIT_STALLED
+
+REPORT_S = 120.0  # default: a first report after two minutes (Horovod's stall check: 60 s)
+NOTICE_TAG, ANSWER_TAG = 0x5053, 0x5054  # point-to-point tags of the notices ("PS")
+# Poll without sleeping this long, yielding the core between polls, as a blocking MPICH call
+# does: the skew between ranks at a round is usually shorter, and a sleeping rank wakes late
+# (on a shared core, much later: sleeping from the start made a round 2.7x slower here).
+SPIN_S = 0.1
+MAX_SLEEP_S = 0.02  # longest sleep between two polls (also the most a wait ends late by)
+
+Where = str | Callable[[], str]
+
+
+def _text(where: Where) -> str:
+    return where() if callable(where) else where
+
+
+def _seconds(seconds: float) -> str:
+    """Whole seconds, or tenths below ten (short limits, as tests use)."""
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}".removesuffix(".0")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks) if ranks else "none"
+
+
+class StallWatch:
+    """Waits on the ranks of ``comm`` and reports those that do not arrive.
+
+    Args:
+        comm: the communicator whose ranks wait for each other.
+        report_s: seconds of waiting before rank 0 names the missing ranks (repeated every
+            ``report_s``); 0 turns reports off.
+        abort_s: seconds of waiting after which the job ends (MPI_Abort, exit code
+            :data:`EXIT_STALLED`); 0: never.
+        stream: where reports go (stderr).
+    """
+
+    _watches: ClassVar[dict[int, StallWatch]] = {}
+
+    def __init__(self, comm: MPI.Comm, report_s: float = REPORT_S, abort_s: float = 0.0,
+                 stream: TextIO | None = None) -> None:
+        self.comm = comm
+        self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
+        self.report_s, self.abort_s = report_s, abort_s
+        self.stream = stream
+        self.count = 0  # waits so far; the same on every rank, so it names a wait
+        self._sends: list[tuple[MPI.Request, np.ndarray]] = []
+
+    @classmethod
+    def of(cls, comm: MPI.Comm) -> StallWatch:
+        """The watch of ``comm`` (made on first use with the defaults; see :meth:`configure`)."""
+        key = comm.py2f()
+        watch = cls._watches.get(key)
+        if watch is None or watch.comm != comm:
+            watch = cls._watches[key] = cls(comm)
+        return watch
+
+    def configure(self, report_s: float, abort_s: float) -> None:
+        """Set the limits (every rank the same: the run's settings)."""
+        self.report_s, self.abort_s = report_s, abort_s
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 and (self.report_s > 0 or self.abort_s > 0)
+
+    def arrive(self, where: Where) -> None:
+        """Return once every rank has called ``arrive`` for the same wait (a barrier).
+        ``where`` names the wait in reports (a callable is only called for a report)."""
+        if not self.enabled:
+            return
+        self.wait(self.comm.Ibarrier(), where)
+
+    def wait(self, request: MPI.Request, where: Where) -> None:
+        """Complete ``request``, a non-blocking collective every rank started, watching for
+        ranks that do not come."""
+        if not self.enabled:
+            request.Wait()
+            return
+        self.count += 1
+        started = time.monotonic()
+        while time.monotonic() - started < SPIN_S:
+            if request.Test():
+                return
+            os.sched_yield()
+        self._slow_wait(request, where, started)
+
+    def _slow_wait(self, request: MPI.Request, where: Where, started: float) -> None:
+        notice_s = min(1.0, (self.report_s or self.abort_s) / 4)
+        next_report = self.report_s or float("inf")
+        heard: set[int] = set()  # rank 0: who has told us it waits here
+        answered = noticed = reported = False
+        elapsed = 0.0
+        while not request.Test():
+            elapsed = time.monotonic() - started
+            if self.rank == 0:
+                heard |= self._take_notices()
+            else:
+                if not noticed and elapsed >= notice_s:
+                    self._send(0, NOTICE_TAG)
+                    noticed = True
+                answered = self._take_answer() or answered
+            if elapsed >= next_report:
+                reported = self._report(elapsed, where, heard, answered) or reported
+                next_report += self.report_s
+            if self.abort_s and elapsed >= self.abort_s:
+                self._abort(elapsed, where, heard, answered)
+            time.sleep(min(MAX_SLEEP_S, elapsed / 32))  # at most ~3% late
+        self._finish_sends()
+        if reported:
+            self._print(f"psops_mpi: every rank arrived at {_text(where)} after "
+                        f"{_seconds(time.monotonic() - started)} s")
+
+    # ---- notices: point-to-point messages that only slow waits send
+
+    def _send(self, dest: int, tag: int) -> None:
+        payload = np.array([self.count], dtype=np.int64)
+        self._sends.append((self.comm.Isend(payload, dest=dest, tag=tag), payload))
+
+    def _finish_sends(self) -> None:
+        self._sends = [(req, buf) for req, buf in self._sends if not req.Test()]
+
+    def _take_notices(self) -> set[int]:
+        """Rank 0: the ranks whose notice for this wait came in (answered at once); notices
+        of earlier waits, sent just before those ended, are dropped."""
+        arrived: set[int] = set()
+        status = MPI.Status()
+        payload = np.zeros(1, dtype=np.int64)
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=NOTICE_TAG, status=status):
+            source = status.Get_source()
+            self.comm.Recv(payload, source=source, tag=NOTICE_TAG)
+            if int(payload[0]) == self.count:
+                arrived.add(source)
+                self._send(source, ANSWER_TAG)
+        return arrived
+
+    def _take_answer(self) -> bool:
+        payload = np.zeros(1, dtype=np.int64)
+        answered = False
+        while self.comm.Iprobe(source=0, tag=ANSWER_TAG):
+            self.comm.Recv(payload, source=0, tag=ANSWER_TAG)
+            answered = answered or int(payload[0]) == self.count
+        return answered
+
+    def missing(self, heard: set[int]) -> list[int]:
+        """Rank 0's view: the ranks that have not told it they wait (itself excluded)."""
+        return [r for r in range(1, self.world_size) if r not in heard]
+
+    # ---- what the user sees
+
+    def _report(self, elapsed: float, where: Where, heard: set[int], answered: bool) -> bool:
+        if self.rank == 0:
+            self._print(f"psops_mpi: waiting {_seconds(elapsed)} s at {_text(where)} for rank(s) "
+                        f"{_ranks(self.missing(heard))}")
+            return True
+        if self.rank == 1 and not answered:  # rank 0 is not waiting here: it is missing
+            self._print(f"psops_mpi: rank 1 waiting {_seconds(elapsed)} s at {_text(where)}; "
+                        "rank 0 has not arrived (other ranks may be missing too)")
+            return True
+        return False
+
+    def _abort(self, elapsed: float, where: Where, heard: set[int], answered: bool) -> None:
+        reporter = self.rank == 0 or (self.rank == 1 and not answered)
+        who = _ranks(self.missing(heard)) if self.rank == 0 else "0"
+        if reporter:
+            self._print(f"psops_mpi: error: rank(s) {who} did not arrive at {_text(where)} "
+                        f"within {_seconds(elapsed)} s (--stall-abort-s {self.abort_s:g}): "
+                        "aborting the job")
+        elif elapsed < self.abort_s + 5:  # give the reporter the time to say why
+            return
+        time.sleep(1.0)  # let the launcher forward the line before it tears the job down
+        self.comm.Abort(EXIT_STALLED)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream or sys.stderr, flush=True)
