@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -88,6 +89,9 @@ def _free_port() -> int:
 SLURM_CONF = """\
 # One-node Slurm for tests; every path lives under {root}.
 ClusterName=psops-test
+# MPICH names its shared-memory segment after the job step, and a killed job leaves it in
+# /dev/shm: a later cluster's job 1 would attach to that stale segment and fail in MPI_Init.
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -154,8 +158,10 @@ class LocalSlurm:
         return dict(item.split("=", 1) for item in shown.split() if "=" in item)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop the daemons by the PIDs they wrote: SIGTERM to all at once (each takes about
-        2 s to shut down), SIGKILL to any still running after ``grace_s``."""
+        """Cancel every job still running (a hung task would outlive the daemons), then stop
+        the daemons by the PIDs they wrote: SIGTERM to all at once (each takes about 2 s to
+        shut down), SIGKILL to any still running after ``grace_s``."""
+        self._cancel_all(grace_s)
         pids = [pid for pid in map(_read_pid, self.pid_files) if pid is not None]
         for pid in pids:
             _signal(pid, signal.SIGTERM)
@@ -164,6 +170,16 @@ class LocalSlurm:
             time.sleep(0.1)
         for pid in pids:
             _signal(pid, signal.SIGKILL)
+
+    def _cancel_all(self, grace_s: float) -> None:
+        with contextlib.suppress(AssertionError, OSError):
+            self.command(["scancel", "--full", f"--user={os.geteuid()}"], timeout=30)
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                queued = self.command(["squeue", "-h", "-o", "%i"], timeout=30)
+                if queued.returncode != 0 or not queued.stdout.strip():
+                    return
+                time.sleep(0.2)
 
 
 def _read_pid(pid_file: Path) -> int | None:
@@ -223,7 +239,8 @@ def start(root: Path, timeout: float = START_TIMEOUT_S) -> LocalSlurm:
         sub.mkdir(mode=0o755, exist_ok=True)
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(root=root, host=host, cpus=CPUS,
-                                      ctld_port=_free_port(), slurmd_port=_free_port()))
+                                      ctld_port=_free_port(), slurmd_port=_free_port(),
+                                      first_job_id=random.randrange(10**5, 6 * 10**7)))
     (root / "plugstack.conf").write_text("")  # no site plugins (the system one may have some)
     cluster = LocalSlurm(root, {**os.environ, "SLURM_CONF": str(conf)},
                          [root / "slurmd.pid", root / "slurmctld.pid", munge / "munged.pid"])
