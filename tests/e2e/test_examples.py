@@ -17,8 +17,9 @@ def test_the_readme_shows_the_example_verbatim() -> None:
 
 
 def test_the_library_example_runs_and_learns() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)  # as a user runs it: the installed package, not the checkout
+    # From its own folder, as a user runs it; the package is this checkout's (as tests/run.sh
+    # arranges for every test), whichever checkout `pip install -e` last pointed at.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     res = run_bounded([mpiexec(), "-n", "2", sys.executable, str(EXAMPLE)], 120, env,
                       cwd=REPO / "examples")
     assert res.returncode == 0, res.stderr
