@@ -28,14 +28,16 @@ DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
 # Named PSO-PS settings (--pso-preset); flags given beside a preset override it. The field
 # defaults below are the default preset's values (a test checks).
 PSO_PRESETS: dict[str, dict[str, Any]] = {
+    # The swarm moves as one from its centre, inertia as slow momentum, pulled to the best
+    # particle. w and c2 chosen on MNIST-1D at 4 ranks, sync every 4, 16 and 64 (bench/results/
+    # rules/README.md): the best PSO-PS setting there, above PA at every period.
+    "centre": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.1, "c3": 0.0,
+               "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
     # Ye et al.'s rule: each particle moves on its own towards the round's best particle, and
     # the best particle is the answer; coefficients chosen on MNIST-1D (bench/results/
     # coef_scan.md). The default of psops_mpi 0.1.
     "paper": {"rule": "particle", "w": 0.5, "c1": 0.0, "c2": 1.0, "c3": 0.0,
               "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
-    # The swarm moves as one from its centre, inertia as slow momentum, pulled to the best.
-    "centre": {"rule": "centre", "w": 0.6, "c1": 0.0, "c2": 0.1, "c3": 0.0,
-               "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
 }
 
 
@@ -74,16 +76,16 @@ def check_choices(obj: object) -> None:
 class PSOConfig:
     """Coefficients of the particle-swarm step applied at every PSO-PS round."""
 
-    pso_preset: Literal["paper", "centre"] = "paper"
-    """Named PSO-PS settings that the PSO flags given beside it override: paper (each particle
-    moves on its own, Ye et al.'s rule) or centre (the swarm moves as one); see "PSO-PS
-    presets"."""
-    w: float = 0.5
+    pso_preset: Literal["centre", "paper"] = "centre"
+    """Named PSO-PS settings that the PSO flags given beside it override: centre (the swarm
+    moves as one) or paper (each particle moves on its own, Ye et al.'s rule, the default of
+    psops_mpi 0.1); see "PSO-PS presets"."""
+    w: float = 0.4
     """PSO inertia: the share of the previous velocity a particle keeps."""
     c1: float = 0.0
     """PSO pull towards the particle's personal best. Off by default: on MNIST-1D every
     c1 > 0 we tried lowered accuracy (README, "Choosing the defaults")."""
-    c2: float = 1.0
+    c2: float = 0.1
     """PSO pull towards the global best."""
     c3: float = 0.0
     """After the move, pull each particle this share of the way to the swarm's mean (see
@@ -100,7 +102,7 @@ class PSOConfig:
     start)."""
     gbest_memory: Literal["round", "all"] = "round"
     """Global best: this round's best particle, or the best ever seen."""
-    rule: Literal["particle", "centre"] = "particle"
+    rule: Literal["particle", "centre"] = "centre"
     """PSO-PS move: every particle moves on its own (the paper's), or the swarm moves as one
     from its centre, with inertia w as a slow momentum and a pull c2 to the best particle."""
     answer: Literal["gbest", "mean"] = "gbest"
@@ -165,8 +167,9 @@ class TrainConfig:
     """Particle-swarm settings (PSO-PS only); their flags are listed with the others."""
     outer_lr: float = 1.0
     """SlowMo: the slow learning rate alpha of the outer step (1: the full step)."""
-    outer_momentum: float = 0.6
-    """SlowMo: the slow momentum beta (0 with --outer-lr 1: plain PA)."""
+    outer_momentum: float = 0.4
+    """SlowMo: the slow momentum beta (0 with --outer-lr 1: plain PA). 0.4: the best of 0.2 -
+    0.5 on MNIST-1D; 0.6 and above diverged there at --sync-every 4 (bench/results/rules)."""
     outer_nesterov: bool = False
     """SlowMo: Nesterov's form of the outer step (DiLoCo's) instead of heavy ball."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -45,7 +45,7 @@ class SlowMoSync(FlatSynchronizer):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  comm: MPI.Comm | None = None, sync_every: int = 8, *,
-                 outer_lr: float = 1.0, outer_momentum: float = 0.6,
+                 outer_lr: float = 1.0, outer_momentum: float = 0.4,
                  outer_nesterov: bool = False, reset_momentum: bool = False,
                  cuda_aware: bool = False, max_nonfinite: int = MAX_NONFINITE) -> None:
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,

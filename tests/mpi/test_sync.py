@@ -15,6 +15,7 @@ from psops_mpi.swarm import select_best
 
 pytestmark = pytest.mark.mpi(min_size=2)
 COMM = MPI.COMM_WORLD
+PAPER = PSOConfig.from_preset("paper")  # the particle rule, as Ye et al. define it
 
 
 def mlp(seed: int) -> nn.Module:
@@ -107,7 +108,8 @@ def run_rounds(exchange: str, memory: str, num_rounds: int = 6) -> list[tuple]:
     """Train a PSO-PS swarm whose losses are fixed numbers; return what rank saw per round."""
     model = mlp(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    cfg = PSOConfig(w=0.5, c1=0.5, c2=1.0, exchange=exchange, gbest_memory=memory)
+    cfg = PSOConfig.from_preset("paper", w=0.5, c1=0.5, c2=1.0, exchange=exchange,
+                                gbest_memory=memory)
     sync = PSOSync(model, opt, COMM, sync_every=2, config=cfg, seed=7)
     rank, size = COMM.Get_rank(), COMM.Get_size()
     seen = []
@@ -206,7 +208,9 @@ def test_bytes_sent_per_rank_follow_the_readme(algo: str) -> None:
     elif algo == "pa":
         sync = PASync(model, opt, COMM, 2)
     else:
-        sync = PSOSync(model, opt, COMM, 2, exchange=algo.removeprefix("pso-"))
+        # the paper's rule: no mean to allreduce beside the best particle
+        sync = PSOSync(model, opt, COMM, 2,
+                       config=PSOConfig.from_preset("paper", exchange=algo.removeprefix("pso-")))
     assert sync.exchange.bytes_sent == 0  # the initial broadcast is setup, not training
     for step in range(4):
         x, y = global_batch(step)
@@ -305,7 +309,7 @@ def test_a_diverged_particle_restarts_at_the_global_best() -> None:
     momentum, and trains on with finite losses; the other ranks move as usual."""
     model = mlp(5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sync = PSOSync(model, opt, COMM, sync_every=2, seed=3)
+    sync = PSOSync(model, opt, COMM, sync_every=2, seed=3, config=PAPER)
     rank = COMM.Get_rank()
     for r in range(4):
         if r == 2 and rank == 1:
@@ -332,10 +336,10 @@ def test_pull_to_the_swarm_mean(c3: float) -> None:
     round gathered; c3 = 1 puts every particle at that mean."""
     model = mlp(7)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sync = PSOSync(model, opt, COMM, sync_every=2, seed=1, w=0.5, c3=c3)
+    sync = PSOSync(model, opt, COMM, sync_every=2, seed=1, config=PAPER, w=0.5, c3=c3)
     twin = mlp(7)  # the same swarm without the pull, kept at the same positions
     reference = PSOSync(twin, torch.optim.SGD(twin.parameters(), lr=0.05), COMM,
-                        sync_every=2, seed=1, w=0.5)
+                        sync_every=2, seed=1, config=PAPER, w=0.5)
     for r in range(3):
         for step in range(2):
             x, y = global_batch(10 * r + step)
