@@ -104,7 +104,7 @@ class PSOSync(FlatSynchronizer):
         how = ("every rank receives every particle" if self.exchange_kind == "allgather"
                else "MINLOC and a broadcast of the best particle")
         auto = " (auto: the cheaper for this swarm)" if self.config.exchange == "auto" else ""
-        return (f"PSO-PS {self.config.pso_preset} rule {self.config.rule}, exchange "
+        return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
                 f"{self.exchange_kind}{auto}: {how}")
 
     def _observe(self, loss: torch.Tensor | None) -> None:

@@ -29,8 +29,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run")
+    # The paper's rule: each particle keeps its own weights, so the answer is one rank's g.
     res = launch(["--dataset", "synthetic", "--model", MODEL, "--epochs", "1", "--quiet",
-                  "--sync-every", "4", "--max-steps", "20", "--checkpoint-dir", str(root),
+                  "--pso-preset", "paper", "--sync-every", "4", "--max-steps", "20",
+                  "--checkpoint-dir", str(root),
                   "--checkpoint-every-min", "0.00001", "--keep-last", "2"], ranks=2)
     assert res.returncode == 0, res.stderr
     return root

@@ -59,8 +59,8 @@ def final_checkpoint(root: Path) -> Path:
 
 @pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-ps"])
 def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
-    """Four ranks end on one model (PA and SSGD: every rank's weights; PSO-PS: the global
-    best), and each rank sent what the README says its algorithm sends."""
+    """Four ranks end on one model (every algorithm: PSO-PS's default rule moves the swarm as
+    one), and each rank sent what the README says its algorithm sends."""
     metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--algo", algo, "--dataset", "synthetic", "--epochs", "3", "--quiet",
                   "--exchange", "best", "--metrics-out", str(metrics),
@@ -69,18 +69,19 @@ def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
     final = read_metrics(metrics)[-1]
     assert final["world_size"] == 4 and final["config"]["algo"] == algo
     assert final["test_acc"] > 0.5
-    name = "sync/swarm/gbest" if algo == "pso-ps" else "model/position"
+    name = "model/position"
     models = [shard[name] for shard in read_shards(final_checkpoint(ckpt), name)]
     for rank, weights in enumerate(models[1:], start=1):
         np.testing.assert_allclose(weights, models[0], rtol=1e-6, atol=1e-7,
                                    err_msg=f"rank {rank} ends on another model than rank 0")
     # The synthetic mlp has no BatchNorm: only weights (or gradients) travel. 4 ranks:
     # an allreduce sends 2(P-1)/P*4N = 6N bytes per rank (PA: N+1 floats, the weights and
-    # their finite flag); PSO-PS 'best' 4N + 16 per round.
+    # their finite flag); PSO-PS's centre rule with 'best': the allreduce of [x ; 1] for the
+    # mean, MINLOC (16 bytes) and the broadcast of the best particle (4N) per round.
     n = final["num_params"]
     assert n == 32 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     expected = {"ssgd": final["steps"] * 6 * n, "pa": final["rounds"] * 6 * (n + 1),
-                "pso-ps": final["rounds"] * (4 * n + 16)}[algo]
+                "pso-ps": final["rounds"] * (6 * (n + 1) + 16 + 4 * n)}[algo]
     assert final["rounds"] >= 3 and final["comm_bytes_per_rank"] == expected
 
 

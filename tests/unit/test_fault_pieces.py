@@ -17,7 +17,6 @@ from torch import nn
 from psops_mpi import NonFiniteStop, PASync, SSGDSync
 from psops_mpi.checkpoint.parts import check_state
 from psops_mpi.checkpoint.saver import Checkpointer, describe_os_error
-from psops_mpi.checkpoint.store import hdf5_os_error
 from psops_mpi.config import TrainConfig
 from psops_mpi.errors import UsageError
 from psops_mpi.flat import all_finite
@@ -36,17 +35,6 @@ def test_all_finite(values: list[float], finite: bool, dtype: torch.dtype) -> No
 def test_all_finite_sums_half_precision_in_float32() -> None:
     """60,000 + 60,000 overflows float16; the values are finite all the same."""
     assert all_finite(torch.full((4,), 60000.0, dtype=torch.float16))
-
-
-def test_an_hdf5_runtime_error_becomes_the_os_error_it_stands_for(tmp_path: Path) -> None:
-    message = ("Disable slist on flush dest failure failed (file write failed: time = ..., "
-               "filename = 'x', file descriptor = 29, errno = 28, error message = 'No space "
-               "left on device', buf = 0x1)")
-    error = hdf5_os_error(RuntimeError(message), tmp_path / "a.h5.part")
-    assert error.errno == errno.ENOSPC and error.filename == str(tmp_path / "a.h5.part")
-    described = describe_os_error(error, tmp_path)
-    assert described == f"{tmp_path / 'a.h5.part'}: No space left on device"
-    assert hdf5_os_error(RuntimeError("no number"), tmp_path).errno == errno.EIO
 
 
 def test_a_long_hdf5_message_is_worded_by_its_errno(tmp_path: Path) -> None:

@@ -220,7 +220,8 @@ def test_works_inside_torch_compile_without_a_graph_break() -> None:
 def test_swarm_move_uses_the_configured_kernel(kernel: str) -> None:
     n, seed, rank = 3001, 5, 2
     x, v, p, g = inputs(n, seed=5)
-    swarm = Swarm(x.clone(), PSOConfig(**AWKWARD, pso_kernel=kernel), seed=seed, rank=rank)
+    cfg = PSOConfig(**AWKWARD, rule="particle", pso_kernel=kernel)
+    swarm = Swarm(x.clone(), cfg, seed=seed, rank=rank)
     swarm.v.copy_(v)
     swarm.pbest.copy_(p)
     swarm.set_global(g, 1.0, owner=0)
