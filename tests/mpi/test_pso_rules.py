@@ -77,7 +77,8 @@ def test_centre_rule_restarts_a_diverged_particle_at_the_centre() -> None:
 
 
 def test_mean_answer_evaluates_the_mean_of_the_particles() -> None:
-    sync = train_swarm(answer="mean", steps=13)  # ends mid-period: particles differ
+    # the paper's rule, ending mid-period: the particles differ
+    sync = train_swarm(rule="particle", answer="mean", steps=13)
     sync.flush()
     mine = sync.flat.data.clone()
     expected = torch.stack(gathered(mine)).mean(0)

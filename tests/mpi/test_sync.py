@@ -259,7 +259,7 @@ def test_holdout_fitness_decides_the_global_best_not_the_training_loss() -> None
 def test_consensus_evaluates_gbest_then_restores_the_particle() -> None:
     model = mlp(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    sync = PSOSync(model, opt, COMM, sync_every=100)
+    sync = PSOSync(model, opt, COMM, sync_every=100, config=PAPER)  # particles differ
     x, y = global_batch(0)
     part = my_part(x)
     sgd_step(model, opt, sync, x[part], y[part])
