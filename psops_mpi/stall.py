@@ -18,11 +18,15 @@ while the wait lasts; if rank 0 is the one missing, rank 1 says so (it got no an
 ``abort_s`` set, the wait ends the job with one line and :data:`EXIT_STALLED`.
 
 Nothing here runs at import; one watch per communicator (:meth:`StallWatch.of`), shared by
-everything that waits on it, so that the wait numbers match across ranks.
+everything that waits on it, so that the wait numbers match across ranks. A notice can still be
+in flight when its wait ends, and MPICH ends a job whose ranks finalize with messages nobody
+received with exit code 9: before MPI is finalized, :meth:`StallWatch.close` (run at exit for
+every watch) receives every notice and answer still due, counted on both sides.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -80,6 +84,9 @@ class StallWatch:
         self.stream = stream
         self.count = 0  # waits so far; the same on every rank, so it names a wait
         self._sends: list[tuple[MPI.Request, np.ndarray]] = []
+        # notices and answers sent to / received from each rank, for close()
+        self._sent = np.zeros(self.world_size, dtype=np.int64)
+        self._received = np.zeros(self.world_size, dtype=np.int64)
 
     @classmethod
     def of(cls, comm: MPI.Comm) -> StallWatch:
@@ -87,8 +94,35 @@ class StallWatch:
         key = comm.py2f()
         watch = cls._watches.get(key)
         if watch is None or watch.comm != comm:
+            if not cls._watches:
+                atexit.register(cls.close_all)  # before mpi4py finalizes MPI
             watch = cls._watches[key] = cls(comm)
         return watch
+
+    @classmethod
+    def close_all(cls) -> None:
+        """:meth:`close` every watch whose communicator is still usable."""
+        for watch in list(cls._watches.values()):
+            watch.close()
+        cls._watches.clear()
+
+    def close(self) -> None:
+        """Receive every notice and answer other ranks sent this one and nobody received yet,
+        and complete this rank's own sends. Collective: every rank of the communicator calls
+        it (at exit, as MPI_Finalize is)."""
+        if self.world_size == 1 or MPI.Is_finalized() or self.comm == MPI.COMM_NULL:
+            return  # (no rank skips on counts of its own: another may owe it messages)
+        due = np.zeros_like(self._sent)
+        self.comm.Alltoall(self._sent, due)
+        payload = np.zeros(1, dtype=np.int64)
+        for source in range(self.world_size):
+            tag = ANSWER_TAG if source == 0 else NOTICE_TAG
+            for _ in range(int(due[source] - self._received[source])):
+                self.comm.Recv(payload, source=source, tag=tag)
+        MPI.Request.Waitall([req for req, _ in self._sends])
+        self._sends.clear()
+        self._sent[:] = 0
+        self._received[:] = 0
 
     def configure(self, report_s: float, abort_s: float) -> None:
         """Set the limits (every rank the same: the run's settings)."""
@@ -149,6 +183,7 @@ class StallWatch:
 
     def _send(self, dest: int, tag: int) -> None:
         payload = np.array([self.count], dtype=np.int64)
+        self._sent[dest] += 1
         self._sends.append((self.comm.Isend(payload, dest=dest, tag=tag), payload))
 
     def _finish_sends(self) -> None:
@@ -163,6 +198,7 @@ class StallWatch:
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=NOTICE_TAG, status=status):
             source = status.Get_source()
             self.comm.Recv(payload, source=source, tag=NOTICE_TAG)
+            self._received[source] += 1
             if int(payload[0]) == self.count:
                 arrived.add(source)
                 self._send(source, ANSWER_TAG)
@@ -173,6 +209,7 @@ class StallWatch:
         answered = False
         while self.comm.Iprobe(source=0, tag=ANSWER_TAG):
             self.comm.Recv(payload, source=0, tag=ANSWER_TAG)
+            self._received[0] += 1
             answered = answered or int(payload[0]) == self.count
         return answered
 

@@ -229,6 +229,18 @@ def test_a_sleeping_rank_is_named_while_the_others_wait() -> None:
                res.stderr.splitlines())
 
 
+def test_a_late_rank_zero_leaves_no_message_behind_and_the_run_exits_0() -> None:
+    """Rank 0 sleeps 2 s in the run's last step: ranks 1 and 2 wait for it at the last round
+    and send it notices that it never reads in that wait (it is not waiting). MPICH ends a
+    job that finalizes with unread messages with exit code 9 (this test failed so before the
+    watch received them at exit)."""
+    res = launch([*SYNTHETIC, "--epochs", "1", "--algo", "pa", "--model",
+                  MODELS + "sleeps_on_rank_zero", "--max-steps", "6", "--stall-report-s", "4"],
+                 ranks=3)
+    assert res.returncode == 0, res.stderr
+    assert "final: test acc" in res.stdout
+
+
 def test_a_hung_rank_ends_the_job_after_the_abort_limit() -> None:
     """Rank 1 hangs for ten minutes: with --stall-abort-s 3 the job ends with one error line
     naming it, exit code 5, within seconds."""

@@ -232,12 +232,17 @@ def slow_with_pid(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return _Faulty(tiny_mlp(input_shape, num_classes), _slow_with_pid)
 
 
-def _sleep_on_rank_one(seconds: float):
+def _sleep_on_rank_one(seconds: float, rank: int = 1):
     def fault(call: int) -> None:
-        if call == 6 and _world_rank() == 1:
+        if call == 6 and _world_rank() == rank:
             time.sleep(seconds)
 
     return fault
+
+
+def sleeps_on_rank_zero(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Rank 0 spends 2 s in its 6th training batch (the others tell it they wait)."""
+    return _Faulty(tiny_mlp(input_shape, num_classes), _sleep_on_rank_one(2.0, rank=0))
 
 
 def sleeps_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
