@@ -5,7 +5,7 @@ Needs root and Debian's ``slurmctld slurmd slurm-client munge`` packages; :func:
 says in one line why it cannot start here. By hand::
 
     python -m tests.slurm.local_slurm /tmp/slurm   # starts it, prints SLURM_CONF, waits;
-                                                    # Ctrl-C stops the daemons
+                                                    # Ctrl-C or SIGTERM stops it
 """
 
 from __future__ import annotations
@@ -157,6 +157,18 @@ class LocalSlurm:
         shown = self.command(["scontrol", "-o", "show", "job", job_id], timeout=30).stdout
         return dict(item.split("=", 1) for item in shown.split() if "=" in item)
 
+    def steps_alive(self, job_id: str) -> bool:
+        """Whether a ``slurmstepd`` of this job is still running on the (local) node. A step
+        daemon finishes some seconds after its tasks; a requeued run started before then gets
+        the same step ids (``JOBID.0``), and the old daemon's clean-up breaks the new step
+        (srun: "mpi/pmi2: failed to send temp kvs to compute nodes")."""
+        prefix = f"slurmstepd: [{job_id}.".encode()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                if cmdline.read_bytes().startswith(prefix):
+                    return True
+        return False
+
     def stop(self, grace_s: float = 10.0) -> None:
         """Cancel every job still running (a hung task would outlive the daemons), then stop
         the daemons by the PIDs they wrote: SIGTERM to all at once (each takes about 2 s to
@@ -272,7 +284,9 @@ def _node_state(cluster: LocalSlurm) -> str:
 
 if __name__ == "__main__":
     cluster = start(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/psops-slurm").resolve())
-    print(f"export SLURM_CONF={cluster.env['SLURM_CONF']}  # Ctrl-C stops the cluster", flush=True)
+    print(f"export SLURM_CONF={cluster.env['SLURM_CONF']}  # Ctrl-C or SIGTERM stops it",
+          flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # both stop the daemons too
     try:
         signal.pause()
     except KeyboardInterrupt:

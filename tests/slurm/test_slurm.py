@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.helpers.launch import REPO
 from tests.helpers.user_models import PID_DIR_ENV
 from tests.slurm.local_slurm import LocalSlurm
@@ -72,11 +70,6 @@ def test_cpu_template_runs_to_completion_through_sbatch(slurm: LocalSlurm,
     assert len(checkpoints) == 1  # the final one
 
 
-@pytest.mark.skip(reason="known failure, not yet fixed: on the local Slurm 22.05 the job that "
-                  "requeues itself with `scontrol requeue` ends FAILED (the requeued run trains "
-                  "to its final line, then srun reports 'mpi/pmi2: failed to send temp kvs to "
-                  "compute nodes', or the requeued script exits 1); the stop, checkpoint and "
-                  "resume themselves pass in tests/e2e/test_faults.py")
 def test_cpu_template_stops_on_usr1_requeues_itself_and_finishes(slurm: LocalSlurm,
                                                                  tmp_path: Path) -> None:
     """What the time limit's `--signal=B:USR1@120` does, sent by hand: the batch script
@@ -115,13 +108,15 @@ def test_cpu_template_stops_on_usr1_requeues_itself_and_finishes(slurm: LocalSlu
 
 def wait_requeued_then_done(slurm: LocalSlurm, job_id: str, timeout: float) -> dict[str, str]:
     """Poll until the job ran again after its requeue and ended. Slurm holds a requeued
-    job for two minutes (its begin time): it is released at once, for as long as it waits
+    job for two minutes (its begin time); the test releases it as soon as the first run's
+    step daemons are gone (see :meth:`LocalSlurm.steps_alive`), and again while it waits
     for that time (the hold is set again while the first run's step completes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         fields = slurm.job_fields(job_id)
         state, restarts = fields.get("JobState", ""), fields.get("Restarts", "0")
-        if restarts != "0" and state == "PENDING" and fields.get("Reason") == "BeginTime":
+        if (restarts != "0" and state == "PENDING" and fields.get("Reason") == "BeginTime"
+                and not slurm.steps_alive(job_id)):
             slurm.command(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
         if restarts != "0" and state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             return fields
