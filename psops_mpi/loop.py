@@ -257,6 +257,7 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
     test_x, test_y = data.eval_shard(run.dataset, world.rank, world.world_size)
     poll = StopPoll(world.comm, stop or StopRequest(), checkpoints.clock_due)
     progress = Progress(last, world.is_root, cfg.quiet)
+    checkpoints.report = progress.line  # a line per checkpoint, silenced as the epoch lines are
     # Resumed from the checkpoint written after its epoch's evaluation: evaluate again for the
     # final line, but do not report the epoch twice.
     reported = state.evaluated
