@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -13,7 +14,10 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
+from psops_mpi import __version__
 from psops_mpi.errors import UsageError
+
+GIT_TIMEOUT_S = 1.0  # per git call: a slow file system costs the start at most this, twice
 
 
 def jsonable(value: Any) -> Any:
@@ -136,12 +140,52 @@ class Progress:
         self.bar.close()
 
 
-def environment() -> dict[str, Any]:
-    """Versions and machine facts stored with every result."""
+def git_revision(timeout_s: float = GIT_TIMEOUT_S) -> dict[str, Any] | None:
+    """The commit of the git checkout this package runs from: ``{"commit": short hash,
+    "dirty": whether tracked files differ from it}`` (dirty None when git took too long to
+    say). None when the package is not a checkout's (an installed copy), git is missing, or
+    it does not answer within ``timeout_s``: a version stamp must never stop or stall a run.
+    """
+    package = Path(__file__).resolve().parent
+    # GIT_OPTIONAL_LOCKS=0: git status must not take the index lock, which concurrent runs
+    # (or the user's own git) on the same checkout would fight over.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True,
+                              text=True, timeout=timeout_s, check=True, env=env).stdout
+
+    try:
+        top, commit = git("rev-parse", "--show-toplevel", "--short", "HEAD").splitlines()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if Path(top).resolve() != package.parent:  # installed inside some other repository
+        return None
+    try:
+        dirty: bool | None = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"commit": commit, "dirty": dirty}
+
+
+def describe_version(env: dict[str, Any]) -> str:
+    """``version 0.2.0 (git 1a2b3c4, uncommitted changes)`` from :func:`environment`."""
+    git = env.get("git")
+    if not git:
+        return f"version {env['psops_mpi']}"
+    state = {True: ", uncommitted changes", False: "", None: ", changes unknown"}[git["dirty"]]
+    return f"version {env['psops_mpi']} (git {git['commit']}{state})"
+
+
+def environment(git: bool = True) -> dict[str, Any]:
+    """Versions and machine facts stored with every result; ``git``: look up the commit of
+    the checkout (only the rank that writes results needs it)."""
     import mpi4py  # here, not at import: checkpoint tools use this module without MPI
     from mpi4py import MPI
 
     return {
+        "psops_mpi": __version__,
+        "git": git_revision() if git else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mpi4py": mpi4py.__version__,

@@ -29,7 +29,7 @@ from psops_mpi.errors import (
     UsageError,
 )
 from psops_mpi.loop import LoopState, Run
-from psops_mpi.metrics import MetricsWriter, check_writable, environment
+from psops_mpi.metrics import MetricsWriter, check_writable, describe_version, environment
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, signal_name
 from psops_mpi.sync import NonFiniteStop, make_sync
@@ -211,11 +211,11 @@ def describe(run: Run) -> str:
 
 def announce(run: Run, loaded: Loaded | None) -> None:
     """The start lines on rank 0 and the ``start`` metrics event."""
-    env = environment()
+    env = environment(git=run.world.is_root)  # rank 0 prints and writes it
     if not run.config.quiet:
         print0(run.world, describe(run))
-        print0(run.world, f"psops_mpi: {env['mpi_library']} (mpi4py {env['mpi4py']}); "
-                          f"{run.world.cuda_aware.describe()}")
+        print0(run.world, f"psops_mpi: {describe_version(env)}; {env['mpi_library']} (mpi4py "
+                          f"{env['mpi4py']}); {run.world.cuda_aware.describe()}")
         if run.sync.describe():
             print0(run.world, f"psops_mpi: {run.sync.describe()}")
     run.metrics.append = loaded is not None
