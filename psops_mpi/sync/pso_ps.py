@@ -101,11 +101,26 @@ class PSOSync(FlatSynchronizer):
         return super()._largest_message()
 
     def describe(self) -> str:
+        if self.world_size == 1:
+            return self._one_particle_note()
         how = ("every rank receives every particle" if self.exchange_kind == "allgather"
                else "MINLOC and a broadcast of the best particle")
         auto = " (auto: the cheaper for this swarm)" if self.config.exchange == "auto" else ""
         return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
                 f"{self.exchange_kind}{auto}: {how}")
+
+    def _one_particle_note(self) -> str:
+        """What a swarm of one is: its own global best, so no particle learns from another."""
+        cfg = self.config
+        if cfg.rule == "centre":  # m = g = x: v = w v + (x - a), a slow momentum on local SGD
+            does = (f"local SGD plus a slow momentum step (w {cfg.w}) at every round, as SlowMo "
+                    "on one rank")
+        elif cfg.c1 > 0:  # g = x: only the pull to its own personal best is left
+            does = f"local SGD pulled towards its own personal best (c1 {cfg.c1})"
+        else:  # g = x and c1 = 0: v stays 0 from its start at 0
+            does = "plain local SGD"
+        return (f"note: PSO-PS on one rank is one particle and no swarm: {does}; start several "
+                "ranks (e.g. mpiexec -n 4) to train a swarm")
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         if loss is not None:
