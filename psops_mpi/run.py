@@ -115,7 +115,7 @@ def metadata(run: Run, state: LoopState, parts: dict[str, Stateful]) -> dict[str
         "input_shape": list(run.dataset.input_shape), "num_classes": run.dataset.num_classes,
         "num_params": sync.flat.numel,
         "dtype": str(sync.flat.data.dtype).removeprefix("torch."),
-        "layout": model_part.layout(), "sync": sync.summary(),
+        "layout": model_part.layout(), "sync": sync.summary(), "legend": sync.legend(),
         "answer": {"rank": rank, "array": "model/position" if key is None else f"sync/{key}"},
         "config": cfg.to_dict(), "versions": {"torch": torch.__version__},
     }

@@ -261,9 +261,30 @@ class PSOSync(FlatSynchronizer):
         return base
 
     def summary(self) -> dict[str, Any]:
-        what = "this round's best" if self.config.gbest_memory == "round" else "best ever seen"
+        what = "the last round's best" if self.config.gbest_memory == "round" else "best ever seen"
         return {"gbest_fitness": self.swarm.gbest_fitness, "gbest_owner": self.swarm.gbest_owner,
                 "gbest_is": what, "exchange": self.exchange_kind}
+
+    def legend(self) -> dict[str, str]:
+        """Which round each fitness is from: with memory 'round' g is the last round's best,
+        which can be worse than every personal best (each the lowest of its particle's rounds,
+        set at an earlier round on other batches)."""
+        cfg, owner = self.config, self.swarm.gbest_owner
+        measured = ("its mean training loss over the steps since the round before"
+                    if cfg.fitness == "train" else "its loss on the fixed holdout batch")
+        last = (f"the last round (round {self.rounds}, step {self.steps - self.steps_since_round})"
+                if self.rounds else "no round yet")
+        if cfg.gbest_memory == "round":
+            g = (f"g, the lowest fitness among the particles at {last}, rank {owner}'s; not "
+                 "the best ever seen: it can be worse than every personal best")
+        else:
+            g = (f"g, the lowest fitness of any particle at any round up to {last}, rank "
+                 f"{owner}'s (--gbest-memory all)")
+        return {"fitness": f"a particle's fitness is {measured}, measured at each round; lower "
+                           "is better",
+                "gbest_fitness": g,
+                "pbest_fitness": "the lowest fitness of this particle over all its rounds so far, "
+                                 "as measured at the round that set it (inf: none finite yet)"}
 
     def rank_summary(self) -> dict[str, Any]:
         return {"pbest_fitness": self.swarm.pbest_fitness}
