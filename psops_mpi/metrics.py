@@ -32,28 +32,46 @@ def jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """One JSON object per line, flushed at once so a killed job keeps what it wrote.
+    """One JSON object per line, flushed at once so a killed job keeps what it wrote; and,
+    with a TensorBoard folder, every number of each ``epoch`` record as a scalar at its
+    global step (``step``), under the record's own names.
 
     The file is opened at the first write: truncated for a fresh run, appended to when
     ``append`` was set by then (a run resumed from a checkpoint continues its file rather than
-    erase what the interrupted run wrote).
+    erase what the interrupted run wrote). TensorBoard starts a new event file per launch in
+    the same folder, which it reads as one run.
 
     Args:
         path: the file to write, or None to write nothing. Only rank 0 passes a path.
+        tensorboard: the TensorBoard log folder, or None. Only rank 0 passes one.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, tensorboard: str | None = None) -> None:
         self.path = path
+        self.tensorboard = tensorboard
         self.append = False
         self._fh: TextIO | None = None
+        self._board: Any = None  # a SummaryWriter, made at the first epoch
 
     def write(self, event: str, **fields: Any) -> None:
+        if self.tensorboard is not None and event == "epoch":
+            self._scalars(fields)
         if self.path is None:
             return
         if self._fh is None:
             self._fh = self._open(self.path)
         self._fh.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
         self._fh.flush()
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        if self._board is None:
+            from torch.utils.tensorboard import SummaryWriter  # checked before training
+
+            self._board = SummaryWriter(self.tensorboard)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._board.add_scalar(key, value, global_step=record["step"])
+        self._board.flush()  # as the JSON lines: a killed job keeps its epochs
 
     def _open(self, path: str) -> TextIO:
         try:
@@ -65,6 +83,32 @@ class MetricsWriter:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self._board is not None:
+            self._board.close()
+
+
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package: "
+                       "pip install 'psops_mpi[tensorboard]'")
+
+
+def check_tensorboard(log_dir: str, writer: bool) -> None:
+    """Fail before training, not at the first epoch, when TensorBoard logs cannot be written:
+    the package is missing (every rank: cheap) or does not import with torch's writer
+    (``writer``: the rank that writes), or the folder cannot be made."""
+    try:
+        import tensorboard  # noqa: F401
+
+        if writer:
+            import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError(TENSORBOARD_MISSING) from None
+    folder = Path(log_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"cannot write TensorBoard logs to {log_dir}: it is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write TensorBoard logs to {log_dir}: {exc.strerror}") from None
 
 
 def check_writable(path: str) -> None:
