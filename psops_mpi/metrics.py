@@ -1,4 +1,5 @@
-"""What a run tells its user: rank-0 progress bar and lines, JSON-lines metrics, versions."""
+"""What a run tells its user: rank-0 progress bar and lines, JSON-lines metrics, TensorBoard
+scalars, versions."""
 
 from __future__ import annotations
 
