@@ -17,9 +17,9 @@ from psops_mpi.errors import UsageError
 IDENTITY_SETTINGS = ("algo", "dataset", "model")
 # Settings of one launch only: a resume that changes them is expected, not worth a note.
 LAUNCH_SETTINGS = frozenset({
-    "resume", "resume_strict", "checkpoint_dir", "metrics_out", "quiet", "threads", "device",
-    "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite", "stall_report_s",
-    "stall_abort_s"})
+    "resume", "resume_strict", "checkpoint_dir", "metrics_out", "tensorboard", "quiet",
+    "threads", "device", "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite",
+    "stall_report_s", "stall_abort_s"})
 
 
 DatasetName = Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"]
@@ -180,6 +180,9 @@ class TrainConfig:
     ranks."""
     metrics_out: str | None = field(default=None, metadata={"metavar": "PATH"})
     """JSON-lines metrics (one line per start, epoch and final), written by rank 0."""
+    tensorboard: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """TensorBoard logs in this folder: every number of each epoch's metrics as a scalar at the
+    global step, written by rank 0 (pip install 'psops_mpi[tensorboard]')."""
     quiet: bool = False
     """No progress bar and no per-epoch lines; errors and the final line only."""
     max_steps: int = field(default=0, metadata={"metavar": "N"})

@@ -257,6 +257,7 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
     test_x, test_y = data.eval_shard(run.dataset, world.rank, world.world_size)
     poll = StopPoll(world.comm, stop or StopRequest(), checkpoints.clock_due)
     progress = Progress(last, world.is_root, cfg.quiet)
+    checkpoints.report = progress.line  # a line per checkpoint, silenced as the epoch lines are
     # Resumed from the checkpoint written after its epoch's evaluation: evaluate again for the
     # final line, but do not report the epoch twice.
     reported = state.evaluated
@@ -319,7 +320,7 @@ def end_of_epoch(run: Run, state: LoopState, test_x: torch.Tensor, test_y: torch
                          *(metrics.counts[k] for k in summed)], comm)
     wall = state.elapsed_s
     record = {
-        "epoch": state.epoch + 1, "train_loss": train_sums[0] / train_sums[2],
+        "epoch": state.epoch + 1, "step": state.step, "train_loss": train_sums[0] / train_sums[2],
         "train_acc": train_sums[1] / train_sums[2], "test_loss": test_loss,
         "test_acc": test_acc, "wall_s": wall, "rounds": metrics.rounds,
         "comm_bytes_per_rank": int(totals[0] / run.world.world_size),

@@ -1,4 +1,5 @@
-"""What a run tells its user: rank-0 progress bar and lines, JSON-lines metrics, versions."""
+"""What a run tells its user: rank-0 progress bar and lines, JSON-lines metrics, TensorBoard
+scalars, versions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -13,7 +15,10 @@ from typing import Any, TextIO
 import torch
 from tqdm import tqdm
 
+from psops_mpi import __version__
 from psops_mpi.errors import UsageError
+
+GIT_TIMEOUT_S = 1.0  # per git call: a slow file system costs the start at most this, twice
 
 
 def jsonable(value: Any) -> Any:
@@ -28,28 +33,46 @@ def jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """One JSON object per line, flushed at once so a killed job keeps what it wrote.
+    """One JSON object per line, flushed at once so a killed job keeps what it wrote; and,
+    with a TensorBoard folder, every number of each ``epoch`` record as a scalar at its
+    global step (``step``), under the record's own names.
 
     The file is opened at the first write: truncated for a fresh run, appended to when
     ``append`` was set by then (a run resumed from a checkpoint continues its file rather than
-    erase what the interrupted run wrote).
+    erase what the interrupted run wrote). TensorBoard starts a new event file per launch in
+    the same folder, which it reads as one run.
 
     Args:
         path: the file to write, or None to write nothing. Only rank 0 passes a path.
+        tensorboard: the TensorBoard log folder, or None. Only rank 0 passes one.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, tensorboard: str | None = None) -> None:
         self.path = path
+        self.tensorboard = tensorboard
         self.append = False
         self._fh: TextIO | None = None
+        self._board: Any = None  # a SummaryWriter, made at the first epoch
 
     def write(self, event: str, **fields: Any) -> None:
+        if self.tensorboard is not None and event == "epoch":
+            self._scalars(fields)
         if self.path is None:
             return
         if self._fh is None:
             self._fh = self._open(self.path)
         self._fh.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
         self._fh.flush()
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        if self._board is None:
+            from torch.utils.tensorboard import SummaryWriter  # checked before training
+
+            self._board = SummaryWriter(self.tensorboard)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._board.add_scalar(key, value, global_step=record["step"])
+        self._board.flush()  # as the JSON lines: a killed job keeps its epochs
 
     def _open(self, path: str) -> TextIO:
         try:
@@ -61,6 +84,32 @@ class MetricsWriter:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self._board is not None:
+            self._board.close()
+
+
+TENSORBOARD_MISSING = ("--tensorboard needs the tensorboard package: "
+                       "pip install 'psops_mpi[tensorboard]'")
+
+
+def check_tensorboard(log_dir: str, writer: bool) -> None:
+    """Fail before training, not at the first epoch, when TensorBoard logs cannot be written:
+    the package is missing (every rank: cheap) or does not import with torch's writer
+    (``writer``: the rank that writes), or the folder cannot be made."""
+    try:
+        import tensorboard  # noqa: F401
+
+        if writer:
+            import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError(TENSORBOARD_MISSING) from None
+    folder = Path(log_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"cannot write TensorBoard logs to {log_dir}: it is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write TensorBoard logs to {log_dir}: {exc.strerror}") from None
 
 
 def check_writable(path: str) -> None:
@@ -136,12 +185,52 @@ class Progress:
         self.bar.close()
 
 
-def environment() -> dict[str, Any]:
-    """Versions and machine facts stored with every result."""
+def git_revision(timeout_s: float = GIT_TIMEOUT_S) -> dict[str, Any] | None:
+    """The commit of the git checkout this package runs from: ``{"commit": short hash,
+    "dirty": whether tracked files differ from it}`` (dirty None when git took too long to
+    say). None when the package is not a checkout's (an installed copy), git is missing, or
+    it does not answer within ``timeout_s``: a version stamp must never stop or stall a run.
+    """
+    package = Path(__file__).resolve().parent
+    # GIT_OPTIONAL_LOCKS=0: git status must not take the index lock, which concurrent runs
+    # (or the user's own git) on the same checkout would fight over.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True,
+                              text=True, timeout=timeout_s, check=True, env=env).stdout
+
+    try:
+        top, commit = git("rev-parse", "--show-toplevel", "--short", "HEAD").splitlines()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if Path(top).resolve() != package.parent:  # installed inside some other repository
+        return None
+    try:
+        dirty: bool | None = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"commit": commit, "dirty": dirty}
+
+
+def describe_version(env: dict[str, Any]) -> str:
+    """``version 0.2.0 (git 1a2b3c4, uncommitted changes)`` from :func:`environment`."""
+    git = env.get("git")
+    if not git:
+        return f"version {env['psops_mpi']}"
+    state = {True: ", uncommitted changes", False: "", None: ", changes unknown"}[git["dirty"]]
+    return f"version {env['psops_mpi']} (git {git['commit']}{state})"
+
+
+def environment(git: bool = True) -> dict[str, Any]:
+    """Versions and machine facts stored with every result; ``git``: look up the commit of
+    the checkout (only the rank that writes results needs it)."""
     import mpi4py  # here, not at import: checkpoint tools use this module without MPI
     from mpi4py import MPI
 
     return {
+        "psops_mpi": __version__,
+        "git": git_revision() if git else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mpi4py": mpi4py.__version__,

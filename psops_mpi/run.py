@@ -29,7 +29,13 @@ from psops_mpi.errors import (
     UsageError,
 )
 from psops_mpi.loop import LoopState, Run
-from psops_mpi.metrics import MetricsWriter, check_writable, environment
+from psops_mpi.metrics import (
+    MetricsWriter,
+    check_tensorboard,
+    check_writable,
+    describe_version,
+    environment,
+)
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, signal_name
 from psops_mpi.sync import NonFiniteStop, make_sync
@@ -49,6 +55,8 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
         check_writable(config.metrics_out)
     world = init_world(comm, local, config.device, config.threads, config.allow_gpu_sharing,
                        config.cuda_aware)
+    if config.tensorboard:
+        check_tensorboard(config.tensorboard, writer=world.is_root)
     dataset = data.load_dataset(config.dataset, config.data_dir, world.device)
     batches = data.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
                                   config.seed)
@@ -57,7 +65,8 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
                                config.dataset).to(world.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    metrics = MetricsWriter(config.metrics_out if world.is_root else None)
+    metrics = MetricsWriter(config.metrics_out if world.is_root else None,
+                            config.tensorboard if world.is_root else None)
     return {"config": config, "world": world, "dataset": dataset, "batches": batches,
             "model": model, "optimizer": optimizer, "metrics": metrics}
 
@@ -115,7 +124,7 @@ def metadata(run: Run, state: LoopState, parts: dict[str, Stateful]) -> dict[str
         "input_shape": list(run.dataset.input_shape), "num_classes": run.dataset.num_classes,
         "num_params": sync.flat.numel,
         "dtype": str(sync.flat.data.dtype).removeprefix("torch."),
-        "layout": model_part.layout(), "sync": sync.summary(),
+        "layout": model_part.layout(), "sync": sync.summary(), "legend": sync.legend(),
         "answer": {"rank": rank, "array": "model/position" if key is None else f"sync/{key}"},
         "config": cfg.to_dict(), "versions": {"torch": torch.__version__},
     }
@@ -211,11 +220,11 @@ def describe(run: Run) -> str:
 
 def announce(run: Run, loaded: Loaded | None) -> None:
     """The start lines on rank 0 and the ``start`` metrics event."""
-    env = environment()
+    env = environment(git=run.world.is_root)  # rank 0 prints and writes it
     if not run.config.quiet:
         print0(run.world, describe(run))
-        print0(run.world, f"psops_mpi: {env['mpi_library']} (mpi4py {env['mpi4py']}); "
-                          f"{run.world.cuda_aware.describe()}")
+        print0(run.world, f"psops_mpi: {describe_version(env)}; {env['mpi_library']} (mpi4py "
+                          f"{env['mpi4py']}); {run.world.cuda_aware.describe()}")
         if run.sync.describe():
             print0(run.world, f"psops_mpi: {run.sync.describe()}")
     run.metrics.append = loaded is not None

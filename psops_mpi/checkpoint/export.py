@@ -113,11 +113,27 @@ def inspect_lines(path: str | Path) -> tuple[list[str], bool]:
             status, all_ok = "DAMAGED OR MISSING", False
         cells = "".join(f"{_shown(entry.get('summary', {}).get(c)):>21}  " for c in columns)
         lines.append(f"{entry['rank']:>4}  {cells}{entry['bytes']:>11,}  {status}")
+    lines.extend(_answer_lines(meta))
+    legend = meta.get("legend") or {}  # the synchroniser's words; older checkpoints have none
+    if legend:
+        lines.append("what the figures are")
+        lines.extend(f"  {key}: {text}" for key, text in legend.items())
     lines.append("config")
     config = meta["config"]
     for key, value in _flat_items(config):
         lines.append(f"  {key} = {value!r}")
     return lines, all_ok
+
+
+def _answer_lines(meta: dict[str, Any]) -> list[str]:
+    """Which weights ``export`` writes, as the metadata names them."""
+    answer = meta.get("answer")
+    if not isinstance(answer, dict):
+        return []
+    rank, array = answer.get("rank"), answer.get("array")
+    where = (f"the mean of {array} over every rank" if rank == -1
+             else f"{array} of rank {rank}")
+    return [f"answer       {where} (what export writes)"]
 
 
 def _flat_items(config: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -46,6 +46,11 @@ class Checkpointer:
         every: steps between two checkpoints (0: only the final one).
         every_min: minutes of wall-clock between two checkpoints (0: off).
         keep_last: complete checkpoints kept; older ones are pruned.
+
+    Attributes:
+        report: where rank 0 tells the user of each checkpoint written (one line with its
+            folder, size and seconds), or None for silence; the loop sets it to its progress
+            lines, so ``--quiet`` silences it as it does the epoch lines.
     """
 
     def __init__(self, root: Path | None, comm: MPI.Comm, parts: dict[str, Stateful],
@@ -63,6 +68,7 @@ class Checkpointer:
         self.failures = 0
         self.last_time = time.monotonic()
         self.seconds = 0.0  # spent writing, for the user to weigh against training
+        self.report: Callable[[str], None] | None = None
 
     def after_step(self, step: int, timed: bool = False) -> Path | None:
         """Called after every training step but the last, on every rank; writes a checkpoint
@@ -121,6 +127,7 @@ class Checkpointer:
             self.watch.arrive(f"checkpoint step {step}, after writing the shards")
         entries = self.comm.gather(entry, root=0) if self.world_size > 1 else [entry]
         final_dir = self.root / name
+        num_bytes = 0
         if self.rank == 0:
             assert entries is not None
             failed = failed or next((e["error"] for e in entries if "error" in e), None)
@@ -128,16 +135,21 @@ class Checkpointer:
                 failed = self._attempt(tmp, lambda: self._commit(tmp, final_dir,
                                                                  self._meta(step, entries)))
             if failed is None:
+                num_bytes = sum(e["bytes"] for e in entries)
                 self._prune()
             else:
                 shutil.rmtree(tmp, ignore_errors=True)  # the partial files, all ranks' alike
         if self.world_size > 1:
             failed = self.comm.bcast(failed, root=0)
         self.last_time = time.monotonic()  # a failure too: the next try is a period away
-        self.seconds += time.perf_counter() - began
+        took = time.perf_counter() - began
+        self.seconds += took
         if failed is not None:
             self._failed(final_dir, failed, required)
             return None
+        if self.rank == 0 and self.report is not None:
+            self.report(f"psops_mpi: checkpoint {final_dir} written: {_megabytes(num_bytes)} MB "
+                        f"in {took:.1f} s")
         self.last_saved_step, self.last_saved, self.last_error = step, final_dir, None
         return final_dir
 
@@ -233,6 +245,13 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     if exc.errno:
         return f"{where}: {os.strerror(exc.errno)}"
     return f"{where}: {' '.join(str(exc).split())[:200]}"
+
+
+def _megabytes(num_bytes: int) -> str:
+    """Megabytes (10^6 bytes) in words short enough for a log line; small ones keep two
+    significant digits rather than read as 0.0."""
+    mb = num_bytes / 1e6
+    return f"{mb:.1f}" if mb >= 1 else f"{mb:.2g}"
 
 
 def _warn(line: str) -> None:

@@ -157,6 +157,11 @@ class Synchronizer(ABC):
         """JSON values of this rank worth showing with a checkpoint (and planning a resize)."""
         return {}
 
+    def legend(self) -> dict[str, str]:
+        """What each figure of :meth:`summary` and :meth:`rank_summary` is, in words, for a
+        person reading the checkpoint (``python -m psops_mpi.checkpoint inspect``)."""
+        return {}
+
     # ---- checkpoints
 
     @abstractmethod

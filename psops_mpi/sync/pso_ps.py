@@ -101,11 +101,26 @@ class PSOSync(FlatSynchronizer):
         return super()._largest_message()
 
     def describe(self) -> str:
+        if self.world_size == 1:
+            return self._one_particle_note()
         how = ("every rank receives every particle" if self.exchange_kind == "allgather"
                else "MINLOC and a broadcast of the best particle")
         auto = " (auto: the cheaper for this swarm)" if self.config.exchange == "auto" else ""
         return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
                 f"{self.exchange_kind}{auto}: {how}")
+
+    def _one_particle_note(self) -> str:
+        """What a swarm of one is: its own global best, so no particle learns from another."""
+        cfg = self.config
+        if cfg.rule == "centre":  # m = g = x: v = w v + (x - a), a slow momentum on local SGD
+            does = (f"local SGD plus a slow momentum step (w {cfg.w}) at every round, as SlowMo "
+                    "on one rank")
+        elif cfg.c1 > 0:  # g = x: only the pull to its own personal best is left
+            does = f"local SGD pulled towards its own personal best (c1 {cfg.c1})"
+        else:  # g = x and c1 = 0: v stays 0 from its start at 0
+            does = "plain local SGD"
+        return (f"note: PSO-PS on one rank is one particle and no swarm: {does}; start several "
+                "ranks (e.g. mpiexec -n 4) to train a swarm")
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         if loss is not None:
@@ -246,9 +261,30 @@ class PSOSync(FlatSynchronizer):
         return base
 
     def summary(self) -> dict[str, Any]:
-        what = "this round's best" if self.config.gbest_memory == "round" else "best ever seen"
+        what = "the last round's best" if self.config.gbest_memory == "round" else "best ever seen"
         return {"gbest_fitness": self.swarm.gbest_fitness, "gbest_owner": self.swarm.gbest_owner,
                 "gbest_is": what, "exchange": self.exchange_kind}
+
+    def legend(self) -> dict[str, str]:
+        """Which round each fitness is from: with memory 'round' g is the last round's best,
+        which can be worse than every personal best (each the lowest of its particle's rounds,
+        set at an earlier round on other batches)."""
+        cfg, owner = self.config, self.swarm.gbest_owner
+        measured = ("its mean training loss over the steps since the round before"
+                    if cfg.fitness == "train" else "its loss on the fixed holdout batch")
+        last = (f"the last round (round {self.rounds}, step {self.steps - self.steps_since_round})"
+                if self.rounds else "no round yet")
+        if cfg.gbest_memory == "round":
+            g = (f"g, the lowest fitness among the particles at {last}, rank {owner}'s; not "
+                 "the best ever seen: it can be worse than every personal best")
+        else:
+            g = (f"g, the lowest fitness of any particle at any round up to {last}, rank "
+                 f"{owner}'s (--gbest-memory all)")
+        return {"fitness": f"a particle's fitness is {measured}, measured at each round; lower "
+                           "is better",
+                "gbest_fitness": g,
+                "pbest_fitness": "the lowest fitness of this particle over all its rounds so far, "
+                                 "as measured at the round that set it (inf: none finite yet)"}
 
     def rank_summary(self) -> dict[str, Any]:
         return {"pbest_fitness": self.swarm.pbest_fitness}

@@ -10,6 +10,10 @@ class SSGDSync(FlatSynchronizer):
     """Average gradients over all ranks after every backward pass (``sync_every`` is unused:
     weights never diverge, so only BatchNorm statistics are averaged, at :meth:`flush`).
 
+    A round is one Allreduce of the gradient, so ``rounds`` counts steps, skipped ones
+    included (their gradient travelled too); the BatchNorm averaging at :meth:`flush` is
+    not a round.
+
     A NaN or inf in any rank's gradient reaches the average on every rank alike, so every
     rank sees that the average is not finite without another message (one local reduction
     over the gradient) and skips the step: the gradients are set to None, and
@@ -26,6 +30,7 @@ class SSGDSync(FlatSynchronizer):
         step = self.steps + 1
         self.exchange.arrive(lambda: f"step {step}")
         self.exchange.allreduce_mean_(self.flat.grad)
+        self.rounds += 1
         finite = all_finite(self.flat.grad)
         if not finite:
             for param in self.flat.params:  # attach_grads() makes them views again next step
@@ -35,7 +40,11 @@ class SSGDSync(FlatSynchronizer):
         return finite
 
     def _round_due(self) -> bool:
-        return False  # gradients were averaged already; rounds happen only at flush()
+        return False  # the gradient was averaged in after_backward(): that was the round
 
-    def _round(self) -> None:
+    def sync_round(self) -> None:
+        """Average the BatchNorm statistics (at :meth:`flush`, before evaluation, so that every
+        rank holds the same model). Not a round: SSGD's rounds are its gradient Allreduces."""
+        self.exchange.arrive(lambda: f"the BatchNorm averaging (step {self.steps})")
         self.average_buffers()
+        self.steps_since_round = 0

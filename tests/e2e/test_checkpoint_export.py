@@ -73,7 +73,16 @@ def test_inspect_summarises_and_flags_a_damaged_shard(run_dir: Path, tmp_path: P
     res = cli("inspect", str(folder))
     assert res.returncode == 0, res.stderr
     assert "step 20" in res.stdout and "2 rank(s)" in res.stdout
-    assert "gbest_fitness" in res.stdout and "this round's best" in res.stdout
+    assert "gbest_fitness" in res.stdout and "the last round's best" in res.stdout
+    # g is said to be the last round's best, at the round and step the metadata records
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["round"] == 5  # every 4 steps, 20 steps
+    owner = meta["sync"]["gbest_owner"]
+    assert (f"gbest_fitness: g, the lowest fitness among the particles at the last round "
+            f"(round 5, step 20), rank {owner}'s; not the best ever seen") in res.stdout
+    assert "pbest_fitness: the lowest fitness of this particle over all its rounds" in res.stdout
+    assert "fitness: a particle's fitness is its mean training loss over the steps" in res.stdout
+    assert f"answer       sync/swarm/gbest of rank {owner} (what export writes)" in res.stdout
     assert res.stdout.count(" ok") == 2
     assert "algo = 'pso-ps'" in res.stdout
 

@@ -1,0 +1,58 @@
+"""--tensorboard: rank 0 writes the epoch metrics as TensorBoard scalars, read back here with
+TensorBoard's own reader; without the package the flag fails before training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tests.helpers.launch import REPO, launch
+
+# Put first on PYTHONPATH, this makes `import tensorboard` fail as on a machine without it.
+BLOCK_TENSORBOARD = """
+import sys
+class _NoTensorBoard:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError("No module named 'tensorboard'")
+sys.meta_path.insert(0, _NoTensorBoard())
+"""
+
+
+def test_scalars_match_the_json_metrics(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics, board = tmp_path / "m.jsonl", tmp_path / "runs" / "tb"
+    res = launch(["--dataset", "synthetic", "--epochs", "2", "--algo", "ssgd",
+                  "--metrics-out", str(metrics), "--tensorboard", str(board)], ranks=2)
+    assert res.returncode == 0, res.stderr
+    epochs = [e for e in map(json.loads, metrics.read_text().splitlines())
+              if e["event"] == "epoch"]
+    assert [e["step"] for e in epochs] == [32, 64]  # 2,048 samples / (2 ranks x 32 per batch)
+    assert len(list(board.glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    numeric = {k for k, v in epochs[0].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    assert {"train_loss", "test_acc", "test_loss", "samples_per_s", "comm_bytes_per_rank",
+            "skipped_steps", "rounds"} <= numeric
+    assert set(events.Tags()["scalars"]) == numeric
+    for key in numeric:
+        written = [(s.step, s.value) for s in events.Scalars(key)]
+        assert [step for step, _ in written] == [e["step"] for e in epochs], key
+        for (_, value), epoch in zip(written, epochs, strict=True):
+            assert math.isclose(value, epoch[key], rel_tol=1e-6), (key, value, epoch[key])
+
+
+def test_without_the_package_the_flag_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TENSORBOARD)
+    res = launch(["--dataset", "synthetic", "--epochs", "1", "--tensorboard",
+                  str(tmp_path / "tb")], ranks=2,
+                 env={"PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "psops_mpi: error: --tensorboard needs the tensorboard package: "
+        "pip install 'psops_mpi[tensorboard]'"], res.stderr
+    assert not (tmp_path / "tb").exists() and "epoch" not in res.stdout
