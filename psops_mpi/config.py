@@ -173,8 +173,9 @@ class TrainConfig:
     outer_nesterov: bool = False
     """SlowMo: Nesterov's form of the outer step (DiLoCo's) instead of heavy ball."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """One GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is present,
-    else CPU."""
+    """auto: one GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is
+    present, shared round-robin when a node has fewer GPUs than ranks (rank 0 says so), else
+    CPU; cuda: a GPU of its own for every rank (see --allow-gpu-sharing); cpu."""
     threads: int = field(default=0, metadata={"metavar": "N"})
     """CPU threads per rank; 0: OMP_NUM_THREADS, or the node's cores shared evenly among its
     ranks."""
@@ -201,7 +202,8 @@ class TrainConfig:
     """Hand CUDA buffers to MPI directly (on), stage them through pinned host memory (off), or
     decide from what the MPI library reports (auto)."""
     allow_gpu_sharing: bool = False
-    """Allow more ranks per node than GPUs (they share them round-robin)."""
+    """With --device cuda, allow more ranks per node than GPUs (they share them round-robin;
+    --device auto always does)."""
     max_nonfinite: int = field(default=10, metadata={"metavar": "K"})
     """Stop the job (exit code 3) after K consecutive syncs (SSGD: steps; others: rounds)
     skipped because no rank had a finite gradient or finite weights."""

@@ -78,6 +78,10 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     built = agree(comm, lambda: prepare(argv, comm, local))
     config, model = built["config"], built["model"]
     StallWatch.of(comm).configure(config.stall_report_s, config.stall_abort_s)
+    world = built["world"]
+    if world.world_size > 1:  # every node's note, for rank 0's one line at start
+        notes = dict.fromkeys(n for n in comm.allgather(world.gpu_sharing) if n)
+        world.gpu_sharing = "; ".join(notes)
     fitness_fn = None
     if config.pso.fitness == "holdout":
         holdout = data.holdout_batch(built["dataset"], HOLDOUT_SIZE, config.seed)
@@ -216,12 +220,16 @@ def announce(run: Run, loaded: Loaded | None) -> None:
         print0(run.world, describe(run))
         print0(run.world, f"psops_mpi: {env['mpi_library']} (mpi4py {env['mpi4py']}); "
                           f"{run.world.cuda_aware.describe()}")
+        if run.world.gpu_sharing:
+            print0(run.world, f"psops_mpi: fewer GPUs than ranks, sharing them "
+                              f"(--device {run.config.device}): {run.world.gpu_sharing}")
         if run.sync.describe():
             print0(run.world, f"psops_mpi: {run.sync.describe()}")
     run.metrics.append = loaded is not None
     run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
                       num_params=run.sync.flat.numel, environment=env,
                       cuda_aware=run.world.cuda_aware.describe(), sync=run.sync.describe(),
+                      gpu_sharing=run.world.gpu_sharing or None,
                       resumed_from=loaded and str(loaded.folder))
 
 
