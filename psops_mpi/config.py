@@ -176,6 +176,10 @@ class TrainConfig:
     """auto: one GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is
     present, shared round-robin when a node has fewer GPUs than ranks (rank 0 says so), else
     CPU; cuda: a GPU of its own for every rank (see --allow-gpu-sharing); cpu."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast of the forward pass and loss (the backward follows it): fp32 (none), bf16 or
+    fp16 with a loss scaler. Weights, gradients, optimizer and PSO state and every exchange
+    stay fp32 (see "Slurm and GPUs")."""
     threads: int = field(default=0, metadata={"metavar": "N"})
     """CPU threads per rank; 0: OMP_NUM_THREADS, or the node's cores shared evenly among its
     ranks."""

@@ -30,6 +30,7 @@ from psops_mpi.errors import (
 )
 from psops_mpi.loop import LoopState, Run
 from psops_mpi.metrics import MetricsWriter, check_writable, environment
+from psops_mpi.precision import Precision
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, signal_name
 from psops_mpi.sync import NonFiniteStop, make_sync
@@ -49,6 +50,7 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
         check_writable(config.metrics_out)
     world = init_world(comm, local, config.device, config.threads, config.allow_gpu_sharing,
                        config.cuda_aware)
+    precision = Precision(config.precision, world.device)
     dataset = data.load_dataset(config.dataset, config.data_dir, world.device)
     batches = data.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
                                   config.seed)
@@ -59,7 +61,7 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
                                 weight_decay=config.weight_decay)
     metrics = MetricsWriter(config.metrics_out if world.is_root else None)
     return {"config": config, "world": world, "dataset": dataset, "batches": batches,
-            "model": model, "optimizer": optimizer, "metrics": metrics}
+            "model": model, "optimizer": optimizer, "metrics": metrics, "precision": precision}
 
 
 @torch.no_grad()
@@ -86,8 +88,10 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     if config.pso.fitness == "holdout":
         holdout = data.holdout_batch(built["dataset"], HOLDOUT_SIZE, config.seed)
         fitness_fn = lambda: holdout_loss(model, *holdout)  # noqa: E731
+    precision = built["precision"]
     sync = make_sync(config, model, built["optimizer"], comm, fitness_fn,
-                     cuda_aware=built["world"].cuda_aware.direct)
+                     cuda_aware=built["world"].cuda_aware.direct,
+                     loss_scale=precision.scale if precision.scaled else None)
     return Run(**built, sync=sync)
 
 
@@ -99,7 +103,7 @@ def checkpointer(run: Run, state: LoopState) -> Checkpointer:
     parts: dict[str, Stateful] = {
         "model": ModelPart(run.model, run.sync.flat, run.sync.buffers),
         "optimizer": OptimizerPart(run.optimizer), "sync": run.sync, "loop": state,
-        "rng": RNGPart(run.world.device)}
+        "rng": RNGPart(run.world.device), "precision": run.precision}
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     return Checkpointer(root, run.world.comm, parts, lambda: metadata(run, state, parts),
                         run.sync.rank_summary, every=cfg.checkpoint_every,
@@ -166,6 +170,7 @@ def resume_run(run: Run, state: LoopState, checkpoints: Checkpointer) -> Loaded 
     if loaded.resized:
         sync.on_resize(loaded.plan)
         state.on_resize(loaded.plan, world.rank)
+        run.precision.on_resize(loaded.plan.sources[world.rank] is None)
     elif state.resumed_from == (state.step_in_epoch, state.steps_per_epoch):
         checkpoints.mark_saved(state.step)  # nothing changed: the final one is on disk
     for line in resume_lines(run, loaded, state):
@@ -207,9 +212,10 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def describe(run: Run) -> str:
     cfg, world = run.config, run.world
     rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
+    mixed = "" if cfg.precision == "fp32" else f" in {cfg.precision} (autocast)"
     return (f"psops_mpi: {cfg.algo} ({rule}) on {cfg.dataset}, model {cfg.model} with "
             f"{run.sync.flat.numel:,} parameters, {world.world_size} rank(s) on "
-            f"{world.device.type}, {run.batches.steps_per_epoch} steps/epoch of "
+            f"{world.device.type}{mixed}, {run.batches.steps_per_epoch} steps/epoch of "
             f"{cfg.batch_size} per rank")
 
 

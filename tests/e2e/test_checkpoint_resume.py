@@ -152,3 +152,37 @@ def test_resume_mid_epoch_augments_as_an_uninterrupted_run(tmp_path: Path) -> No
     args = ["--dataset", "cifar10", "--data-dir", str(data), "--model", "cnn", "--algo", "pa",
             "--epochs", "3", "--batch-size", "16", "--sync-every", "2", "--quiet"]
     resume_matches_uninterrupted(tmp_path, args, every=7, resume_at=7, final=15)
+
+
+def scaler_attrs(folder: Path, rank: int) -> dict[str, float]:
+    with h5py.File(folder / f"rank-{rank:05d}.h5", "r") as fh:
+        return {k: float(v) for k, v in fh["precision/scaler"].attrs.items()}
+
+
+@pytest.mark.parametrize("algo", ["ssgd", "pa"])
+def test_fp16_resume_mid_epoch_is_exact_with_the_loss_scaler(tmp_path: Path, algo: str) -> None:
+    """The scaler's scale and growth counter are in every shard; a run resumed from step 36
+    (mid-epoch, mid-period) ends with the same bytes and the same scaler state."""
+    args = ["--epochs", "2", "--quiet", "--algo", algo, "--precision", "fp16"]
+    resume_matches_uninterrupted(tmp_path, args, every=EVERY, resume_at=LAST_COMPLETE,
+                                 final=FINAL)
+    for rank in range(2):
+        want = scaler_attrs(tmp_path / "whole" / f"step-{FINAL:08d}", rank)
+        assert want["scale"] >= 1 and want["_growth_tracker"] > 0
+        assert scaler_attrs(tmp_path / "resumed" / f"step-{FINAL:08d}", rank) == want
+        mid = scaler_attrs(tmp_path / "whole" / f"step-{LAST_COMPLETE:08d}", rank)
+        assert mid["_growth_tracker"] < want["_growth_tracker"]
+
+
+def test_resume_in_another_precision_is_allowed_and_said(tmp_path: Path) -> None:
+    """Weights are fp32 in every precision, so a checkpoint continues in another one; rank 0
+    names the change, and fp16 starts its scaler afresh."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--epochs", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY)]
+    res = launch([*args, "--max-steps", str(LAST_COMPLETE), "--quiet"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    res = launch([*args, "--precision", "fp16"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    assert "settings changed since the checkpoint: " in res.stdout
+    assert "precision 'fp32' -> 'fp16'" in res.stdout
+    assert scaler_attrs(ckpt / f"step-{FINAL:08d}", 0)["scale"] > 0
