@@ -173,8 +173,13 @@ class TrainConfig:
     outer_nesterov: bool = False
     """SlowMo: Nesterov's form of the outer step (DiLoCo's) instead of heavy ball."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """One GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is present,
-    else CPU."""
+    """auto: one GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is
+    present, shared round-robin when a node has fewer GPUs than ranks (rank 0 says so), else
+    CPU; cuda: a GPU of its own for every rank (see --allow-gpu-sharing); cpu."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast of the forward pass and loss (the backward follows it): fp32 (none), bf16 or
+    fp16 with a loss scaler. Weights, gradients, optimizer and PSO state and every exchange
+    stay fp32 (see "Slurm and GPUs")."""
     threads: int = field(default=0, metadata={"metavar": "N"})
     """CPU threads per rank; 0: OMP_NUM_THREADS, or the node's cores shared evenly among its
     ranks."""
@@ -204,7 +209,8 @@ class TrainConfig:
     """Hand CUDA buffers to MPI directly (on), stage them through pinned host memory (off), or
     decide from what the MPI library reports (auto)."""
     allow_gpu_sharing: bool = False
-    """Allow more ranks per node than GPUs (they share them round-robin)."""
+    """With --device cuda, allow more ranks per node than GPUs (they share them round-robin;
+    --device auto always does)."""
     max_nonfinite: int = field(default=10, metadata={"metavar": "K"})
     """Stop the job (exit code 3) after K consecutive syncs (SSGD: steps; others: rounds)
     skipped because no rank had a finite gradient or finite weights."""

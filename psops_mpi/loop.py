@@ -1,10 +1,12 @@
 """The training loop: the loop state, one step, the end of an epoch, the whole run.
 
-Step: batch -> forward -> backward -> ``sync.after_backward()`` -> ``optimizer.step()`` (unless
-every rank skips the step) -> ``sync.after_step(loss)`` -> sums on the device -> every few
-steps the ranks agree on a timed checkpoint and on stop signals (:class:`StopPoll`) ->
-checkpoint when due, and stop after it if a signal asked. Epoch end: ``sync.flush()`` ->
-evaluate ``sync.consensus()`` -> one JSON line and one printed line.
+Step: batch -> forward (under ``--precision``'s autocast) -> backward (fp16: scaled, then
+unscaled) -> ``sync.after_backward()`` -> ``optimizer.step()`` (unless every rank skips the
+step, or fp16's scaler finds this rank's gradient not finite) -> ``sync.after_step(loss)``
+-> sums on the device -> every few steps the ranks agree on a timed checkpoint and on stop
+signals (:class:`StopPoll`) -> checkpoint when due, and stop after it if a signal asked.
+Epoch end: ``sync.flush()`` -> evaluate ``sync.consensus()`` -> one JSON line and one
+printed line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from psops_mpi import data
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.config import TrainConfig
 from psops_mpi.metrics import MetricsWriter, Progress
+from psops_mpi.precision import Precision
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, StopRequest
 from psops_mpi.sync import ResizePlan, Synchronizer
@@ -49,6 +52,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     sync: Synchronizer
     metrics: MetricsWriter
+    precision: Precision
 
 
 @dataclass
@@ -163,17 +167,19 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 def train_step(run: Run, state: LoopState, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
     """One step of this rank: local SGD plus whatever the synchroniser does around it."""
-    model, optimizer, sync = run.model, run.optimizer, run.sync
+    model, optimizer, sync, precision = run.model, run.optimizer, run.sync, run.precision
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out = model(x)
-    loss = F.cross_entropy(out, y)
+    with precision.autocast():
+        out = model(x)
+        loss = F.cross_entropy(out, y)
     optimizer.zero_grad(set_to_none=False)  # keep grads as views of the flat buffer
-    loss.backward()
+    precision.backward(loss)
+    precision.unscale_(optimizer)  # fp16: the synchroniser sees true gradients
     # False: every rank skips this step (non-finite gradient). A synchroniser written before
     # after_backward() returned anything returns None: its steps are taken.
-    if sync.after_backward() is not False:
-        optimizer.step()
+    take = sync.after_backward() is not False
+    precision.step(optimizer, take, sync.flat.grad)  # fp16: also skipped on overflow
     sync.after_step(loss)
     state.count(loss, out, y)
 
@@ -315,9 +321,10 @@ def end_of_epoch(run: Run, state: LoopState, test_x: torch.Tensor, test_y: torch
         test_loss, test_acc = evaluate(run.model, test_x, test_y, comm)
     train_sums = reduce_sum(state.epoch_sums.cpu().numpy(), comm)
     metrics = sync.metrics()
-    summed = sorted(metrics.counts)
+    counts = {**metrics.counts, **run.precision.counts()}
+    summed = sorted(counts)
     totals = reduce_sum([metrics.comm_bytes, metrics.comm_s,
-                         *(metrics.counts[k] for k in summed)], comm)
+                         *(counts[k] for k in summed)], comm)
     wall = state.elapsed_s
     record = {
         "epoch": state.epoch + 1, "step": state.step, "train_loss": train_sums[0] / train_sums[2],

@@ -36,6 +36,7 @@ from psops_mpi.metrics import (
     describe_version,
     environment,
 )
+from psops_mpi.precision import Precision
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, signal_name
 from psops_mpi.sync import NonFiniteStop, make_sync
@@ -57,6 +58,7 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
                        config.cuda_aware)
     if config.tensorboard:
         check_tensorboard(config.tensorboard, writer=world.is_root)
+    precision = Precision(config.precision, world.device)
     dataset = data.load_dataset(config.dataset, config.data_dir, world.device)
     batches = data.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
                                   config.seed)
@@ -68,7 +70,7 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
     metrics = MetricsWriter(config.metrics_out if world.is_root else None,
                             config.tensorboard if world.is_root else None)
     return {"config": config, "world": world, "dataset": dataset, "batches": batches,
-            "model": model, "optimizer": optimizer, "metrics": metrics}
+            "model": model, "optimizer": optimizer, "metrics": metrics, "precision": precision}
 
 
 @torch.no_grad()
@@ -87,12 +89,18 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     built = agree(comm, lambda: prepare(argv, comm, local))
     config, model = built["config"], built["model"]
     StallWatch.of(comm).configure(config.stall_report_s, config.stall_abort_s)
+    world = built["world"]
+    if world.world_size > 1:  # every node's note, for rank 0's one line at start
+        notes = dict.fromkeys(n for n in comm.allgather(world.gpu_sharing) if n)
+        world.gpu_sharing = "; ".join(notes)
     fitness_fn = None
     if config.pso.fitness == "holdout":
         holdout = data.holdout_batch(built["dataset"], HOLDOUT_SIZE, config.seed)
         fitness_fn = lambda: holdout_loss(model, *holdout)  # noqa: E731
+    precision = built["precision"]
     sync = make_sync(config, model, built["optimizer"], comm, fitness_fn,
-                     cuda_aware=built["world"].cuda_aware.direct)
+                     cuda_aware=built["world"].cuda_aware.direct,
+                     loss_scale=precision.scale if precision.scaled else None)
     return Run(**built, sync=sync)
 
 
@@ -104,7 +112,7 @@ def checkpointer(run: Run, state: LoopState) -> Checkpointer:
     parts: dict[str, Stateful] = {
         "model": ModelPart(run.model, run.sync.flat, run.sync.buffers),
         "optimizer": OptimizerPart(run.optimizer), "sync": run.sync, "loop": state,
-        "rng": RNGPart(run.world.device)}
+        "rng": RNGPart(run.world.device), "precision": run.precision}
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     return Checkpointer(root, run.world.comm, parts, lambda: metadata(run, state, parts),
                         run.sync.rank_summary, every=cfg.checkpoint_every,
@@ -171,6 +179,7 @@ def resume_run(run: Run, state: LoopState, checkpoints: Checkpointer) -> Loaded 
     if loaded.resized:
         sync.on_resize(loaded.plan)
         state.on_resize(loaded.plan, world.rank)
+        run.precision.on_resize(loaded.plan.sources[world.rank] is None)
     elif state.resumed_from == (state.step_in_epoch, state.steps_per_epoch):
         checkpoints.mark_saved(state.step)  # nothing changed: the final one is on disk
     for line in resume_lines(run, loaded, state):
@@ -212,9 +221,10 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def describe(run: Run) -> str:
     cfg, world = run.config, run.world
     rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
+    mixed = "" if cfg.precision == "fp32" else f" in {cfg.precision} (autocast)"
     return (f"psops_mpi: {cfg.algo} ({rule}) on {cfg.dataset}, model {cfg.model} with "
             f"{run.sync.flat.numel:,} parameters, {world.world_size} rank(s) on "
-            f"{world.device.type}, {run.batches.steps_per_epoch} steps/epoch of "
+            f"{world.device.type}{mixed}, {run.batches.steps_per_epoch} steps/epoch of "
             f"{cfg.batch_size} per rank")
 
 
@@ -225,12 +235,16 @@ def announce(run: Run, loaded: Loaded | None) -> None:
         print0(run.world, describe(run))
         print0(run.world, f"psops_mpi: {describe_version(env)}; {env['mpi_library']} (mpi4py "
                           f"{env['mpi4py']}); {run.world.cuda_aware.describe()}")
+        if run.world.gpu_sharing:
+            print0(run.world, f"psops_mpi: fewer GPUs than ranks, sharing them "
+                              f"(--device {run.config.device}): {run.world.gpu_sharing}")
         if run.sync.describe():
             print0(run.world, f"psops_mpi: {run.sync.describe()}")
     run.metrics.append = loaded is not None
     run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
                       num_params=run.sync.flat.numel, environment=env,
                       cuda_aware=run.world.cuda_aware.describe(), sync=run.sync.describe(),
+                      gpu_sharing=run.world.gpu_sharing or None,
                       resumed_from=loaded and str(loaded.folder))
 
 

@@ -53,6 +53,8 @@ class World:
     cuda_aware: CudaAwareDecision = field(
         default_factory=lambda: CudaAwareDecision(False, "tensors live on the cpu", needed=False))
     """Whether CUDA buffers go to MPI directly or through pinned host memory, and why."""
+    gpu_sharing: str = ""
+    """When ranks of this node share GPUs: how many on how many, in words ('' otherwise)."""
 
     @property
     def is_root(self) -> bool:
@@ -145,29 +147,57 @@ def assign_gpus(visible: Sequence[Sequence[str]], allow_sharing: bool = False) -
                 f"{len(visible)} ranks on this node but only {num_gpus} GPU(s) for them, so "
                 "ranks would share a GPU: start at most one rank per GPU (for example "
                 f"`--ntasks-per-node={num_gpus} --gpus-per-task=1`), pass --allow-gpu-sharing "
-                "to share them round-robin, or use --device cpu"
+                "or --device auto to share them round-robin, or use --device cpu"
             )
         users[gpus[index]] = users.get(gpus[index], 0) + 1
         chosen.append(index)
     return chosen
 
 
-def choose_device(kind: str, local: NodeLocal, allow_sharing: bool = False) -> torch.device:
-    """One device per rank: its own GPU (:func:`assign_gpus`) when CUDA is wanted and
-    present, else the CPU."""
+def sharing_note(visible: Sequence[Sequence[str]], chosen: Sequence[int | None]) -> str:
+    """'N ranks share M GPU(s)' when some GPU of the node serves several ranks, else ''."""
+    used = [gpus[i] for gpus, i in zip(visible, chosen, strict=True) if i is not None]
+    if len(set(used)) == len(used):
+        return ""
+    return f"{len(used)} ranks share {len(set(used))} GPU(s) round-robin"
+
+
+def pick_gpu(kind: str, visible: Sequence[Sequence[str]], rank: int,
+             allow_sharing: bool = False) -> tuple[int | None, str]:
+    """Node-local rank ``rank``'s GPU (an index into its own list, None for none) and
+    :func:`sharing_note` for its node.
+
+    ``auto`` shares GPUs round-robin when the node has fewer than ranks: it promises a run,
+    on whatever the node has, and a shared GPU still trains (rank 0 says so at start).
+    ``cuda`` asks for a GPU per rank and refuses to share unless ``allow_sharing``: a job
+    that was sized for one GPU per rank should not run at a fraction of its speed unnoticed.
+    """
+    chosen = assign_gpus(visible, allow_sharing or kind == "auto")
+    return chosen[rank], sharing_note(visible, chosen)
+
+
+def choose_gpu(kind: str, local: NodeLocal,
+               allow_sharing: bool = False) -> tuple[torch.device, str]:
+    """One device per rank: its own GPU (:func:`pick_gpu`) when CUDA is wanted and present,
+    else the CPU; and the node's sharing note ('' when no GPU is shared)."""
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA device")
     if kind == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
+        return torch.device("cpu"), ""
     visible = local.gpus or (visible_gpus(),) * local.size
     try:
-        index = assign_gpus(visible, allow_sharing)[local.rank]
+        index, note = pick_gpu(kind, visible, local.rank, allow_sharing)
     except UsageError as exc:
         raise UsageError(f"node {socket.gethostname()}: {exc}") from None
     if index is None:  # pragma: no cover - CUDA is available to this rank, so it sees one
-        return torch.device("cpu")
+        return torch.device("cpu"), ""
     torch.cuda.set_device(index)
-    return torch.device("cuda", index)
+    return torch.device("cuda", index), note and f"node {socket.gethostname()}: {note}"
+
+
+def choose_device(kind: str, local: NodeLocal, allow_sharing: bool = False) -> torch.device:
+    """The device of :func:`choose_gpu`, without the note."""
+    return choose_gpu(kind, local, allow_sharing)[0]
 
 
 def cpu_threads(requested: int, local_size: int) -> int:
@@ -217,11 +247,11 @@ def init_world(comm: MPI.Comm, local: NodeLocal | tuple[int, int], device: str =
     check_launch(comm.Get_size())
     if not isinstance(local, NodeLocal):
         local = NodeLocal(*local)
-    dev = choose_device(device, local, allow_gpu_sharing)
+    dev, sharing = choose_gpu(device, local, allow_gpu_sharing)
     if dev.type == "cpu":
         torch.set_num_threads(cpu_threads(threads, local.size))
     return World(comm, comm.Get_rank(), comm.Get_size(), local.rank, local.size, dev,
-                 resolve(cuda_aware, dev.type))
+                 resolve(cuda_aware, dev.type), sharing)
 
 
 def agree(comm: MPI.Comm, fn: Callable[[], T], where: str = "the start-up checks") -> T:

@@ -16,6 +16,7 @@ Shard contents of a training run (HDF5 paths):
     rng/torch_cpu, rng/torch_cuda   global torch generator states
     sync/...                  the synchroniser's state_dict (its own layout)
     loop/...                  where the training loop is (step, epoch, this epoch's sums)
+    precision/scaler          fp16 only: the loss scaler's scale and growth counter
 """
 
 from __future__ import annotations

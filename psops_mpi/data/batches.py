@@ -22,7 +22,8 @@ def _derive_seed(tag: str, *nums: int) -> int:
 
 
 def _generator(seed: int) -> torch.Generator:
-    # Always a CPU generator: the same numbers on every rank whatever its device.
+    # A CPU generator for what every rank must draw alike whatever its device (the shuffle,
+    # the holdout batch); a CUDA generator's numbers differ from a CPU one's.
     return torch.Generator().manual_seed(seed)
 
 
@@ -42,7 +43,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random pad-4 crop and horizontal flip (p=0.5) of each image in a (B, C, H, W) batch."""
     if x.dim() != 4:
         raise UsageError(f"augment_batch expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
-    # Draw on the generator's device, then move: the draws do not depend on x's device.
+    # Draw on the generator's device, then move (nothing to move when it is x's device, as
+    # the training batches' generator is: ShardedBatches.augment_draws).
     offsets = torch.randint(0, 2 * _PAD + 1, (2, x.shape[0]), generator=generator,
                             device=generator.device).to(x.device)
     flip = (torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5)
@@ -118,13 +120,36 @@ class ShardedBatches:
                              f"the steps of one epoch")
         return self._batches(epoch, start_step)
 
+    def augment_draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's crop offsets (steps, 2, B) and flips (steps, B) for every batch of
+        ``epoch``, drawn at once on the data's device from one generator of (seed, rank,
+        epoch).
+
+        One draw per epoch instead of one per step: no host sync and no host-to-device copy
+        per batch on a GPU, and batch ``step`` takes row ``step`` whatever step the epoch
+        starts at, so a run resumed mid-epoch augments exactly as one never stopped, with no
+        generator state to save. The numbers depend on the device type (CPU and CUDA
+        generators differ), not on which GPU.
+        """
+        device = self.dataset.x_train.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_derive_seed("augment", self.seed, self.rank, epoch))
+        shape = (self.steps_per_epoch, self.batch_size)
+        offsets = torch.randint(0, 2 * _PAD + 1, (shape[0], 2, shape[1]), generator=generator,
+                                device=device)
+        flips = torch.rand(shape, generator=generator, device=device) < 0.5
+        return offsets, flips
+
     def _batches(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds, bs = self.dataset, self.batch_size
         idx = self.shard_indices(epoch)
+        if ds.augment and ds.x_train.dim() != 4:
+            raise UsageError(f"augmentation expects (N, C, H, W) images, got shape "
+                             f"{tuple(ds.x_train.shape)}")
+        offsets, flips = self.augment_draws(epoch) if ds.augment else (None, None)
         for step in range(start_step, self.steps_per_epoch):
             batch = idx[step * bs:(step + 1) * bs]
             x = ds.x_train.index_select(0, batch)
-            if ds.augment:
-                seed = _derive_seed("augment", self.seed, self.rank, epoch, step)
-                x = augment_batch(x, _generator(seed))
+            if offsets is not None and flips is not None:
+                x = _crop_flip(x, offsets[step, 0], offsets[step, 1], flips[step])
             yield x, ds.y_train.index_select(0, batch)

@@ -23,11 +23,14 @@ __all__ = ["FlatSynchronizer", "NonFiniteStop", "PASync", "PSOSync", "ResizePlan
 
 def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
               comm: MPI.Comm, fitness_fn: Callable[[], torch.Tensor] | None = None,
-              cuda_aware: bool = False) -> Synchronizer:
-    """The synchroniser ``config.algo`` names, set up from the config."""
+              cuda_aware: bool = False,
+              loss_scale: Callable[[], float] | None = None) -> Synchronizer:
+    """The synchroniser ``config.algo`` names, set up from the config; ``loss_scale``: fp16's
+    current loss scale (see :class:`SSGDSync`)."""
     limit = config.max_nonfinite
     if config.algo == "ssgd":
-        return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit)
+        return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit,
+                        loss_scale=loss_scale)
     if config.algo == "pa":
         return PASync(model, optimizer, comm, config.sync_every, cuda_aware, max_nonfinite=limit)
     if config.algo == "slowmo":

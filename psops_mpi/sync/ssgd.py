@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from psops_mpi.flat import all_finite
 from psops_mpi.sync.flat_sync import FlatSynchronizer
 
@@ -18,12 +21,25 @@ class SSGDSync(FlatSynchronizer):
     rank sees that the average is not finite without another message (one local reduction
     over the gradient) and skips the step: the gradients are set to None, and
     ``optimizer.step()`` leaves weights and momentum as they were (``skipped_steps``).
+
+    Args:
+        *args, **kwargs: as :class:`FlatSynchronizer`.
+        loss_scale: under fp16 (:mod:`psops_mpi.precision`), the current loss scale, the same
+            on every rank. A step skipped while it is above 1 is the scaler's overflow: it
+            counts in ``skipped_steps`` but not towards ``max_nonfinite`` (the scaler halves
+            and the next step retries), so the scaler's search for its scale at the start
+            of a run cannot stop the job.
     """
 
     extra_slots = 0
     skipped_name = "skipped_steps"
     nonfinite = "the averaged gradient was not finite"
     sync_unit = "steps"
+
+    def __init__(self, *args: Any, loss_scale: Callable[[], float] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_scale = loss_scale
 
     def after_backward(self) -> bool:
         self.flat.attach_grads()
@@ -35,7 +51,10 @@ class SSGDSync(FlatSynchronizer):
         if not finite:
             for param in self.flat.params:  # attach_grads() makes them views again next step
                 param.grad = None
-        self._count_sync(finite)
+        if not finite and self.loss_scale is not None and self.loss_scale() > 1:
+            self.skipped += 1  # the scaler's overflow: skipped, not a step towards the limit
+        else:
+            self._count_sync(finite)
         self._stop_if_stuck(step)
         return finite
 

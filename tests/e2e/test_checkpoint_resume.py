@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from psops_mpi.checkpoint import PAUSE_ENV, complete_checkpoints
+from tests.helpers.formats import write_cifar_py
 from tests.helpers.launch import REPO, launch, mpiexec
 
 RUN = ["--epochs", "2", "--quiet", "--sync-every", "8"]  # mnist1d: 62 steps/epoch at 2 ranks
@@ -119,3 +120,69 @@ def test_a_finished_run_launched_again_keeps_its_metrics_and_reports_no_epoch_tw
     first, again = events[3], events[5]
     assert events[4]["resumed_from"] and again["steps"] == first["steps"]
     assert again["test_acc"] == first["test_acc"]  # the same weights, evaluated again
+
+
+def resume_matches_uninterrupted(tmp_path: Path, args: list[str], every: int, resume_at: int,
+                                 final: int) -> None:
+    """Run ``args`` with a checkpoint every ``every`` steps, resume a second job from the
+    checkpoint at step ``resume_at`` (mid-epoch) into another folder, and require the
+    final shards of both to hold the same bytes."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    res = launch([*args, "--checkpoint-dir", str(whole), "--checkpoint-every", str(every),
+                  "--keep-last", "20"], ranks=2, timeout=300)
+    assert res.returncode == 0, res.stderr
+    res = launch([*args, "--checkpoint-dir", str(resumed), "--resume",
+                  str(whole / f"step-{resume_at:08d}")], ranks=2, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for rank in range(2):
+        want = final_state(whole / f"step-{final:08d}", rank)
+        got = final_state(resumed / f"step-{final:08d}", rank)
+        assert sorted(got) == sorted(want) and "model/position" in got
+        for name, array in want.items():
+            assert got[name].tobytes() == array.tobytes(), f"rank {rank}: {name} differs"
+
+
+def test_resume_mid_epoch_augments_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    """CIFAR-10 batches are cropped and flipped from draws of (seed, rank, epoch): a run
+    resumed at step 7 of an epoch of 5 (epoch 2, step 2) trains on the same augmented
+    batches and ends with the same bytes as one that never stopped (any other crop would
+    change the weights)."""
+    data = tmp_path / "data"
+    write_cifar_py(data / "cifar-10-batches-py", n=32)  # 160 images: 80 per rank
+    args = ["--dataset", "cifar10", "--data-dir", str(data), "--model", "cnn", "--algo", "pa",
+            "--epochs", "3", "--batch-size", "16", "--sync-every", "2", "--quiet"]
+    resume_matches_uninterrupted(tmp_path, args, every=7, resume_at=7, final=15)
+
+
+def scaler_attrs(folder: Path, rank: int) -> dict[str, float]:
+    with h5py.File(folder / f"rank-{rank:05d}.h5", "r") as fh:
+        return {k: float(v) for k, v in fh["precision/scaler"].attrs.items()}
+
+
+@pytest.mark.parametrize("algo", ["ssgd", "pa"])
+def test_fp16_resume_mid_epoch_is_exact_with_the_loss_scaler(tmp_path: Path, algo: str) -> None:
+    """The scaler's scale and growth counter are in every shard; a run resumed from step 36
+    (mid-epoch, mid-period) ends with the same bytes and the same scaler state."""
+    args = ["--epochs", "2", "--quiet", "--algo", algo, "--precision", "fp16"]
+    resume_matches_uninterrupted(tmp_path, args, every=EVERY, resume_at=LAST_COMPLETE,
+                                 final=FINAL)
+    for rank in range(2):
+        want = scaler_attrs(tmp_path / "whole" / f"step-{FINAL:08d}", rank)
+        assert want["scale"] >= 1 and want["_growth_tracker"] > 0
+        assert scaler_attrs(tmp_path / "resumed" / f"step-{FINAL:08d}", rank) == want
+        mid = scaler_attrs(tmp_path / "whole" / f"step-{LAST_COMPLETE:08d}", rank)
+        assert mid["_growth_tracker"] < want["_growth_tracker"]
+
+
+def test_resume_in_another_precision_is_allowed_and_said(tmp_path: Path) -> None:
+    """Weights are fp32 in every precision, so a checkpoint continues in another one; rank 0
+    names the change, and fp16 starts its scaler afresh."""
+    ckpt = tmp_path / "ckpt"
+    args = ["--epochs", "2", "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY)]
+    res = launch([*args, "--max-steps", str(LAST_COMPLETE), "--quiet"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    res = launch([*args, "--precision", "fp16"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    assert "settings changed since the checkpoint: " in res.stdout
+    assert "precision 'fp32' -> 'fp16'" in res.stdout
+    assert scaler_attrs(ckpt / f"step-{FINAL:08d}", 0)["scale"] > 0

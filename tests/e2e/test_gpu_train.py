@@ -28,6 +28,27 @@ def test_two_ranks_share_one_gpu_through_the_staged_path(tmp_path: Path) -> None
     assert final["test_acc"] > 0.5  # chance is 0.1
 
 
+def test_auto_shares_one_gpu_between_two_ranks_and_says_so(tmp_path: Path) -> None:
+    res = launch(["--device", "auto", "--epochs", "1"], ranks=2, timeout=300,
+                 env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if "sharing them" in line]
+    assert len(lines) == 1 and "2 ranks share 1 GPU(s) round-robin" in lines[0]
+    assert "rank(s) on cuda" in res.stdout
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_a_gpu(tmp_path: Path, precision: str) -> None:
+    metrics = tmp_path / "m.jsonl"
+    res = launch(["--device", "auto", "--precision", precision, "--epochs", "5",
+                  "--metrics-out", str(metrics)], ranks=2, timeout=300,
+                 env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert res.returncode == 0, res.stderr
+    assert f"on cuda in {precision} (autocast)" in res.stdout
+    final = [json.loads(line) for line in metrics.read_text().splitlines()][-1]
+    assert final["test_acc"] > 0.5  # chance is 0.1
+
+
 def test_more_ranks_than_gpus_stops_with_the_way_out(tmp_path: Path) -> None:
     res = launch(["--device", "cuda", "--epochs", "1"], ranks=2, timeout=180,
                  env={"CUDA_VISIBLE_DEVICES": "0"})

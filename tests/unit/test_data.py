@@ -322,6 +322,64 @@ def test_augmented_batches_are_cropped_or_flipped() -> None:
     assert x.shape == plain.shape and not torch.equal(x, plain)
 
 
+def test_augment_draws_are_one_per_epoch_from_seed_rank_and_epoch() -> None:
+    ds = _toy(40, augment=True)
+    batches = ShardedBatches(ds, 1, 2, 4, seed=3)
+    offsets, flips = batches.augment_draws(2)
+    assert offsets.shape == (5, 2, 4) and flips.shape == (5, 4) and flips.dtype == torch.bool
+    assert offsets.device == ds.x_train.device and 0 <= offsets.min() <= offsets.max() <= 8
+    again = batches.augment_draws(2)
+    assert torch.equal(offsets, again[0]) and torch.equal(flips, again[1])
+    for other in (ShardedBatches(ds, 0, 2, 4, seed=3).augment_draws(2),  # another rank
+                  batches.augment_draws(3),  # another epoch
+                  ShardedBatches(ds, 1, 2, 4, seed=4).augment_draws(2)):  # another seed
+        assert not torch.equal(offsets, other[0])
+    # Batch `step` is the plain batch cropped and flipped by row `step` of the draws.
+    idx = batches.shard_indices(2)
+    for step, (x, _) in enumerate(batches.epoch(2)):
+        plain = ds.x_train.index_select(0, idx[step * 4:(step + 1) * 4])
+        want = _crop_flip(plain, offsets[step, 0], offsets[step, 1], flips[step])
+        assert torch.equal(x, want)
+
+
+def test_augmentation_of_a_resumed_epoch_is_bit_identical() -> None:
+    """Resuming at every step of an epoch gives the batches an uninterrupted epoch gave."""
+    ds = _toy(40, augment=True)
+    full = [x for x, _ in ShardedBatches(ds, 0, 1, 4, seed=9).epoch(1)]
+    for start in range(len(full)):
+        fresh = ShardedBatches(ds, 0, 1, 4, seed=9)  # a new process would build a new one
+        tail = [x for x, _ in fresh.epoch(1, start_step=start)]
+        assert len(tail) == len(full) - start
+        assert all(torch.equal(a, b) for a, b in zip(full[start:], tail, strict=True))
+
+
+def test_augmentation_needs_image_batches() -> None:
+    x = torch.zeros(8, 5)
+    flat = Dataset("toy", x, torch.zeros(8, dtype=torch.int64), x, torch.zeros(8), 10, True)
+    assert "(N, C, H, W)" in _usage_error(lambda: next(ShardedBatches(flat, 0, 1, 2, 0).epoch(0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augmented_batches_on_cuda_need_no_host_sync_per_step() -> None:
+    cpu = _toy(64, augment=True)
+    ds = Dataset("toy", cpu.x_train.cuda(), cpu.y_train.cuda(), cpu.x_test.cuda(),
+                 cpu.y_test.cuda(), 10, True)
+    batches = ShardedBatches(ds, 0, 1, 8, seed=0)
+    offsets, _ = batches.augment_draws(0)
+    assert offsets.device.type == "cuda"
+    epoch = batches.epoch(0)
+    first = next(epoch)  # the epoch's shuffle and draws: once per epoch
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = [x for x, _ in epoch]  # a step that synchronised with the host would raise
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == batches.steps_per_epoch - 1 and first[0].is_cuda
+    tail = [x for x, _ in ShardedBatches(ds, 0, 1, 8, seed=0).epoch(0, start_step=3)]
+    assert all(torch.equal(a, b) for a, b in zip(rest[2:], tail, strict=True))
+
+
 def test_sharding_errors() -> None:
     ds = _toy(10)
     assert "more ranks (11) than training samples (10)" in _usage_error(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psops_mpi.errors import UsageError
-from psops_mpi.world import NodeLocal, assign_gpus, choose_device, init_world
+from psops_mpi.world import NodeLocal, assign_gpus, choose_device, init_world, pick_gpu
 
 FOUR = ("GPU-a", "GPU-b", "GPU-c", "GPU-d")
 
@@ -47,6 +47,34 @@ def test_sharing_allowed_but_not_needed_changes_nothing() -> None:
 
 def test_a_rank_without_gpu_gets_none() -> None:
     assert assign_gpus([(), ("GPU-a",)]) == [None, 0]
+
+
+def test_auto_shares_fewer_gpus_round_robin_and_says_so() -> None:
+    two = [("GPU-a", "GPU-b")] * 5
+    assert [pick_gpu("auto", two, r)[0] for r in range(5)] == [0, 1, 0, 1, 0]
+    assert {pick_gpu("auto", two, r)[1] for r in range(5)} == {
+        "5 ranks share 2 GPU(s) round-robin"}
+    # Slurm gave the same single GPU to two tasks: auto shares it too.
+    assert pick_gpu("auto", [("GPU-a",), ("GPU-a",)], 1) == (
+        0, "2 ranks share 1 GPU(s) round-robin")
+
+
+def test_cuda_refuses_to_share_unless_allowed() -> None:
+    two = [("GPU-a", "GPU-b")] * 3
+    with pytest.raises(UsageError, match="only 2 GPU") as info:
+        pick_gpu("cuda", two, 0)
+    assert "--allow-gpu-sharing or --device auto" in str(info.value)
+    assert pick_gpu("cuda", two, 2, allow_sharing=True) == (
+        0, "3 ranks share 2 GPU(s) round-robin")
+
+
+@pytest.mark.parametrize("kind", ["auto", "cuda"])
+def test_no_note_when_every_rank_has_its_own_gpu(kind: str) -> None:
+    assert [pick_gpu(kind, [FOUR] * 4, r) for r in range(4)] == [
+        (0, ""), (1, ""), (2, ""), (3, "")]
+    narrowed = [(gpu,) for gpu in FOUR]
+    assert [pick_gpu(kind, narrowed, r) for r in range(4)] == [(0, "")] * 4
+    assert pick_gpu(kind, [(), ("GPU-a",)], 0) == (None, "")  # a rank without GPU shares none
 
 
 def test_cpu_device_needs_no_gpu() -> None:
