@@ -90,8 +90,9 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, of the scaled loss under fp16; then the gradients are
-        unscaled, so the synchroniser and the exchange see true fp32 gradients."""
+        """``loss.backward()``, of the scaled loss under fp16. The loop then calls
+        :meth:`unscale_` before the synchroniser, so it and the exchange see true fp32
+        gradients."""
         self.scaler.scale(loss).backward()
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:

@@ -17,6 +17,7 @@ Shard contents of a training run (HDF5 paths):
     sync/...                  the synchroniser's state_dict (its own layout)
     loop/...                  where the training loop is (step, epoch, this epoch's sums)
     precision/scaler          fp16 only: the loss scaler's scale and growth counter
+    precision/skips           fp16 only: the steps the loss scaler skipped, so far
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random pad-4 crop and horizontal flip (p=0.5) of each image in a (B, C, H, W) batch."""
     if x.dim() != 4:
         raise UsageError(f"augment_batch expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
-    # Draw on the generator's device, then move (nothing to move when it is x's device, as
-    # the training batches' generator is: ShardedBatches.augment_draws).
+    # Draw on the generator's device, then move (nothing to move when it is x's device).
+    # The training batches draw a whole epoch at once instead: ShardedBatches.augment_draws.
     offsets = torch.randint(0, 2 * _PAD + 1, (2, x.shape[0]), generator=generator,
                             device=generator.device).to(x.device)
     flip = (torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5)
