@@ -8,16 +8,10 @@ import math
 from pathlib import Path
 
 from tests.helpers.launch import REPO, launch
+from tests.helpers.no_mpi import import_blocker
 
 # Put first on PYTHONPATH, this makes `import tensorboard` fail as on a machine without it.
-BLOCK_TENSORBOARD = """
-import sys
-class _NoTensorBoard:
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorboard" or name.startswith("tensorboard."):
-            raise ImportError("No module named 'tensorboard'")
-sys.meta_path.insert(0, _NoTensorBoard())
-"""
+BLOCK_TENSORBOARD = import_blocker("tensorboard")
 
 
 def test_scalars_match_the_json_metrics(tmp_path: Path) -> None:

@@ -7,14 +7,20 @@ import sys
 
 from tests.helpers.launch import REPO
 
-BLOCK_MPI4PY = """
+
+def import_blocker(package: str) -> str:
+    """Python code that, run first, makes ``import package`` (and its submodules) fail."""
+    return f"""
 import sys
-class _NoMPI:
+class _Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name == "mpi4py" or name.startswith("mpi4py."):
-            raise ImportError("mpi4py is blocked in this test")
-sys.meta_path.insert(0, _NoMPI())
+        if name == {package!r} or name.startswith({package + "."!r}):
+            raise ImportError("No module named {package!r}")
+sys.meta_path.insert(0, _Blocked())
 """
+
+
+BLOCK_MPI4PY = import_blocker("mpi4py")
 
 
 def run_module_without_mpi(module: str, *args: str) -> subprocess.CompletedProcess:
