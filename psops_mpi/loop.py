@@ -179,7 +179,7 @@ def train_step(run: Run, state: LoopState, x: torch.Tensor, y: torch.Tensor, lr:
     # False: every rank skips this step (non-finite gradient). A synchroniser written before
     # after_backward() returned anything returns None: its steps are taken.
     take = sync.after_backward() is not False
-    precision.step(optimizer, take, sync.flat.grad)  # fp16: also skipped on overflow
+    precision.step(optimizer, take)  # fp16: also skipped on overflow
     sync.after_step(loss)
     state.count(loss, out, y)
 

@@ -38,9 +38,11 @@ class MetricsWriter:
     global step (``step``), under the record's own names.
 
     The file is opened at the first write: truncated for a fresh run, appended to when
-    ``append`` was set by then (a run resumed from a checkpoint continues its file rather than
-    erase what the interrupted run wrote). TensorBoard starts a new event file per launch in
-    the same folder, which it reads as one run.
+    ``rewrite_from`` was set by then (a run resumed from a checkpoint continues its file rather
+    than erase what the interrupted run wrote). TensorBoard starts a new event file per launch
+    in the same folder, which it reads as one run; a resumed run's file purges the points
+    from ``rewrite_from`` on that the interrupted run wrote, so each step shows once, as the
+    resumed run computed it.
 
     Args:
         path: the file to write, or None to write nothing. Only rank 0 passes a path.
@@ -50,7 +52,8 @@ class MetricsWriter:
     def __init__(self, path: str | None, tensorboard: str | None = None) -> None:
         self.path = path
         self.tensorboard = tensorboard
-        self.append = False
+        # Resumed from a checkpoint: the first step whose epoch this run reports (again).
+        self.rewrite_from: int | None = None
         self._fh: TextIO | None = None
         self._board: Any = None  # a SummaryWriter, made at the first epoch
 
@@ -68,7 +71,8 @@ class MetricsWriter:
         if self._board is None:
             from torch.utils.tensorboard import SummaryWriter  # checked before training
 
-            self._board = SummaryWriter(self.tensorboard)
+            # Hide the interrupted run's points from there on: this run writes them again.
+            self._board = SummaryWriter(self.tensorboard, purge_step=self.rewrite_from)
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._board.add_scalar(key, value, global_step=record["step"])
@@ -77,7 +81,7 @@ class MetricsWriter:
     def _open(self, path: str) -> TextIO:
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return Path(path).open("a" if self.append else "w", encoding="utf-8")
+            return Path(path).open("w" if self.rewrite_from is None else "a", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"cannot write metrics file {path}: {exc.strerror}") from None
 

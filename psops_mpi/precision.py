@@ -75,8 +75,7 @@ class Precision:
         check_supported(name, device)
         self.name, self.device, self.dtype = name, device, DTYPES[name]
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-        # Steps this rank's scaler skipped, counted on the device: no host sync per step.
-        self._skips = torch.zeros((), dtype=torch.int64, device=device)
+        self._skips = 0  # steps this rank's own scaler skipped
 
     @property
     def scaled(self) -> bool:
@@ -99,23 +98,29 @@ class Precision:
         """Divide the gradients by the scale in place (fp16; nothing otherwise)."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, take: bool, grad: torch.Tensor) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, take: bool) -> None:
         """The optimizer step unless the synchroniser skips it (``take`` False) or, under
-        fp16, this rank's gradient ``grad`` (the flat buffer) is not finite; then the scale
-        is updated."""
+        fp16, this rank's unscaled gradient is not finite; then the scale is updated."""
         if not self.scaled:
             if take:
                 optimizer.step()
             return
         if not take:
-            # Every rank skips this step (SSGD: the averaged gradient is not finite), so every
-            # rank's scaler backs off alike: SSGD's scalers stay equal on every rank. (The
-            # growth counter is left as it is, the same on every rank too.)
-            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self._back_off()
             return
-        self._skips += torch.logical_not(torch.isfinite(grad.sum())).to(torch.int64)
+        before = self.scaler.get_scale()  # GradScaler.step reads found_inf on the host anyway
         self.scaler.step(optimizer)  # skipped when the unscaled gradient is not finite
         self.scaler.update()
+        self._skips += int(self.scaler.get_scale() < before)  # it backs off only on a skip
+
+    def _back_off(self) -> None:
+        """Every rank skips this step (SSGD: the averaged gradient is not finite), so every
+        rank's scaler backs off alike, as its own skip would: scale times the backoff factor
+        and the growth counter back to 0. SSGD's scalers stay equal on every rank."""
+        state = self.scaler.state_dict()
+        state.update(scale=state["scale"] * state["backoff_factor"], _growth_tracker=0)
+        self.scaler.update(state["scale"])  # also forgets this step's own overflow check
+        self.scaler.load_state_dict(state)
 
     def scale(self) -> float:
         """The current loss scale (1.0 without fp16); a host read."""
@@ -124,7 +129,7 @@ class Precision:
     def counts(self) -> dict[str, int]:
         """This rank's events for the epoch metrics (summed over ranks): ``scaler_skips``
         under fp16, nothing otherwise."""
-        return {"scaler_skips": int(self._skips)} if self.scaled else {}
+        return {"scaler_skips": self._skips} if self.scaled else {}
 
     # ---- checkpoints
 
@@ -132,7 +137,7 @@ class Precision:
         """fp16: the scaler's scale and growth counter, and the skips so far; else empty."""
         if not self.scaled:
             return {}
-        return {"scaler": self.scaler.state_dict(), "skips": int(self._skips)}
+        return {"scaler": self.scaler.state_dict(), "skips": self._skips}
 
     def check_state(self, state: dict[str, Any], where: str) -> None:
         """Any state loads: one without a scaler (another precision, or a checkpoint older
@@ -152,9 +157,9 @@ class Precision:
             "backoff_factor": float(scaler["backoff_factor"]),
             "growth_interval": int(scaler["growth_interval"]),
             "_growth_tracker": int(scaler["_growth_tracker"])})
-        self._skips.fill_(int(state.get("skips", 0)))
+        self._skips = int(state.get("skips", 0))
 
     def on_resize(self, joins_anew: bool) -> None:
         """A rank that joins a resized run anew has skipped nothing yet."""
         if joins_anew:
-            self._skips.zero_()
+            self._skips = 0

@@ -240,7 +240,8 @@ def announce(run: Run, loaded: Loaded | None) -> None:
                               f"(--device {run.config.device}): {run.world.gpu_sharing}")
         if run.sync.describe():
             print0(run.world, f"psops_mpi: {run.sync.describe()}")
-    run.metrics.append = loaded is not None
+    if loaded is not None:  # a checkpoint taken after its epoch's evaluation reports it once
+        run.metrics.rewrite_from = loaded.meta["step"] + bool(loaded.meta.get("evaluated"))
     run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
                       num_params=run.sync.flat.numel, environment=env,
                       cuda_aware=run.world.cuda_aware.describe(), sync=run.sync.describe(),

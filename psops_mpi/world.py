@@ -195,11 +195,6 @@ def choose_gpu(kind: str, local: NodeLocal,
     return torch.device("cuda", index), note and f"node {socket.gethostname()}: {note}"
 
 
-def choose_device(kind: str, local: NodeLocal, allow_sharing: bool = False) -> torch.device:
-    """The device of :func:`choose_gpu`, without the note."""
-    return choose_gpu(kind, local, allow_sharing)[0]
-
-
 def cpu_threads(requested: int, local_size: int) -> int:
     """Threads per rank: the requested count, OMP_NUM_THREADS, or this rank's fair share of
     the cores it may run on (ranks on one node must not oversubscribe them)."""

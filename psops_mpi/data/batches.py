@@ -39,18 +39,6 @@ def _crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
     return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random pad-4 crop and horizontal flip (p=0.5) of each image in a (B, C, H, W) batch."""
-    if x.dim() != 4:
-        raise UsageError(f"augment_batch expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
-    # Draw on the generator's device, then move (nothing to move when it is x's device).
-    # The training batches draw a whole epoch at once instead: ShardedBatches.augment_draws.
-    offsets = torch.randint(0, 2 * _PAD + 1, (2, x.shape[0]), generator=generator,
-                            device=generator.device).to(x.device)
-    flip = (torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5)
-    return _crop_flip(x, offsets[0], offsets[1], flip.to(x.device))
-
-
 def holdout_batch(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``min(size, N)`` training samples chosen from ``seed`` alone: the same on every rank."""
     if size < 1:

@@ -67,3 +67,8 @@ class SSGDSync(FlatSynchronizer):
         self.exchange.arrive(lambda: f"the BatchNorm averaging (step {self.steps})")
         self.average_buffers()
         self.steps_since_round = 0
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        # Every step is a round. Older checkpoints counted the BatchNorm averaging instead.
+        self.rounds = self.steps

@@ -15,16 +15,26 @@ BLOCK_TENSORBOARD = import_blocker("tensorboard")
 
 
 def test_scalars_match_the_json_metrics(tmp_path: Path) -> None:
+    """And a run resumed from the checkpoint at step 48 into the same folder replaces the
+    interrupted run's point at step 64 instead of adding a second one (TensorBoard purges
+    on its own only when steps go backwards)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     metrics, board = tmp_path / "m.jsonl", tmp_path / "runs" / "tb"
-    res = launch(["--dataset", "synthetic", "--epochs", "2", "--algo", "ssgd",
-                  "--metrics-out", str(metrics), "--tensorboard", str(board)], ranks=2)
+    args = ["--dataset", "synthetic", "--epochs", "2", "--algo", "ssgd", "--metrics-out",
+            str(metrics), "--tensorboard", str(board), "--checkpoint-every", "16"]
+    res = launch([*args, "--checkpoint-dir", str(tmp_path / "ckpt"), "--keep-last", "4"],
+                 ranks=2)
     assert res.returncode == 0, res.stderr
-    epochs = [e for e in map(json.loads, metrics.read_text().splitlines())
-              if e["event"] == "epoch"]
-    assert [e["step"] for e in epochs] == [32, 64]  # 2,048 samples / (2 ranks x 32 per batch)
-    assert len(list(board.glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes
+    res = launch([*args, "--checkpoint-dir", str(tmp_path / "again"), "--resume",
+                  str(tmp_path / "ckpt" / "step-00000048")], ranks=2)
+    assert res.returncode == 0, res.stderr
+    lines = [e for e in map(json.loads, metrics.read_text().splitlines())
+             if e["event"] == "epoch"]
+    # 2,048 samples / (2 ranks x 32 per batch); the resumed run reports epoch 2 again
+    assert [e["step"] for e in lines] == [32, 64, 64]
+    epochs = [lines[0], lines[2]]  # each step once, as the last run to reach it computed it
+    assert len(list(board.glob("events.out.tfevents.*"))) == 2  # rank 0 alone, per launch
 
     events = EventAccumulator(str(board))
     events.Reload()

@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from psops_mpi.cuda_aware import resolve
 from psops_mpi.exchange import Exchange
-from psops_mpi.world import choose_device, node_local
+from psops_mpi.world import choose_gpu, node_local
 
 pytestmark = [
     pytest.mark.mpi(min_size=2),
@@ -32,7 +32,7 @@ PATHS = [
 @pytest.fixture(scope="module")
 def device() -> torch.device:
     # Ranks share the GPUs round-robin when there are fewer GPUs than ranks (one-GPU machines).
-    return choose_device("cuda", node_local(MPI.COMM_WORLD), allow_sharing=True)
+    return choose_gpu("cuda", node_local(MPI.COMM_WORLD), allow_sharing=True)[0]
 
 
 def run_collectives(ex: Exchange, device: torch.device) -> None:

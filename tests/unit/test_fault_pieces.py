@@ -83,6 +83,15 @@ def test_a_checkpoint_of_release_0_2_0_without_the_fault_counters_loads() -> Non
         check_state("sync", sync, {k: v for k, v in old.items() if k != "rounds"}, "ckpt")
 
 
+def test_an_older_ssgd_checkpoint_counts_every_step_as_a_round() -> None:
+    """Before every gradient Allreduce counted as a round, SSGD counted its BatchNorm
+    averagings (one per epoch)."""
+    model = nn.Linear(3, 2)
+    sync = SSGDSync(model, torch.optim.SGD(model.parameters(), lr=0.1), MPI.COMM_SELF)
+    sync.load_state_dict({**sync.state_dict(), "steps": 124, "rounds": 2})
+    assert sync.metrics().rounds == 124
+
+
 def test_one_process_skips_a_non_finite_step_and_stops_at_the_limit() -> None:
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

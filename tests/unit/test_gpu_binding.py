@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from psops_mpi.errors import UsageError
-from psops_mpi.world import NodeLocal, assign_gpus, choose_device, init_world, pick_gpu
+from psops_mpi.world import NodeLocal, assign_gpus, choose_gpu, init_world, pick_gpu
 
 FOUR = ("GPU-a", "GPU-b", "GPU-c", "GPU-d")
 
@@ -78,14 +78,14 @@ def test_no_note_when_every_rank_has_its_own_gpu(kind: str) -> None:
 
 
 def test_cpu_device_needs_no_gpu() -> None:
-    assert choose_device("cpu", NodeLocal(3, 8)) == torch.device("cpu")
+    assert choose_gpu("cpu", NodeLocal(3, 8))[0] == torch.device("cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
 def test_without_cuda_auto_is_cpu_and_cuda_is_an_error() -> None:
-    assert choose_device("auto", NodeLocal(0, 2)) == torch.device("cpu")
+    assert choose_gpu("auto", NodeLocal(0, 2))[0] == torch.device("cpu")
     with pytest.raises(UsageError, match="torch sees no CUDA device"):
-        choose_device("cuda", NodeLocal(0, 2))
+        choose_gpu("cuda", NodeLocal(0, 2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,11 +93,11 @@ def test_on_a_gpu_node_ranks_get_their_own_gpu() -> None:
     count = torch.cuda.device_count()
     ids = tuple(f"GPU-{i}" for i in range(count))
     last = NodeLocal(count - 1, count, (ids,) * count)
-    assert choose_device("auto", last) == torch.device("cuda", count - 1)
+    assert choose_gpu("auto", last)[0] == torch.device("cuda", count - 1)
     with pytest.raises(UsageError, match="--allow-gpu-sharing"):
-        choose_device("cuda", NodeLocal(count, count + 1, (ids,) * (count + 1)))
+        choose_gpu("cuda", NodeLocal(count, count + 1, (ids,) * (count + 1)))
     shared = NodeLocal(count, count + 1, (ids,) * (count + 1))
-    assert choose_device("cuda", shared, allow_sharing=True) == torch.device("cuda", 0)
+    assert choose_gpu("cuda", shared, allow_sharing=True)[0] == torch.device("cuda", 0)
 
 
 def test_init_world_accepts_a_plain_local_pair() -> None:

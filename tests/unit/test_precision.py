@@ -42,10 +42,14 @@ def _run(algo: str, precision: Precision, max_nonfinite: int = 10) -> SimpleName
     return SimpleNamespace(model=model, optimizer=opt, sync=sync, precision=precision)
 
 
-def _set_scale(precision: Precision, scale: float) -> None:
+def _set_scale(precision: Precision, scale: float, growth_tracker: int = 0) -> None:
     state = precision.state_dict()
-    state["scaler"]["scale"] = scale
+    state["scaler"].update(scale=scale, _growth_tracker=growth_tracker)
     precision.load_state_dict(state)
+
+
+def _growth_tracker(precision: Precision) -> int:
+    return precision.state_dict()["scaler"]["_growth_tracker"]
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
@@ -78,13 +82,14 @@ def test_fp16_overflow_is_skipped_and_counted_and_the_scale_backs_off() -> None:
     """At a scale of 2^100 every fp16 gradient overflows: the steps are skipped (weights
     and momentum unchanged), counted, and the scale halves until steps are taken."""
     precision = Precision("fp16", CPU)
-    _set_scale(precision, 2.0 ** 100)
+    _set_scale(precision, 2.0 ** 100, growth_tracker=7)
     run = _run("pa", precision, max_nonfinite=1)
     state, x, y = LoopState(1000, CPU), *_batch()
     start = run.sync.flat.data.clone()
     train_step(run, state, x, y, lr=0.1)
     assert torch.equal(run.sync.flat.data, start) and not run.optimizer.state
     assert precision.scale() == 2.0 ** 99 and precision.counts() == {"scaler_skips": 1}
+    assert _growth_tracker(precision) == 0
     for _ in range(120):
         train_step(run, state, x, y, lr=0.1)
     skips = precision.counts()["scaler_skips"]
@@ -110,12 +115,16 @@ def test_ssgd_fp16_real_nan_stops_once_the_scale_is_one() -> None:
     """A NaN in every batch: skips at scale 4 and 2 are the scaler's; at 1 and 0.5 they
     count, and --max-nonfinite 2 stops the job at the fourth step."""
     precision = Precision("fp16", CPU)
-    _set_scale(precision, 4.0)
+    _set_scale(precision, 4.0, growth_tracker=7)
     run = _run("ssgd", precision, max_nonfinite=2)
     state, (x, y) = LoopState(1000, CPU), _batch(nan=True)
-    for _ in range(3):
+    train_step(run, state, x, y, lr=0.1)
+    # Backed off as the scaler's own skip would: half the scale, growth counter reset.
+    assert precision.scale() == 2.0 and _growth_tracker(precision) == 0
+    for _ in range(2):
         train_step(run, state, x, y, lr=0.1)
     assert precision.scale() == 0.5 and run.sync.consecutive_skipped == 1
+    assert precision.counts() == {"scaler_skips": 0}  # SSGD's skips are the sync's
     with pytest.raises(NonFiniteStop) as info:
         train_step(run, state, x, y, lr=0.1)
     assert info.value.step == 4 and info.value.at_limit
