@@ -1,24 +1,9 @@
 """A cost model of every algorithm and exchange, fitted on runs measured here, validated
 against them, and projected to 16-1024 ranks on 1-400 Gbit/s links.
 
-The pieces (Hockney's model: a message of n bytes costs alpha + n * beta on a link with
-latency alpha and time per byte beta; the MPI library picks the cheaper algorithm):
-
-* allreduce: ring, 2(P-1) alpha + 2(P-1)/P n beta; or recursive doubling (tree),
-  ceil(log2 P) (alpha + n beta);
-* allgather (ring): (P-1) (alpha + n beta), n the block of one rank;
-* broadcast: binomial tree, ceil(log2 P) (alpha + n beta); or scatter + allgather (MPICH's
-  large-message broadcast), (ceil(log2 P) + P - 1) alpha + 2(P-1)/P n beta;
-* MINLOC: an allreduce of 16 bytes.
-
-A round of each method, for N float32 parameters (4N bytes) and P ranks: SSGD an allreduce
-of the gradient every step; PA and SlowMo an allreduce of the weights every ``n`` steps;
-PSO-PS ``allgather`` one allgather of N+1 floats; PSO-PS ``best`` MINLOC plus a broadcast
-of the best particle, plus an allreduce of N+1 floats when the rule needs the swarm's mean
-(the centre rule, or c3 > 0). Time per epoch = steps x compute per step + rounds x round.
-Memory per rank beyond the model, its gradient and SGD's momentum: SlowMo 2 x 4N (anchor and
-slow momentum), PSO-PS 3 x 4N (velocity, personal and global best) plus 4N for the centre
-rule's anchor, plus P x 4(N+1) for the allgather's receive buffer.
+The round of each algorithm and exchange, on a link of latency alpha and time per byte beta,
+is :mod:`psops_mpi.costmodel` (the model ``--exchange auto`` uses at start). Time per epoch =
+steps x compute per step + rounds x round.
 
 Usage::
 
@@ -37,95 +22,23 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FLOAT = 4  # bytes per parameter
-MINLOC_BYTES = 16  # MPI.DOUBLE_INT, padded
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-
-@dataclass(frozen=True)
-class Link:
-    """Latency (s per message) and bandwidth (bytes per s) between two ranks."""
-
-    name: str
-    alpha: float
-    bandwidth: float
-
-    @property
-    def beta(self) -> float:
-        return 1.0 / self.bandwidth
-
-
-def gbit(rate: float) -> float:
-    return rate * 1e9 / 8
-
-
-# Real links, as a cluster's fabric gives them (latency: typical MPI ping-pong over the
-# network, not the emulated loopback, whose latency is that of TCP on one machine).
-LINKS = {
-    "1gbit": Link("1 Gbit/s Ethernet", 50e-6, gbit(1)),
-    "10gbit": Link("10 Gbit/s Ethernet", 20e-6, gbit(10)),
-    "100gbit": Link("100 Gbit/s InfiniBand", 2e-6, gbit(100)),
-    "400gbit": Link("400 Gbit/s InfiniBand", 1.5e-6, gbit(400)),
-}
-
-
-def log2_ceil(p: int) -> int:
-    return max(1, math.ceil(math.log2(p)))
-
-
-def allreduce(n: float, p: int, link: Link) -> float:
-    if p == 1:
-        return 0.0
-    ring = 2 * (p - 1) * link.alpha + 2 * (p - 1) / p * n * link.beta
-    tree = log2_ceil(p) * (link.alpha + n * link.beta)
-    return min(ring, tree)
-
-
-def allgather(n_block: float, p: int, link: Link) -> float:
-    return 0.0 if p == 1 else (p - 1) * (link.alpha + n_block * link.beta)
-
-
-def bcast(n: float, p: int, link: Link) -> float:
-    if p == 1:
-        return 0.0
-    tree = log2_ceil(p) * (link.alpha + n * link.beta)
-    scatter_allgather = (log2_ceil(p) + p - 1) * link.alpha + 2 * (p - 1) / p * n * link.beta
-    return min(tree, scatter_allgather)
-
-
-def round_time(method: str, n_params: int, p: int, link: Link) -> float:
-    """Seconds of one synchronisation round (SSGD: one step's allreduce)."""
-    n = n_params * FLOAT
-    if method in ("ssgd", "pa", "slowmo"):
-        return allreduce(n, p, link)
-    if method == "pso-allgather":
-        return allgather(n + FLOAT, p, link)
-    if method in ("pso-best", "pso-best-mean"):
-        cost = allreduce(MINLOC_BYTES, p, link) + bcast(n, p, link)
-        if method == "pso-best-mean":
-            cost += allreduce(n + FLOAT, p, link)
-        return cost
-    raise ValueError(f"unknown method {method!r}")
-
-
-def round_bytes(method: str, n_params: int, p: int) -> float:
-    """Bytes one rank sends per round, as psops_mpi's counters count them."""
-    n = n_params * FLOAT
-    ring = 2 * (p - 1) / p
-    return {"ssgd": ring * n, "pa": ring * n, "slowmo": ring * n,
-            "pso-allgather": (p - 1) * (n + FLOAT), "pso-best": n + MINLOC_BYTES,
-            "pso-best-mean": n + MINLOC_BYTES + ring * (n + FLOAT)}[method]
-
-
-def memory_bytes(method: str, n_params: int, p: int) -> float:
-    """Bytes per rank beyond the model, its gradient and the local momentum."""
-    n = n_params * FLOAT
-    return {"ssgd": 0.0, "pa": 0.0, "slowmo": 2 * n, "pso-allgather": 3 * n + p * (n + FLOAT),
-            "pso-best": 3 * n, "pso-best-mean": 4 * n + (n + FLOAT)}[method]
+from psops_mpi.costmodel import (
+    FLOAT,
+    LINKS,
+    METHODS,
+    Link,
+    allreduce,
+    bcast,
+    choose_exchange,
+    log2_ceil,
+    round_time,
+)
 
 
 def epoch_time(method: str, n_params: int, p: int, link: Link, *, samples: int,
@@ -135,9 +48,6 @@ def epoch_time(method: str, n_params: int, p: int, link: Link, *, samples: int,
     steps = samples // p // batch
     rounds = steps if method == "ssgd" else math.ceil(steps / sync_every)
     return steps * step_s + rounds * round_time(method, n_params, p, link)
-
-
-METHODS = ("ssgd", "pa", "slowmo", "pso-allgather", "pso-best", "pso-best-mean")
 
 
 def project(ms_per_mparam: float, samples: int, batch: int, sync_every: int) -> list[str]:
@@ -162,6 +72,64 @@ def project(ms_per_mparam: float, samples: int, batch: int, sync_every: int) -> 
     return lines
 
 
+# ---- a node-aware exchange, evaluated
+
+# Within a node: NVLink-class GPU links (per-GPU bandwidth of an NVLink 3/4 node, 150 GB/s
+# each way, a few us per message).
+NODE_LINK = Link("NVLink within a node", 3e-6, 150e9)
+
+
+def hierarchical_round(method: str, n_params: int, p: int, per_node: int, link: Link,
+                       node_link: Link = NODE_LINK) -> float:
+    """One round where each node's ranks first average over the node's own link (a reduce
+    to the node's leader, counted as an allreduce), the ``p / per_node`` leaders run
+    ``method`` between the nodes, and each leader broadcasts the result to its node: what
+    PyTorch's HierarchicalModelAverager does for PA. For PSO-PS a node becomes one particle."""
+    n = n_params * FLOAT
+    inside = allreduce(n, per_node, node_link) + bcast(n, per_node, node_link)
+    return inside + round_time(method, n_params, p // per_node, link)
+
+
+def hierarchy(p: int = 256, link_key: str = "100gbit", per_node: int = 8,
+              ms_per_mparam: float = 0.2, sync_every: int = 16) -> list[str]:
+    """Markdown: each algorithm's round and period (``sync_every`` steps of compute and one
+    round) flat and node-aware. Flat puts every rank on the inter-node link, which favours
+    the hierarchy (a flat job's ranks of one node also talk over NVLink). It assumes a
+    node's network link carries no more than one rank's bytes: one NIC per GPU, or ring and
+    scatter-allgather collectives over ranks placed node by node, whose ring enters and
+    leaves each node once."""
+    link = LINKS[link_key]
+    lines = [f"{p} ranks, {per_node} per node ({p // per_node} nodes), {link.name} between "
+             f"nodes, {NODE_LINK.name} ({NODE_LINK.bandwidth / 1e9:g} GB/s, "
+             f"{NODE_LINK.alpha * 1e6:g} us) inside; compute {ms_per_mparam:g} ms per step per "
+             f"million parameters; a period is `--sync-every {sync_every}` steps and a round "
+             "(SSGD: one step and its allreduce). PSO-PS: the default rule, each side with the "
+             "exchange auto picks for its swarm (P particles flat, one per node node-aware).",
+             "", "| parameters | algorithm | round flat, ms | node-aware, ms | period flat / "
+             "node-aware |", "|---|---|---|---|---|"]
+    for n_params in (1_000_000, 25_000_000, 100_000_000):
+        step = ms_per_mparam * n_params / 1e9
+        for name in ("ssgd", "pa", "slowmo", "pso"):
+            flat_method = tree_method = name
+            if name == "pso":
+                flat_method = _pso_method(p, n_params)
+                tree_method = _pso_method(p // per_node, n_params)
+            flat = round_time(flat_method, n_params, p, link)
+            tree = hierarchical_round(tree_method, n_params, p, per_node, link)
+            steps = 1 if name == "ssgd" else sync_every
+            label = f"PSO-PS ({flat_method[4:]} / {tree_method[4:]})" if name == "pso" else name
+            gain = (steps * step + flat) / (steps * step + tree)
+            lines.append(f"| {n_params / 1e6:g}M | {label} | {flat * 1e3:.3g} | "
+                         f"{tree * 1e3:.3g} | {gain:.2f}× |")
+    return lines
+
+
+def _pso_method(particles: int, n_params: int) -> str:
+    """The default rule's round with the exchange auto picks for ``particles``."""
+    exchange = choose_exchange(particles, n_params, needs_mean=True)
+    return "pso-allgather" if exchange == "allgather" else "pso-best-mean"
+
+
 # ---- fitting and validating on measured runs
 
 def collective_samples(folder: Path) -> list[tuple[str, int, int, float]]:
@@ -181,11 +149,12 @@ def collective_samples(folder: Path) -> list[tuple[str, int, int, float]]:
 
 
 def fit_link(samples: list[tuple[str, int, int, float]], name: str) -> Link:
-    """Least-squares alpha and beta of one link from collective timings (ring forms)."""
+    """Least-squares alpha and beta of one link from collective timings, in the forms the
+    model takes for these sizes (allreduce: Rabenseifner's; allgather: ring)."""
     rows, times = [], []
     for op, p, n, seconds in samples:
         if op == "allreduce":
-            rows.append([2 * (p - 1), 2 * (p - 1) / p * n * FLOAT])
+            rows.append([2 * log2_ceil(p), 2 * (p - 1) / p * n * FLOAT])
         else:  # allgather of n + 1 floats per rank
             rows.append([p - 1, (p - 1) * (n + 1) * FLOAT])
         times.append(seconds)
@@ -236,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     proj.add_argument("--samples", type=int, default=1_281_167, help="samples per epoch")
     proj.add_argument("--batch", type=int, default=32, help="samples per rank and step")
     proj.add_argument("--sync-every", type=int, default=16)
+    sub.add_parser("hierarchy", help="a node-aware exchange against flat, 256 ranks")
     fit = sub.add_parser("fit", help="alpha and beta of a link from exchange_bench JSON files")
     fit.add_argument("folder", type=Path)
     val = sub.add_parser("validate", help="predicted against measured epochs on a link")
@@ -246,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "project":
         print("\n".join(project(args.ms_per_mparam, args.samples, args.batch,
                                  args.sync_every)))
+        return 0
+    if args.command == "hierarchy":
+        print("\n".join(hierarchy()))
         return 0
     link = fit_link(collective_samples(args.folder), str(args.folder))
     print(f"{link.name}: alpha {link.alpha * 1e6:.1f} us, bandwidth "

@@ -245,6 +245,7 @@ def announce(run: Run, loaded: Loaded | None) -> None:
     run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
                       num_params=run.sync.flat.numel, environment=env,
                       cuda_aware=run.world.cuda_aware.describe(), sync=run.sync.describe(),
+                      exchange=run.sync.round_collective(),
                       gpu_sharing=run.world.gpu_sharing or None,
                       resumed_from=loaded and str(loaded.folder))
 

@@ -145,6 +145,11 @@ class Synchronizer(ABC):
         """One line on what a round does, printed at start ('' for nothing to add)."""
         return ""
 
+    def round_collective(self) -> str:
+        """How a round moves the weights, for the ``start`` metrics: an ``allreduce`` here;
+        PSO-PS's ``allgather`` or ``best``."""
+        return "allreduce"
+
     @abstractmethod
     def metrics(self) -> SyncMetrics:
         """Counters so far (steps, rounds, bytes, seconds in MPI, events, shared values)."""

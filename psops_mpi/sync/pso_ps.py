@@ -32,6 +32,7 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.config import PSOConfig
+from psops_mpi.costmodel import choose_exchange
 from psops_mpi.flat import flat_buffer, load_into
 from psops_mpi.swarm import Swarm, select_best
 from psops_mpi.sync.base import ResizePlan, SyncMetrics
@@ -99,6 +100,9 @@ class PSOSync(FlatSynchronizer):
         if self._chosen_exchange() == "allgather":  # staged as one [send ; recv] buffer
             return (self.world_size + 1) * self.flat.packed.numel()
         return super()._largest_message()
+
+    def round_collective(self) -> str:
+        return self._chosen_exchange()
 
     def describe(self) -> str:
         if self.world_size == 1:
@@ -348,35 +352,6 @@ class PSOSync(FlatSynchronizer):
         self._loss_sum.fill_(self.steps_since_round * swarm.gbest_fitness if finite else 0.0)
         self.last_fitness = math.inf
         self.restarts = 0
-
-
-# The link choose_exchange assumes: 10 Gbit/s Ethernet, 20 us per message (bench/
-# scaling_model.py's "10gbit"); the choice moves little with it (bytes dominate).
-_ALPHA_S, _BYTES_PER_S = 20e-6, 10e9 / 8
-_MAX_GATHER_BYTES = 1 << 30  # an allgather receive buffer above 1 GiB per rank: best
-
-
-def choose_exchange(world_size: int, numel: int, needs_mean: bool) -> str:
-    """The PSO-PS exchange with the smaller modelled round time (bench/scaling_model.py):
-    allgather, (P-1) messages of 4(N+1) bytes; best, MINLOC + a broadcast of 4N bytes, plus
-    an allreduce of 4(N+1) when the rule needs the swarm's mean. The allgather also needs a
-    receive buffer of P x 4(N+1) bytes: above 1 GiB it is never chosen."""
-    p, n = world_size, 4 * (numel + 1)
-    if p <= 1:
-        return "allgather"
-    hops = math.ceil(math.log2(p))
-
-    def ring_allreduce(size: float) -> float:
-        return 2 * (p - 1) * _ALPHA_S + 2 * (p - 1) / p * size / _BYTES_PER_S
-
-    allgather = (p - 1) * (_ALPHA_S + n / _BYTES_PER_S)
-    best = (2 * hops * _ALPHA_S  # MINLOC
-            + (hops + p - 1) * _ALPHA_S + 2 * (p - 1) / p * n / _BYTES_PER_S)  # broadcast
-    if needs_mean:
-        best += ring_allreduce(n)
-    if p * n > _MAX_GATHER_BYTES or best < allgather:
-        return "best"
-    return "allgather"
 
 
 def _fitness(value: object) -> float:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from psops_mpi.sync.pso_ps import choose_exchange
+from psops_mpi.costmodel import choose_exchange
 
 
 @pytest.mark.parametrize(
     ("ranks", "numel", "needs_mean", "expected"),
     [
         # 4 ranks, 1M floats, 10 Gbit/s and 20 us: allgather 3 (20 us + 3.2 ms) = 9.66 ms;
-        # best: MINLOC 4 x 20 us + broadcast 5 x 20 us + 1.5 x 3.2 ms = 4.98 ms
+        # best: MINLOC 2 x 20 us + broadcast 5 x 20 us + 1.5 x 3.2 ms = 4.94 ms
         (4, 1_000_000, False, "best"),
-        # ... plus the mean's allreduce, 6 x 20 us + 4.8 ms: 9.84 ms > 9.66 ms
+        # ... plus the mean's allreduce, 4 x 20 us + 4.8 ms: 9.86 ms > 9.66 ms
         (4, 1_000_000, True, "allgather"),
         (2, 1_000_000, False, "allgather"),  # one message each way against two collectives
         (64, 8_010, False, "best"),  # 63 latencies against about 6 + 69

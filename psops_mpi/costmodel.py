@@ -1,0 +1,139 @@
+"""The cost of one synchronisation round, per algorithm and exchange, on a link of latency
+alpha and time per byte beta (Hockney's model: a message of n bytes costs alpha + n beta).
+
+``--exchange auto`` picks PSO-PS's exchange with it at start (:func:`choose_exchange`), and
+``bench/scaling_model.py`` fits alpha and beta to measured runs, checks the model against
+measured epochs and projects it to 16-1024 ranks. The MPI library picks the cheaper of its
+algorithms, so each collective costs the cheaper of two forms:
+
+* allreduce: reduce-scatter + allgather by recursive halving and doubling (Rabenseifner's,
+  MPICH's choice for all but small messages), 2 ceil(log2 P) alpha + 2(P-1)/P n beta; or
+  recursive doubling, ceil(log2 P) (alpha + n beta) (a ring has the first one's bytes and
+  more messages);
+* allgather (ring): (P-1) (alpha + n beta), n the block of one rank;
+* broadcast: binomial tree, ceil(log2 P) (alpha + n beta); or scatter + allgather (MPICH's
+  large-message broadcast), (ceil(log2 P) + P - 1) alpha + 2(P-1)/P n beta;
+* MINLOC: an allreduce of 16 bytes.
+
+A round for N float32 parameters: SSGD, an allreduce of the gradient every step; PA and
+SlowMo, an allreduce of the weights every ``n`` steps; PSO-PS ``allgather``, one allgather of
+N+1 floats (the particle and its fitness); PSO-PS ``best``, MINLOC and a broadcast of the best
+particle, plus an allreduce of N+1 floats when the rule needs the swarm's mean (the centre
+rule, or c3 > 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FLOAT = 4  # bytes per parameter
+MINLOC_BYTES = 16  # MPI.DOUBLE_INT, padded
+METHODS = ("ssgd", "pa", "slowmo", "pso-allgather", "pso-best", "pso-best-mean")
+# An allgather receive buffer above this many bytes per rank is never chosen by auto.
+MAX_GATHER_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Link:
+    """Latency (s per message) and bandwidth (bytes per s) between two ranks."""
+
+    name: str
+    alpha: float
+    bandwidth: float
+
+    @property
+    def beta(self) -> float:
+        return 1.0 / self.bandwidth
+
+
+def gbit(rate: float) -> float:
+    """Bytes per second of a link of ``rate`` Gbit/s."""
+    return rate * 1e9 / 8
+
+
+# Links as a cluster's fabric gives them (latency: a typical MPI ping-pong over the network).
+LINKS = {
+    "1gbit": Link("1 Gbit/s Ethernet", 50e-6, gbit(1)),
+    "10gbit": Link("10 Gbit/s Ethernet", 20e-6, gbit(10)),
+    "100gbit": Link("100 Gbit/s InfiniBand", 2e-6, gbit(100)),
+    "400gbit": Link("400 Gbit/s InfiniBand", 1.5e-6, gbit(400)),
+}
+# What auto assumes. The choice hardly depends on it: the two exchanges' costs cross where a
+# message's latency equals its transfer time (alpha x bandwidth: 6-75 KB on every link above).
+DEFAULT_LINK = LINKS["10gbit"]
+
+
+def log2_ceil(p: int) -> int:
+    return max(1, math.ceil(math.log2(p)))
+
+
+def allreduce(n: float, p: int, link: Link) -> float:
+    """Seconds of an allreduce of ``n`` bytes over ``p`` ranks."""
+    if p == 1:
+        return 0.0
+    halving = 2 * log2_ceil(p) * link.alpha + 2 * (p - 1) / p * n * link.beta
+    doubling = log2_ceil(p) * (link.alpha + n * link.beta)
+    return min(halving, doubling)
+
+
+def allgather(n_block: float, p: int, link: Link) -> float:
+    """Seconds of an allgather of ``n_block`` bytes from each of ``p`` ranks."""
+    return 0.0 if p == 1 else (p - 1) * (link.alpha + n_block * link.beta)
+
+
+def bcast(n: float, p: int, link: Link) -> float:
+    """Seconds of a broadcast of ``n`` bytes to ``p`` ranks."""
+    if p == 1:
+        return 0.0
+    tree = log2_ceil(p) * (link.alpha + n * link.beta)
+    scatter_allgather = (log2_ceil(p) + p - 1) * link.alpha + 2 * (p - 1) / p * n * link.beta
+    return min(tree, scatter_allgather)
+
+
+def round_time(method: str, n_params: int, p: int, link: Link) -> float:
+    """Seconds of one round of ``method`` (one of :data:`METHODS`; SSGD: one step's
+    allreduce) for ``n_params`` float32 parameters on ``p`` ranks."""
+    n = n_params * FLOAT
+    if method in ("ssgd", "pa", "slowmo"):
+        return allreduce(n, p, link)
+    if method == "pso-allgather":
+        return allgather(n + FLOAT, p, link)
+    if method in ("pso-best", "pso-best-mean"):
+        cost = allreduce(MINLOC_BYTES, p, link) + bcast(n, p, link)
+        if method == "pso-best-mean":
+            cost += allreduce(n + FLOAT, p, link)
+        return cost
+    raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def round_bytes(method: str, n_params: int, p: int) -> float:
+    """Bytes one rank sends per round, as psops_mpi's counters count them."""
+    n = n_params * FLOAT
+    ring = 2 * (p - 1) / p
+    return {"ssgd": ring * n, "pa": ring * n, "slowmo": ring * n,
+            "pso-allgather": (p - 1) * (n + FLOAT), "pso-best": n + MINLOC_BYTES,
+            "pso-best-mean": n + MINLOC_BYTES + ring * (n + FLOAT)}[method]
+
+
+def memory_bytes(method: str, n_params: int, p: int) -> float:
+    """Bytes per rank beyond the model, its gradient and the local momentum: SlowMo's anchor
+    and slow momentum; PSO-PS's velocity and personal and global best, the centre rule's
+    anchor and mean, and the allgather's receive buffer of P particles."""
+    n = n_params * FLOAT
+    return {"ssgd": 0.0, "pa": 0.0, "slowmo": 2 * n, "pso-allgather": 3 * n + p * (n + FLOAT),
+            "pso-best": 3 * n, "pso-best-mean": 4 * n + (n + FLOAT)}[method]
+
+
+def choose_exchange(world_size: int, numel: int, needs_mean: bool,
+                    link: Link = DEFAULT_LINK) -> str:
+    """``allgather`` or ``best``: PSO-PS's exchange with the smaller round time on ``link``
+    for ``numel`` parameters on ``world_size`` ranks (``needs_mean``: the rule needs the
+    swarm's mean, which ``best`` gets with an extra allreduce). An allgather whose receive
+    buffer would pass :data:`MAX_GATHER_BYTES` per rank is never chosen."""
+    if world_size <= 1:
+        return "allgather"
+    if world_size * (numel + 1) * FLOAT > MAX_GATHER_BYTES:
+        return "best"
+    best = round_time("pso-best-mean" if needs_mean else "pso-best", numel, world_size, link)
+    return "best" if best < round_time("pso-allgather", numel, world_size, link) else "allgather"
