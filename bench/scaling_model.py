@@ -8,8 +8,14 @@ steps x compute per step + rounds x round.
 Usage::
 
     python bench/scaling_model.py project [--ms-per-mparam 0.2]  # tables, 16-1024 ranks
-    python bench/scaling_model.py fit DIR                       # alpha, beta from DIR/*.json
-    python bench/scaling_model.py validate DIR                  # predicted vs measured epochs
+    python bench/scaling_model.py measure OUT [--links 1gbit,10gbit] [--ranks 2,4,8]
+    python bench/scaling_model.py fit OUT/1gbit                 # alpha, beta from its JSON
+    python bench/scaling_model.py validate OUT/1gbit RUNS --link 1gbit  # predicted vs measured
+    python bench/scaling_model.py hierarchy                     # node-aware vs flat, 256 ranks
+
+On a cluster, ``measure OUT --links here --launcher 'srun --mpi=pmi2 -n'`` inside an
+allocation of a few nodes measures its real links, and ``fit OUT/here`` gives their alpha
+and beta.
 
 ``fit`` reads ``bench/exchange_bench.py --json`` files measured on one link at several rank
 counts; ``validate`` reads sweep records (``bench/sweep.py``'s runs.jsonl) of that link.
@@ -20,13 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # jobs, netem
 
 from psops_mpi.costmodel import (
     FLOAT,
@@ -37,6 +47,7 @@ from psops_mpi.costmodel import (
     bcast,
     choose_exchange,
     log2_ceil,
+    memory_bytes,
     round_time,
 )
 
@@ -69,6 +80,13 @@ def project(ms_per_mparam: float, samples: int, batch: int, sync_every: int) -> 
                 buffer = p * (n_params + 1) * FLOAT / 1e9
                 lines.append(f"| {key} | {p} | " + " | ".join(cells) + f" | {buffer:.3g} GB |")
         lines.append("")
+    lines += ["Memory per rank beyond the model, its gradient and the local momentum, GB "
+              "(`psops_mpi.costmodel.memory_bytes`; the allgather's grows with the ranks):", "",
+              "| parameters | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for n_params in (1_000_000, 25_000_000, 100_000_000):
+        cells = [f"{memory_bytes(m, n_params, 1024) / 1e9:.3g}"
+                 + (" at 1024 ranks" if m == "pso-allgather" else "") for m in METHODS]
+        lines.append(f"| {n_params / 1e6:g}M | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -130,7 +148,45 @@ def _pso_method(particles: int, n_params: int) -> str:
     return "pso-allgather" if exchange == "allgather" else "pso-best-mean"
 
 
-# ---- fitting and validating on measured runs
+# ---- measuring, fitting and validating
+
+def measure(out: Path, links: list[str], ranks: list[int], sizes: str, repeats: int,
+            launcher: list[str]) -> None:
+    """Run ``bench/exchange_bench.py`` at each rank count on each link, writing
+    ``OUT/<link>/p<P>.json`` (``here``: the links the launcher gives, e.g. srun across
+    nodes; a rate such as ``1gbit``: this machine's loopback shaped to it, needs root)."""
+    import jobs
+    import netem
+
+    emulated = netem.EmulatedLink() if any(netem.is_emulated(k) and k != "here"
+                                           for k in links) else None
+    if emulated is not None:
+        emulated.setup()
+    try:
+        for key in links:
+            folder = out / key
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in ranks:
+                cmd = [*launcher, str(p), sys.executable, str(jobs.REPO / "bench" /
+                       "exchange_bench.py"), "--sizes", sizes, "--repeats", str(repeats),
+                       "--json", str(folder / f"p{p}.json")]
+                if key != "here" and emulated is not None:
+                    emulated.set_rate(key)
+                    cmd = emulated.wrap(cmd)
+                env = {**os.environ, "PYTHONPATH": str(jobs.REPO), "OMP_NUM_THREADS": "1"}
+                started = time.monotonic()
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                      timeout=1800)
+                if done.returncode != 0:
+                    raise SystemExit(f"scaling_model: {key} at {p} ranks failed: "
+                                     f"{' '.join(done.stderr.split())[-300:]}")
+                print(f"{key} p={p}: {time.monotonic() - started:.0f}s -> "
+                      f"{folder / f'p{p}.json'}", flush=True)
+    finally:
+        if emulated is not None:
+            emulated.close()
+
+
 
 def collective_samples(folder: Path) -> list[tuple[str, int, int, float]]:
     """(op, P, floats, seconds) of the bare MPI calls in ``bench/exchange_bench.py --json``
@@ -162,38 +218,117 @@ def fit_link(samples: list[tuple[str, int, int, float]], name: str) -> Link:
     return Link(name, max(float(alpha), 0.0), 1.0 / max(float(beta), 1e-15))
 
 
-SWEEP_METHOD = {"ssgd": "ssgd", "pa": "pa", "slowmo": "slowmo",
-                "pso-ps": "pso-allgather"}  # the exchange an explicit sweep run used
+def run_method(run: dict) -> str | None:
+    """The cost model's method of a sweep record (PSO-PS: by the exchange it recorded)."""
+    if run["algo"] in ("ssgd", "pa", "slowmo"):
+        return run["algo"]
+    if run["algo"] != "pso-ps" or run.get("exchange") not in ("allgather", "best"):
+        return None
+    if run["exchange"] == "allgather":
+        return "pso-allgather"
+    return "pso-best-mean" if run.get("variant", "").startswith("centre") else "pso-best"
+
+
+def _config(run: dict) -> tuple:
+    return (run["algo"], run.get("variant"), run["ranks"], run["model"], run["sync_every"],
+            run["epochs"])
 
 
 def validate(runs: list[dict], link: Link, link_key: str) -> list[str]:
-    """Predicted against measured seconds per epoch on ``link_key``: the same run's compute
-    comes from its twin on shared memory (same method, ranks, model), its rounds from the
-    model; every measured point is shown, with its error."""
+    """Predicted against measured seconds per epoch on ``link_key``. A run's compute is its
+    twin's on shared memory (same configuration, time in MPI taken out), its rounds cost
+    what the model says; every measured point is shown, with its error."""
     lines = ["| method | ranks | model | measured s/epoch | predicted | error |",
              "|---|---|---|---|---|---|"]
     errors = []
-    for r in sorted((r for r in runs if r.get("link") == link_key and "s_per_epoch" in r),
-                    key=lambda r: (r["model"], r["ranks"], r["algo"])):
-        twins = [t["s_per_epoch"] for t in runs if t.get("link") == "shm"
-                 and (t["algo"], t["ranks"], t["model"], t.get("variant")) ==
-                 (r["algo"], r["ranks"], r["model"], r.get("variant")) and "s_per_epoch" in t]
-        method = SWEEP_METHOD.get(r["algo"])
+    done = [r for r in runs if "s_per_epoch" in r and r.get("comm_s") is not None]
+    for r in sorted((r for r in done if r.get("link") == link_key),
+                    key=lambda r: (r["model"], r["ranks"], r["algo"], r.get("variant", ""))):
+        twins = [(t["wall_s"] - t["comm_s"]) / t["epochs_run"] for t in done
+                 if t.get("link") == "shm" and _config(t) == _config(r)]
+        method = run_method(r)
         if not twins or method is None:
             continue
-        method = r.get("exchange_method", method)
         steps = r["steps"] // max(r["epochs_run"], 1)
         rounds = steps if method == "ssgd" else math.ceil(steps / r["sync_every"])
         predicted = statistics.median(twins) + rounds * round_time(method, r["num_params"],
                                                                    r["ranks"], link)
         error = predicted / r["s_per_epoch"] - 1
         errors.append(abs(error))
-        lines.append(f"| {r['algo']} | {r['ranks']} | {r['model']} | {r['s_per_epoch']:.3f} "
+        lines.append(f"| {method} | {r['ranks']} | {r['model']} | {r['s_per_epoch']:.3f} "
                      f"| {predicted:.3f} | {error:+.0%} |")
     if errors:
+        within = sum(e <= 0.25 for e in errors)
         lines.append(f"\n{len(errors)} points; median |error| {statistics.median(errors):.0%}, "
-                     f"largest {max(errors):.0%} (target: within ±25% each).")
+                     f"largest {max(errors):.0%}; {within} within ±25% (the target).")
     return lines
+
+
+PROJECT_DEFAULTS = {"ms_per_mparam": 0.2, "samples": 1_281_167, "batch": 32, "sync_every": 16}
+
+
+def plot_projection(path: Path, n_params: int = 25_000_000) -> None:
+    """Speedup over SSGD against ranks, one panel per link, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = PROJECT_DEFAULTS
+    ranks = [16, 32, 64, 128, 256, 512, 1024]
+    fig, axes = plt.subplots(1, len(LINKS), figsize=(3.4 * len(LINKS), 3.4), sharey=True)
+    for ax, (key, link) in zip(axes, LINKS.items(), strict=True):
+        for method in METHODS[1:]:
+            speedup = []
+            for p in ranks:
+                kw = {"samples": d["samples"], "batch": d["batch"],
+                      "sync_every": d["sync_every"],
+                      "step_s": d["ms_per_mparam"] * n_params / 1e9}
+                speedup.append(epoch_time("ssgd", n_params, p, link, **kw)
+                               / epoch_time(method, n_params, p, link, **kw))
+            ax.plot(ranks, speedup, marker=".", label=method)
+        ax.set(xscale="log", yscale="log", title=key, xlabel="ranks")
+    axes[0].set_ylabel(f"speedup over SSGD, {n_params / 1e6:g}M parameters")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(out: Path) -> Path:
+    """OUT/SCALING.md and OUT/projection.png from ``measure OUT`` and a sweep's
+    ``--groups scaling --out OUT``: each link's fit, the validation, the projection and the
+    node-aware evaluation."""
+    runs_path = out / "runs.jsonl"
+    runs = ([json.loads(line) for line in runs_path.read_text().splitlines() if line]
+            if runs_path.exists() else [])
+    lines = ["# The cost model, fitted, validated and projected", "",
+             "Generated by `python bench/scaling_model.py report " + str(out) + "`.", "",
+             "## Fit and validation on this machine's emulated links", ""]
+    for folder in sorted(f for f in out.iterdir() if f.is_dir()):
+        samples = collective_samples(folder)
+        if not samples:
+            continue
+        link = fit_link(samples, folder.name)
+        ranks = sorted({p for _, p, _, _ in samples})
+        lines += [f"### {folder.name}", "",
+                  f"Fitted on `bench/exchange_bench.py` at {', '.join(map(str, ranks))} ranks "
+                  f"({len(samples)} timings): alpha {link.alpha * 1e6:.1f} us, bandwidth "
+                  f"{link.bandwidth * 8 / 1e9:.3f} Gbit/s.", "",
+                  *validate(runs, link, folder.name), ""]
+    d = PROJECT_DEFAULTS
+    plot_projection(out / "projection.png")
+    lines += ["## Projection to 16-1024 ranks", "",
+              "Assumptions: the links below (latency typical of MPI over that fabric, "
+              "bandwidth nominal); one rank per GPU, each with the full link bandwidth; "
+              "the MPI library's collectives as modelled in `psops_mpi/costmodel.py`; "
+              "compute time per step proportional to the parameters; no overlap of "
+              "communication with compute (psops_mpi does not overlap rounds).", "",
+              *project(**d), "", "![speedup over SSGD](projection.png)", "",
+              "## A node-aware exchange", "", *hierarchy(), ""]
+    path = out / "SCALING.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     proj.add_argument("--batch", type=int, default=32, help="samples per rank and step")
     proj.add_argument("--sync-every", type=int, default=16)
     sub.add_parser("hierarchy", help="a node-aware exchange against flat, 256 ranks")
+    meas = sub.add_parser("measure", help="exchange_bench at several rank counts per link")
+    meas.add_argument("out", type=Path, help="writes OUT/<link>/p<P>.json")
+    meas.add_argument("--links", default="1gbit,10gbit",
+                      help="comma-separated: 'here' (the launcher's own links) or emulated "
+                           "rates such as 1gbit (root)")
+    meas.add_argument("--ranks", default="2,4,8", help="comma-separated rank counts")
+    meas.add_argument("--sizes", default="1e4,1e5,1e6", help="floats per rank")
+    meas.add_argument("--repeats", type=int, default=10, help="timed iterations per size")
+    meas.add_argument("--launcher", default="mpiexec -n",
+                      help="the command before the rank count, e.g. 'srun --mpi=pmi2 -n'")
+    rep = sub.add_parser("report", help="OUT/SCALING.md: fit, validation, projection")
+    rep.add_argument("out", type=Path, help="the folder of measure and of the scaling sweep")
     fit = sub.add_parser("fit", help="alpha and beta of a link from exchange_bench JSON files")
     fit.add_argument("folder", type=Path)
     val = sub.add_parser("validate", help="predicted against measured epochs on a link")
@@ -219,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "hierarchy":
         print("\n".join(hierarchy()))
+        return 0
+    if args.command == "report":
+        print(report(args.out))
+        return 0
+    if args.command == "measure":
+        measure(args.out, args.links.split(","), [int(p) for p in args.ranks.split(",")],
+                args.sizes, args.repeats, args.launcher.split())
         return 0
     link = fit_link(collective_samples(args.folder), str(args.folder))
     print(f"{link.name}: alpha {link.alpha * 1e6:.1f} us, bandwidth "

@@ -24,7 +24,11 @@ The plan (``--quick`` shrinks it to a few minutes):
 * link grid, 4 ranks, ``--sync-every 16``, emulated 1 Gbit/s (bench/netem.py, needs root):
   {ssgd, ddp, pa, slowmo, pso-paper, pso} on a communication-heavy model (``mlp-wide``, 1.1M
   parameters, on mnist1d, 12 epochs) and on LeNet (fashion-mnist, 10 epochs): time to reach
-  SSGD's final accuracy minus 1 point.
+  SSGD's final accuracy minus 1 point;
+* scaling grid (only when asked: ``--groups scaling``), the cost model's validation: SSGD,
+  PA and PSO-PS with each exchange, mlp-wide on mnist1d for 3 epochs, ``--sync-every 2``,
+  at 2, 4 and 8 ranks on shm and emulated 1 and 10 Gbit/s links (root); see
+  ``bench/scaling_model.py validate``.
 
 Seeds are done one after the other (``--seeds``); within a seed the runs are shuffled with a
 fixed seed so load from other jobs on the machine spreads evenly over the configurations,
@@ -72,6 +76,16 @@ ACCURACY_RANKS = (4, 8, 16)
 # (dataset, model, epochs) of the link grid at 4 ranks, --sync-every 16, 1 Gbit/s
 LINK_SETUPS = (("mnist1d", "mlp-wide", 12), ("fashion-mnist", "lenet", 10))
 LINK_RANKS, LINK_SYNC, LINK = 4, 16, "1gbit"
+# The cost model's validation grid (bench/scaling_model.py validate): a communication-heavy
+# model with a round every 2 steps, at 2, 4 and 8 ranks on every link; PSO-PS with each
+# exchange named (SlowMo's round is PA's).
+SCALING_SETUP = ("mnist1d", "mlp-wide", 3)
+SCALING_RANKS, SCALING_SYNC, SCALING_LINKS = (2, 4, 8), 2, ("shm", "1gbit", "10gbit")
+SCALING_METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "pso-allgather": ("pso-ps", "centre allgather",
+                      ("--pso-preset", "centre", "--exchange", "allgather")),
+    "pso-best": ("pso-ps", "centre best", ("--pso-preset", "centre", "--exchange", "best")),
+}
 # method -> (--algo, variant label, extra flags); PSO-PS always names its preset
 METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ssgd": ("ssgd", "", ()),
@@ -94,7 +108,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 class Spec:
     """One training job of the sweep."""
 
-    group: str  # "accuracy" or "link"
+    group: str  # "accuracy", "link" or "scaling"
     link: str  # "shm" or a rate such as "1gbit"
     dataset: str
     model: str
@@ -182,6 +196,16 @@ def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namesp
             for run in method_runs(tuple(m for m in methods if m in METHODS), (LINK_SYNC,)):
                 plan.add(group="link", link=LINK, dataset=dataset, model=model,
                          epochs=epochs, ranks=LINK_RANKS, **run, **common)
+    if "scaling" in groups:
+        dataset, model, epochs = SCALING_SETUP
+        runs = method_runs(("ssgd", "pa"), (SCALING_SYNC,))
+        runs += [{"algo": algo, "variant": variant, "extra": extra, "sync_every": SCALING_SYNC}
+                 for algo, variant, extra in SCALING_METHODS.values()]
+        for link in SCALING_LINKS:
+            for ranks in SCALING_RANKS:
+                for run in runs:
+                    plan.add(group="scaling", link=link, dataset=dataset, model=model,
+                             epochs=epochs, ranks=ranks, **run, **common)
 
 
 def _quick(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namespace) -> None:
@@ -224,6 +248,7 @@ def summarise(spec: Spec, events: list[dict]) -> dict:
         "comm_bytes_per_rank": final["comm_bytes_per_rank"], "comm_s": comm_s,
         "comm_share": comm_s / wall if comm_s is not None and wall > 0 else None,
         "num_params": final["num_params"],
+        "exchange": events[0].get("exchange") if events[0].get("event") == "start" else None,
         # a particle that diverged leaves a non-finite training loss (null in JSON)
         "diverged": final.get("train_loss") is None,
         "curve": [[e["epoch"], round(e["wall_s"], 4), e["test_acc"]] for e in epochs],
@@ -324,7 +349,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as exc:
         p.error(str(exc))
     if not args.quick:  # the full plan's links are its own
-        args.links = "shm," + LINK if "link" in args.groups else "shm"
+        groups = args.groups.split(",")
+        links = ["shm", *([LINK] if "link" in groups else []),
+                 *(SCALING_LINKS if "scaling" in groups else [])]
+        args.links = ",".join(dict.fromkeys(links))
     if args.launcher == "srun" and any(map(netem.is_emulated, args.links.split(","))):
         p.error("emulated links need --launcher mpiexec (srun starts tasks outside the "
                 "namespace); use --links shm under srun")
