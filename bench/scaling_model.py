@@ -43,10 +43,12 @@ from psops_mpi.costmodel import (
     LINKS,
     METHODS,
     Link,
+    allgather,
+    allgather_forms,
     allreduce,
+    allreduce_forms,
     bcast,
     choose_exchange,
-    log2_ceil,
     memory_bytes,
     round_time,
 )
@@ -204,18 +206,41 @@ def collective_samples(folder: Path) -> list[tuple[str, int, int, float]]:
     return out
 
 
-def fit_link(samples: list[tuple[str, int, int, float]], name: str) -> Link:
-    """Least-squares alpha and beta of one link from collective timings, in the forms the
-    model takes for these sizes (allreduce: Rabenseifner's; allgather: ring)."""
+def fit_link(samples: list[tuple[str, int, int, float]], name: str,
+             shared: bool) -> Link:
+    """Least-squares alpha and bandwidth of one link from collective timings, in the forms
+    MPICH uses at these sizes (allreduce: Rabenseifner's; allgather: the ring). ``shared``:
+    the ranks share one link (the emulated ones), so bytes count over all ranks."""
     rows, times = [], []
     for op, p, n, seconds in samples:
         if op == "allreduce":
-            rows.append([2 * log2_ceil(p), 2 * (p - 1) / p * n * FLOAT])
+            form = allreduce_forms(n * FLOAT, p)[0]
         else:  # allgather of n + 1 floats per rank
-            rows.append([p - 1, (p - 1) * (n + 1) * FLOAT])
+            form = allgather_forms((n + 1) * FLOAT, p)[0]
+        rows.append([form.messages, form.total_bytes if shared else form.rank_bytes])
         times.append(seconds)
-    (alpha, beta), *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
-    return Link(name, max(float(alpha), 0.0), 1.0 / max(float(beta), 1e-15))
+    a, b = np.array(rows), np.array(times)
+    (alpha, beta), *_ = np.linalg.lstsq(a, b, rcond=None)
+    if alpha < 0:  # no latency to be seen: fit the bandwidth alone
+        alpha, (beta,) = 0.0, np.linalg.lstsq(a[:, 1:], b, rcond=None)[0]
+    return Link(name, float(alpha), 1.0 / max(float(beta), 1e-15), shared)
+
+
+def is_shared(link_key: str) -> bool:
+    """``measure`` folders: emulated rates are one link for all ranks; ``here`` is not."""
+    return link_key != "here"
+
+
+def fit_errors(samples: list[tuple[str, int, int, float]], link: Link) -> list[str]:
+    """Markdown: every timing against the fitted model's."""
+    lines = ["| collective | ranks | floats | measured ms | model ms | error |",
+             "|---|---|---|---|---|---|"]
+    for op, p, n, seconds in sorted(samples, key=lambda s: (s[0], s[1], s[2])):
+        model = (allreduce(n * FLOAT, p, link) if op == "allreduce"
+                 else allgather((n + 1) * FLOAT, p, link))
+        lines.append(f"| {op} | {p} | {n:,} | {seconds * 1e3:.3g} | {model * 1e3:.3g} | "
+                     f"{model / seconds - 1:+.0%} |")
+    return lines
 
 
 def run_method(run: dict) -> str | None:
@@ -309,12 +334,15 @@ def report(out: Path) -> Path:
         samples = collective_samples(folder)
         if not samples:
             continue
-        link = fit_link(samples, folder.name)
+        link = fit_link(samples, folder.name, is_shared(folder.name))
         ranks = sorted({p for _, p, _, _ in samples})
+        shared = " shared by all ranks" if link.shared else " per rank"
         lines += [f"### {folder.name}", "",
                   f"Fitted on `bench/exchange_bench.py` at {', '.join(map(str, ranks))} ranks "
                   f"({len(samples)} timings): alpha {link.alpha * 1e6:.1f} us, bandwidth "
-                  f"{link.bandwidth * 8 / 1e9:.3f} Gbit/s.", "",
+                  f"{link.bandwidth * 8 / 1e9:.3f} Gbit/s{shared}.", "",
+                  *fit_errors(samples, link), "",
+                  "Training on it, time per epoch predicted against measured:", "",
                   *validate(runs, link, folder.name), ""]
     d = PROJECT_DEFAULTS
     plot_projection(out / "projection.png")
@@ -374,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         measure(args.out, args.links.split(","), [int(p) for p in args.ranks.split(",")],
                 args.sizes, args.repeats, args.launcher.split())
         return 0
-    link = fit_link(collective_samples(args.folder), str(args.folder))
+    link = fit_link(collective_samples(args.folder), args.folder.name,
+                    is_shared(args.folder.name))
     print(f"{link.name}: alpha {link.alpha * 1e6:.1f} us, bandwidth "
           f"{link.bandwidth * 8 / 1e9:.3f} Gbit/s")
     if args.command == "validate":

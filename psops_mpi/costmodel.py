@@ -36,11 +36,18 @@ MAX_GATHER_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class Link:
-    """Latency (s per message) and bandwidth (bytes per s) between two ranks."""
+    """Latency (s per message) and bandwidth (bytes per s) between two ranks.
+
+    ``shared``: one link of that bandwidth carries every rank's bytes together (ranks behind
+    one switch port, or this machine's emulated links), so a collective costs the bytes all
+    ranks send over the bandwidth; otherwise every rank has a link of its own and a
+    collective costs the bytes one rank sends on its critical path.
+    """
 
     name: str
     alpha: float
     bandwidth: float
+    shared: bool = False
 
     @property
     def beta(self) -> float:
@@ -64,31 +71,60 @@ LINKS = {
 DEFAULT_LINK = LINKS["10gbit"]
 
 
+@dataclass(frozen=True)
+class Form:
+    """One algorithm of a collective: messages on its critical path, bytes one rank sends on
+    it, and bytes all ranks send together."""
+
+    messages: float
+    rank_bytes: float
+    total_bytes: float
+
+    def seconds(self, link: Link) -> float:
+        sent = self.total_bytes if link.shared else self.rank_bytes
+        return self.messages * link.alpha + sent * link.beta
+
+
 def log2_ceil(p: int) -> int:
     return max(1, math.ceil(math.log2(p)))
 
 
+def allreduce_forms(n: float, p: int) -> tuple[Form, ...]:
+    """Rabenseifner's reduce-scatter + allgather, and recursive doubling."""
+    hops = log2_ceil(p)
+    return (Form(2 * hops, 2 * (p - 1) / p * n, 2 * (p - 1) * n),
+            Form(hops, hops * n, p * hops * n))
+
+
+def allgather_forms(n_block: float, p: int) -> tuple[Form, ...]:
+    """The ring."""
+    return (Form(p - 1, (p - 1) * n_block, p * (p - 1) * n_block),)
+
+
+def bcast_forms(n: float, p: int) -> tuple[Form, ...]:
+    """A binomial tree, and scatter + ring allgather (MPICH's for large messages)."""
+    hops = log2_ceil(p)
+    return (Form(hops, hops * n, (p - 1) * n),
+            Form(hops + p - 1, 2 * (p - 1) / p * n, (p - 1) / p * n + (p - 1) * n))
+
+
+def _cheapest(forms: tuple[Form, ...], p: int, link: Link) -> float:
+    return 0.0 if p == 1 else min(form.seconds(link) for form in forms)
+
+
 def allreduce(n: float, p: int, link: Link) -> float:
     """Seconds of an allreduce of ``n`` bytes over ``p`` ranks."""
-    if p == 1:
-        return 0.0
-    halving = 2 * log2_ceil(p) * link.alpha + 2 * (p - 1) / p * n * link.beta
-    doubling = log2_ceil(p) * (link.alpha + n * link.beta)
-    return min(halving, doubling)
+    return _cheapest(allreduce_forms(n, p), p, link)
 
 
 def allgather(n_block: float, p: int, link: Link) -> float:
     """Seconds of an allgather of ``n_block`` bytes from each of ``p`` ranks."""
-    return 0.0 if p == 1 else (p - 1) * (link.alpha + n_block * link.beta)
+    return _cheapest(allgather_forms(n_block, p), p, link)
 
 
 def bcast(n: float, p: int, link: Link) -> float:
     """Seconds of a broadcast of ``n`` bytes to ``p`` ranks."""
-    if p == 1:
-        return 0.0
-    tree = log2_ceil(p) * (link.alpha + n * link.beta)
-    scatter_allgather = (log2_ceil(p) + p - 1) * link.alpha + 2 * (p - 1) / p * n * link.beta
-    return min(tree, scatter_allgather)
+    return _cheapest(bcast_forms(n, p), p, link)
 
 
 def round_time(method: str, n_params: int, p: int, link: Link) -> float:
