@@ -63,7 +63,8 @@ def epoch_time(method: str, n_params: int, p: int, link: Link, *, samples: int,
     return steps * step_s + rounds * round_time(method, n_params, p, link)
 
 
-def project(ms_per_mparam: float, samples: int, batch: int, sync_every: int) -> list[str]:
+def project(ms_per_mparam: float, samples: int, batch: int, sync_every: int,
+            links: dict[str, Link] = LINKS) -> list[str]:
     """Markdown tables: time per epoch and speedup over SSGD at P = 16 ... 1024."""
     lines = [f"An epoch of {samples:,} samples, {batch} per rank and step (so P ranks take "
              f"{samples:,} / ({batch} P) steps), `--sync-every {sync_every}`; compute "
@@ -74,7 +75,7 @@ def project(ms_per_mparam: float, samples: int, batch: int, sync_every: int) -> 
         lines += [f"### {n_params / 1e6:g}M parameters", "",
                   "| link | ranks | " + " | ".join(METHODS) + " | allgather buffer / rank |",
                   "|---|---|" + "---|" * (len(METHODS) + 1)]
-        for key, link in LINKS.items():
+        for key, link in links.items():
             for p in (16, 64, 256, 1024):
                 times = {m: epoch_time(m, n_params, p, link, samples=samples, batch=batch,
                                        sync_every=sync_every, step_s=step_s) for m in METHODS}
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     proj.add_argument("--samples", type=int, default=1_281_167, help="samples per epoch")
     proj.add_argument("--batch", type=int, default=32, help="samples per rank and step")
     proj.add_argument("--sync-every", type=int, default=16)
+    proj.add_argument("--link", metavar="ALPHA_US,GBITS", default=None,
+                      help="your fabric (from fit): latency in us and Gbit/s per rank, "
+                           "projected instead of the four typical links")
     sub.add_parser("hierarchy", help="a node-aware exchange against flat, 256 ranks")
     meas = sub.add_parser("measure", help="exchange_bench at several rank counts per link")
     meas.add_argument("out", type=Path, help="writes OUT/<link>/p<P>.json")
@@ -389,8 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--link", required=True, help="the link's name in the runs, e.g. 1gbit")
     args = parser.parse_args(argv)
     if args.command == "project":
+        links = LINKS
+        if args.link:
+            alpha_us, rate = (float(v) for v in args.link.split(","))
+            links = {"yours": Link("your fabric", alpha_us * 1e-6, rate * 1e9 / 8)}
         print("\n".join(project(args.ms_per_mparam, args.samples, args.batch,
-                                 args.sync_every)))
+                                 args.sync_every, links)))
         return 0
     if args.command == "hierarchy":
         print("\n".join(hierarchy()))
