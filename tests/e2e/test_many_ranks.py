@@ -24,7 +24,7 @@ def test_default_run_at_many_ranks(tmp_path: Path, ranks: int, exchange: str) ->
     assert choose_exchange(ranks, CNN1D_PARAMS, needs_mean=True) == exchange
     metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--epochs", "6", "--metrics-out", str(metrics), "--checkpoint-dir",
-                  str(ckpt), "--quiet"], ranks=ranks, timeout=300)
+                  str(ckpt)], ranks=ranks, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"exchange {exchange} (auto: the cheaper for this swarm)" in res.stdout
     events = read_metrics(metrics)
@@ -32,8 +32,9 @@ def test_default_run_at_many_ranks(tmp_path: Path, ranks: int, exchange: str) ->
     assert start["world_size"] == ranks and start["exchange"] == exchange
     assert final["num_params"] == CNN1D_PARAMS and final["test_acc"] > 0.2  # chance: 0.1
     method = "pso-allgather" if exchange == "allgather" else "pso-best-mean"
-    assert final["comm_bytes_per_rank"] == final["rounds"] * round_bytes(
-        method, CNN1D_PARAMS, ranks)
+    per_round = round_bytes(method, CNN1D_PARAMS, ranks)  # counters count whole bytes
+    assert final["comm_bytes_per_rank"] == pytest.approx(
+        final["rounds"] * per_round, abs=final["rounds"])
     folder = final_checkpoint(ckpt)
     assert json.loads((folder / "metadata.json").read_text())["world_size"] == ranks
     models = [shard["model/position"] for shard in read_shards(folder, "model/position")]
