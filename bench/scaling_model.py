@@ -50,6 +50,7 @@ from psops_mpi.costmodel import (
     bcast,
     choose_exchange,
     memory_bytes,
+    pso_method,
     round_time,
 )
 
@@ -147,8 +148,7 @@ def hierarchy(p: int = 256, link_key: str = "100gbit", per_node: int = 8,
 
 def _pso_method(particles: int, n_params: int) -> str:
     """The default rule's round with the exchange auto picks for ``particles``."""
-    exchange = choose_exchange(particles, n_params, needs_mean=True)
-    return "pso-allgather" if exchange == "allgather" else "pso-best-mean"
+    return pso_method(choose_exchange(particles, n_params, needs_mean=True), needs_mean=True)
 
 
 # ---- measuring, fitting and validating
@@ -250,9 +250,7 @@ def run_method(run: dict) -> str | None:
         return run["algo"]
     if run["algo"] != "pso-ps" or run.get("exchange") not in ("allgather", "best"):
         return None
-    if run["exchange"] == "allgather":
-        return "pso-allgather"
-    return "pso-best-mean" if run.get("variant", "").startswith("centre") else "pso-best"
+    return pso_method(run["exchange"], needs_mean=run.get("variant", "").startswith("centre"))
 
 
 def _config(run: dict) -> tuple:

@@ -161,6 +161,14 @@ def memory_bytes(method: str, n_params: int, p: int) -> float:
             "pso-best": 3 * n, "pso-best-mean": 4 * n + (n + FLOAT)}[method]
 
 
+def pso_method(exchange: str, needs_mean: bool) -> str:
+    """PSO-PS's round in :data:`METHODS` for ``exchange`` (``allgather`` or ``best``) and a
+    rule that needs the swarm's mean or not."""
+    if exchange == "allgather":
+        return "pso-allgather"
+    return "pso-best-mean" if needs_mean else "pso-best"
+
+
 def choose_exchange(world_size: int, numel: int, needs_mean: bool,
                     link: Link = DEFAULT_LINK) -> str:
     """``allgather`` or ``best``: PSO-PS's exchange with the smaller round time on ``link``
@@ -171,5 +179,5 @@ def choose_exchange(world_size: int, numel: int, needs_mean: bool,
         return "allgather"
     if world_size * (numel + 1) * FLOAT > MAX_GATHER_BYTES:
         return "best"
-    best = round_time("pso-best-mean" if needs_mean else "pso-best", numel, world_size, link)
+    best = round_time(pso_method("best", needs_mean), numel, world_size, link)
     return "best" if best < round_time("pso-allgather", numel, world_size, link) else "allgather"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psops_mpi.costmodel import choose_exchange, round_bytes
+from psops_mpi.costmodel import choose_exchange, pso_method, round_bytes
 from tests.e2e.test_train_cli import final_checkpoint, read_metrics, read_shards
 from tests.helpers.launch import launch
 
@@ -31,8 +31,8 @@ def test_default_run_at_many_ranks(tmp_path: Path, ranks: int, exchange: str) ->
     start, final = events[0], events[-1]
     assert start["world_size"] == ranks and start["exchange"] == exchange
     assert final["num_params"] == CNN1D_PARAMS and final["test_acc"] > 0.2  # chance: 0.1
-    method = "pso-allgather" if exchange == "allgather" else "pso-best-mean"
-    per_round = round_bytes(method, CNN1D_PARAMS, ranks)  # counters count whole bytes
+    # The default rule needs the mean; the counters count whole bytes per collective.
+    per_round = round_bytes(pso_method(exchange, needs_mean=True), CNN1D_PARAMS, ranks)
     assert final["comm_bytes_per_rank"] == pytest.approx(
         final["rounds"] * per_round, abs=final["rounds"])
     folder = final_checkpoint(ckpt)
