@@ -5,6 +5,10 @@ What it measures, for N float32 parameters (``--sizes``, default 1e5 .. 1e8) on 
 
 * ``fused`` -- ``psops_mpi.kernels.pso_update_fused_``: the custom op ``psops::pso_update_``
   (the C kernel on the CPU, the Triton kernel on CUDA), random r1, r2 made in the kernel.
+* ``op`` -- the same update called as the operator ``torch.ops.psops.pso_update_``, the way
+  ``torch.compile`` calls it. On CUDA, ``fused`` launches the Triton kernel directly in eager
+  code, so ``op ms`` - ``fused ms`` is what the operator dispatch costs per call; on the CPU
+  both take the operator.
 * ``reference`` -- ``psops_mpi.swarm.pso_update_``: plain torch ops and ``torch.rand``.
 * ``copy_`` -- ``dst.copy_(src)`` of N floats: the device's practical memory speed.
 
@@ -16,7 +20,7 @@ bandwidth / copy_ bandwidth; ``speedup`` is reference time / fused time.
 
 Method: first the fused op and the reference must agree on a small input (with r1 = r2 = 1),
 else the run stops; then one warm-up call of each variant (the CPU kernel is compiled or
-loaded then), then ``--repeats`` rounds in which the three variants run once each in an
+loaded then), then ``--repeats`` rounds in which the four variants run once each in an
 order that rotates from round to round, so background load hits all of them alike; medians
 over the rounds. CUDA
 calls are timed with a synchronize before and after. A size is skipped, with a message, when
@@ -107,17 +111,24 @@ def measure(n: int, device: torch.device, repeats: int) -> dict[str, float]:
     def fused() -> None:
         pso_update_fused_(x, v, p, g, **COEFFICIENTS, key=rng_key(0, next(counter), 0))
 
+    def op() -> None:
+        torch.ops.psops.pso_update_(x, v, p, g, COEFFICIENTS["w"], COEFFICIENTS["c1"],
+                                    COEFFICIENTS["c2"], COEFFICIENTS["vmax"],
+                                    rng_key(0, next(counter), 0), False)
+
     def reference() -> None:
         pso_update_(x, v, p, g, **COEFFICIENTS, key=rng_key(0, next(counter), 0))
 
-    variants = {"fused": fused, "reference": reference, "copy_": lambda: dst.copy_(src)}
+    variants = {"fused": fused, "op": op, "reference": reference,
+                "copy_": lambda: dst.copy_(src)}
     run = timer(device)
     for fn in variants.values():
         run(fn)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for i in range(repeats):
-        for name in names[i % 3:] + names[:i % 3]:
+        turn = i % len(names)
+        for name in names[turn:] + names[:turn]:
             times[name].append(run(variants[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device}, kernel {kernel}, {torch.get_num_threads()} threads, "
           f"{args.repeats} rounds per size; GB/s = 10^9 bytes/s")
     print(f"{'N':>11} {'fused GB/s':>11} {'ref GB/s':>9} {'copy_ GB/s':>11} {'vs copy_':>9} "
-          f"{'speedup':>8} {'fused ms':>9} {'ref ms':>9}")
+          f"{'speedup':>8} {'fused ms':>9} {'op ms':>9} {'ref ms':>9}")
     check_agreement(device)
     rows, skipped = [], []
     for n in (int(float(s)) for s in args.sizes.split(",")):
@@ -158,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(f"{n:>11} {r['fused_GBps']:>11.2f} {r['reference_GBps']:>9.2f} "
               f"{r['copy_GBps']:>11.2f} {r['fused_vs_copy']:>9.2f} {r['speedup']:>8.2f} "
-              f"{r['fused_s'] * 1e3:>9.3f} {r['reference_s'] * 1e3:>9.3f}", flush=True)
+              f"{r['fused_s'] * 1e3:>9.3f} {r['op_s'] * 1e3:>9.3f} "
+              f"{r['reference_s'] * 1e3:>9.3f}", flush=True)
     out = Path(args.json or Path(__file__).parent / "results" / f"kernel_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

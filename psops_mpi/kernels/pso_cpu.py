@@ -1,7 +1,7 @@
 """The fused PSO update on the CPU: a small C kernel (``pso_cpu.c``) loaded with ctypes.
 
 The C file has no torch headers, so compiling it takes well under a second; the shared library
-is cached under ``$PSOPS_KERNEL_CACHE`` (default ``~/.cache/psops_mpi``), keyed by the source,
+is cached in :func:`psops_mpi.cache.cache_dir` (``~/.cache/psops_mpi``), keyed by the source,
 the compiler flags and this CPU's feature flags (it is built with ``-march=native``), and
 written atomically so ranks starting together cannot see a half-written file. Where no C
 compiler works, the update runs on :func:`update_torch` (the same numbers, about 100 times
@@ -17,12 +17,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from psops_mpi.cache import cache_dir, write_atomically
 from psops_mpi.kernels.philox import uniform_pair
 
 SOURCE = Path(__file__).with_name("pso_cpu.c")
@@ -33,21 +33,6 @@ FLAG_SETS = (
     ("-O3",),
 )
 CHUNK = 1 << 16  # elements per step of the torch fallback: its temporaries stay in cache
-
-
-def _cache_dir() -> Path:
-    """``$PSOPS_KERNEL_CACHE`` or ``~/.cache/psops_mpi``; where that cannot be written (a
-    read-only home, as on some compute nodes), a folder of this user under the system's
-    temporary directory, so the C kernel is still built rather than given up."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psops_mpi"
-    preferred = Path(os.environ.get("PSOPS_KERNEL_CACHE", default))
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / f"psops_mpi-{os.getuid()}"
 
 
 def _cpu_flags() -> str:
@@ -61,26 +46,24 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+class _BuildError(Exception):
+    """The compiler failed; the message is its error text."""
+
+
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Build the library at ``target`` atomically; the compiler's error text, or None."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-    except OSError as err:
-        return str(err)
-    cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
-    try:
+
+    def build(tmp: Path) -> None:
+        cmd = [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            return done.stderr.strip() or f"exit code {done.returncode}"
-        os.replace(tmp, target)
+            raise _BuildError(done.stderr.strip() or f"exit code {done.returncode}")
+
+    try:
+        write_atomically(target, build)
         return None
-    except (OSError, subprocess.SubprocessError) as err:
+    except (_BuildError, OSError, subprocess.SubprocessError) as err:
         return str(err)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _bind(path: Path) -> ctypes._CFuncPtr:
@@ -108,7 +91,7 @@ def native_kernel() -> ctypes._CFuncPtr | None:
         digest = hashlib.sha256(
             "\0".join([SOURCE.read_text(), compiler, *flags, _cpu_flags(), sys.platform])
             .encode()).hexdigest()[:16]
-        target = _cache_dir() / f"pso_cpu_{digest}.so"
+        target = cache_dir() / f"pso_cpu_{digest}.so"
         error = None if target.exists() else _compile(compiler, flags, target)
         if error is None:
             try:

@@ -10,6 +10,8 @@ how the tests check its logic on machines without a GPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -55,16 +57,27 @@ def _pso_update_kernel(
     tl.store(x_ptr + offsets, x + v, mask=mask)
 
 
+def launch(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor, gbest: torch.Tensor,
+           w: float, c1: float, c2: float, vmax: float | None, key: int,
+           deterministic: bool, kernel: Any = _pso_update_kernel) -> None:
+    """Launch the kernel on inputs already checked (:func:`check_inputs`), with no operator
+    dispatch around it: eager code calls this directly (``op.pso_update_fused_``); the
+    operator below passes the kernel wrapped for ``torch.compile``."""
+    n = x.numel()
+    if n == 0:
+        return
+    kernel[(triton.cdiv(n, BLOCK),)](
+        x, v, pbest, gbest, n, w, c1, c2, 0.0 if vmax is None else vmax, key,
+        CLAMP=vmax is not None, RANDOM=not deterministic, BLOCK=BLOCK,
+    )
+
+
 @triton_op("psops::pso_update_triton_", mutates_args=("x", "v"))
 def pso_update_triton_(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor,
                        gbest: torch.Tensor, w: float, c1: float, c2: float,
                        vmax: float | None, key: int, deterministic: bool) -> None:
-    """The PSO step of ``swarm.pso_update_`` in one Triton kernel launch."""
+    """The PSO step of ``swarm.pso_update_`` in one Triton kernel launch, as an operator that
+    ``torch.compile`` traces into (``wrap_triton``)."""
     check_inputs(x, v, pbest, gbest, key)
-    n = x.numel()
-    if n == 0:
-        return
-    wrap_triton(_pso_update_kernel)[(triton.cdiv(n, BLOCK),)](
-        x, v, pbest, gbest, n, w, c1, c2, 0.0 if vmax is None else vmax, key,
-        CLAMP=vmax is not None, RANDOM=not deterministic, BLOCK=BLOCK,
-    )
+    launch(x, v, pbest, gbest, w, c1, c2, vmax, key, deterministic,
+           kernel=wrap_triton(_pso_update_kernel))

@@ -5,9 +5,11 @@ Every dataset file is written here, in its real on-disk format, inside ``tmp_pat
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import random
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from psops_mpi.cache import cache_dir
 from psops_mpi.data import (
     DEFAULT_DATA_DIRS,
     Dataset,
@@ -243,17 +246,50 @@ def test_cifar_missing_folder_files_and_data_dir(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- generated sets
 
-def test_mnist1d_shapes_and_global_rng_untouched() -> None:
+def _mnist1d_cache(folder: Path) -> Path:
+    [path] = folder.glob("mnist1d-*.npz")
+    return path
+
+
+def test_mnist1d_is_made_once_then_read_from_the_cache_and_remade_when_bad(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSOPS_CACHE", str(tmp_path))
     torch.manual_seed(7)
     np.random.seed(7)
     random.seed(7)
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    ds = load_dataset("mnist1d", None)
-    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
-    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    made = load_dataset("mnist1d", None)  # an empty cache: the mnist1d package makes it
+    assert made.x_train.shape == (4000, 1, 40) and made.x_test.shape == (1000, 1, 40)
+    assert made.x_train.dtype == torch.float32 and made.y_train.dtype == torch.int64
     assert torch.equal(torch.get_rng_state(), before[0])
     assert np.array_equal(np.random.get_state()[1], before[1])
     assert random.getstate() == before[2]
+    path = _mnist1d_cache(tmp_path)
+    with np.load(path) as npz:  # what the next run reads: the very arrays
+        assert np.array_equal(npz["x"], made.x_train[:, 0].numpy())
+        arrays = {k: npz[k] for k in npz.files}
+    np.savez(path.with_suffix(".tmp.npz"), **{**arrays, "x": np.zeros_like(arrays["x"])})
+    path.with_suffix(".tmp.npz").replace(path)
+    assert torch.count_nonzero(load_dataset("mnist1d", None).x_train) == 0  # read, not made
+    path.write_bytes(b"not a zip file")
+    again = load_dataset("mnist1d", None)
+    assert torch.equal(again.x_train, made.x_train) and torch.equal(again.y_test, made.y_test)
+    assert _mnist1d_cache(tmp_path).stat().st_size > 100_000  # made and written anew
+
+
+def test_an_unwritable_cache_folder_falls_back_to_a_temporary_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a folder cannot be made below a file, even by root
+    monkeypatch.setenv("PSOPS_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fallback = tmp_path / f"psops_mpi-{os.getuid()}"
+    assert cache_dir() == fallback
+    shape = {"x": (4000, 40), "y": (4000,), "x_test": (1000, 40), "y_test": (1000,)}
+    arrays = {k: np.full(n, 3, np.float32 if k.startswith("x") else np.int64)
+              for k, n in shape.items()}
+    np.savez(fallback / f"mnist1d-{importlib.metadata.version('mnist1d')}-v1.npz", **arrays)
+    assert torch.all(load_dataset("mnist1d", None).x_test == 3)
 
 
 def test_synthetic_is_deterministic_and_learnable_shape() -> None:

@@ -250,7 +250,7 @@ def test_without_a_working_compiler_the_torch_path_runs_after_one_message(
         "assert cpu_backend() == 'torch'\n"
         "assert torch.equal(v, uniform_pair(5, 0, 100)[0])\n"
     )
-    env = {**os.environ, "CC": compiler, "PSOPS_KERNEL_CACHE": str(tmp_path),
+    env = {**os.environ, "CC": compiler, "PSOPS_CACHE": str(tmp_path),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -264,7 +264,7 @@ def test_an_unwritable_cache_folder_still_gets_the_c_kernel(tmp_path) -> None:
     blocked.write_text("")  # a folder cannot be made below a file, even by root
     code = ("from psops_mpi.kernels import cpu_backend\n"
             "assert cpu_backend() == 'native', cpu_backend()\n")
-    env = {**os.environ, "PSOPS_KERNEL_CACHE": str(blocked / "cache"), "TMPDIR": str(tmp_path),
+    env = {**os.environ, "PSOPS_CACHE": str(blocked / "cache"), "TMPDIR": str(tmp_path),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)

@@ -23,10 +23,15 @@ pytestmark = pytest.mark.skipif(
 AWKWARD = {"w": 0.7301, "c1": 1.4962, "c2": 0.3333}
 
 
-def triton_update(x, v, p, g, *, w, c1, c2, vmax, key, deterministic=False) -> None:
-    import psops_mpi.kernels.pso_triton  # noqa: F401  (registers the op)
+def triton_update(x, v, p, g, *, w, c1, c2, vmax, key, deterministic=False,
+                  path="op") -> None:
+    """Through the operator (as torch.compile calls it) or the bare launch (eager CUDA)."""
+    from psops_mpi.kernels import pso_triton  # registers the op
 
-    torch.ops.psops.pso_update_triton_(x, v, p, g, w, c1, c2, vmax, key, deterministic)
+    if path == "launch":
+        pso_triton.launch(x, v, p, g, w, c1, c2, vmax, key, deterministic)
+    else:
+        torch.ops.psops.pso_update_triton_(x, v, p, g, w, c1, c2, vmax, key, deterministic)
 
 
 def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -34,24 +39,27 @@ def inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(n, generator=gen).to(DEVICE) for _ in range(4))
 
 
+@pytest.mark.parametrize("path", ["op", "launch"])
 @pytest.mark.parametrize("n", [1, 1023, 1025, 10**6 + 3 if not INTERPRETED else 70_001])
 @pytest.mark.parametrize("vmax", [None, 0.37])
-def test_agrees_with_the_reference_with_unit_random_numbers(n: int, vmax: float | None) -> None:
+def test_agrees_with_the_reference_with_unit_random_numbers(n: int, vmax: float | None,
+                                                            path: str) -> None:
     x, v, p, g = inputs(n)
     fused, ref = [x.clone(), v.clone()], [x.clone(), v.clone()]
-    triton_update(*fused, p, g, **AWKWARD, vmax=vmax, key=3, deterministic=True)
+    triton_update(*fused, p, g, **AWKWARD, vmax=vmax, key=3, deterministic=True, path=path)
     pso_update_(*ref, p, g, **AWKWARD, vmax=vmax, key=3, deterministic=True)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["op", "launch"])
 @pytest.mark.parametrize("key", [0, 1, rng_key(7, 2, 1), 2**63 - 1])
-def test_draws_are_the_philox_numbers_of_the_cpu_paths_bit_for_bit(key: int) -> None:
+def test_draws_are_the_philox_numbers_of_the_cpu_paths_bit_for_bit(key: int, path: str) -> None:
     n = 3001
     for c1, c2, which in ((1.0, 0.0, 0), (0.0, 1.0, 1)):
         x, v, ones = (torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE),
                       torch.ones(n, device=DEVICE))
-        triton_update(x, v, ones, ones, w=0.0, c1=c1, c2=c2, vmax=None, key=key)
+        triton_update(x, v, ones, ones, w=0.0, c1=c1, c2=c2, vmax=None, key=key, path=path)
         assert torch.equal(v.cpu(), uniform_pair(key, 0, n)[which])
 
 
@@ -93,3 +101,5 @@ def test_public_op_on_cuda_runs_the_kernel_and_compiles_without_a_graph_break() 
     c = [x.clone(), v.clone()]
     torch.compile(round_step, fullgraph=True)(*c, p, g)
     assert torch.equal(c[0], a[0]) and torch.equal(c[1], a[1])
+    with pytest.raises(TypeError, match="pbest must be float32"):  # eager: checked, then launched
+        pso_update_fused_(x, v, p.double(), g, **AWKWARD, vmax=None, key=1)
