@@ -1,8 +1,9 @@
 """A local training step waits for nothing: no host synchronisation, no host-to-device copy.
 
 The run is built as ``python -m psops_mpi.train`` builds it, and the steps are the loop's own
-(:func:`psops_mpi.loop.train_step` and :func:`psops_mpi.loop.after_step`: the synchroniser's
-calls, the sums on the device, the agreement on stop signals and checkpoints). Between two
+(the next batch, :func:`psops_mpi.loop.train_step` and :func:`psops_mpi.loop.after_step`:
+the synchroniser's calls, the sums on the device, the agreement on stop signals and
+checkpoints). Between two
 rounds of PA, SlowMo and PSO-PS nothing may make the host wait for the device:
 
 * everywhere, the profiler must record none of the operators that read a device value on the
@@ -58,18 +59,20 @@ def test_local_steps_never_wait_for_the_device(algo: str, precision: str) -> Non
     state = LoopState(run.batches.steps_per_epoch, run.world.device)
     checkpoints = checkpointer(run, state)
     poll = StopPoll(COMM, StopRequest(), checkpoints.clock_due)
-    batches = run.batches.epoch(0)
-    for x, y in [next(batches) for _ in range(3)]:  # warm-up: the first round is at step 50
-        train_step(run, state, x, y, lr=0.05)
-        after_step(state.step, poll, checkpoints)
-    watched = [next(batches) for _ in range(10)]
+    batches = run.batches.epoch(0)  # the epoch's shuffle: once, before the first batch
+
+    def steps(count: int) -> None:  # the loop's own: the next batch, the step, the agreement
+        for _ in range(count):
+            x, y = next(batches)
+            train_step(run, state, x, y, lr=0.05)
+            after_step(state.step, poll, checkpoints)
+
+    steps(3)  # warm-up; the first round is at step 50
     activities = [ProfilerActivity.CPU]
     if run.world.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof, cuda_sync_errors(run.world.device):
-        for x, y in watched:
-            train_step(run, state, x, y, lr=0.05)
-            after_step(state.step, poll, checkpoints)
+        steps(10)
     names = [event.name for event in prof.events()]
     assert state.step == 13 and run.sync.metrics().rounds == 0
     assert "aten::convolution" in names  # the profiler saw the steps
