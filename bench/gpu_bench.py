@@ -44,6 +44,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def psops_side(args: argparse.Namespace) -> tuple[int, float]:
                 "--algo", args.algo, "--precision", args.precision, "--device", args.device,
                 "--batch-size", str(args.batch_size), "--sync-every", str(args.sync_every),
                 "--epochs", str(args.epochs), "--quiet", "--metrics-out", str(metrics)]
+        if args.device == "cuda":
+            argv.append("--allow-gpu-sharing")  # as the plain side: ranks may share a GPU
         run = build_run(argv, comm, node_local(comm))
         state = LoopState(run.batches.steps_per_epoch, run.world.device)
         train(run, state, checkpointer(run, state))
@@ -173,6 +176,8 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
     model = models.build_model(args.model, dataset.input_shape, dataset.num_classes).to(device)
     fmt = torch.channels_last if variant == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if variant == "compile":
+        torch._dynamo.reset()  # each repeat compiles afresh, never past the recompile limit
     forward: Callable[[torch.Tensor], torch.Tensor] = (
         torch.compile(model) if variant == "compile" else model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -184,15 +189,17 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def evaluate() -> float:
+    def evaluate() -> float:  # as psops_mpi.loop.evaluate: fp32, loss and accuracy
         model.eval()
-        correct = torch.zeros((), device=device)
-        with torch.no_grad(), autocast():
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad():
             for start in range(0, len(test_x), 1024):
                 out = forward(test_x[start:start + 1024].contiguous(memory_format=fmt))
-                correct += (out.argmax(1) == test_y[start:start + 1024]).sum()
+                target = test_y[start:start + 1024]
+                totals[0] += F.cross_entropy(out, target, reduction="sum")
+                totals[1] += (out.argmax(1) == target).sum()
         model.train()
-        return float(correct) / len(test_x)
+        return float(totals[1]) / len(test_x)
 
     comm.Barrier()
     ends = []
@@ -206,6 +213,7 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
             scaler.update()
         evaluate()
         _sync(device)
+        comm.Barrier()  # the ranks' windows coincide, as psops_mpi's rounds keep them
         ends.append(time.perf_counter())
     return (args.epochs - 1) * batches.steps_per_epoch * args.batch_size, ends[-1] - ends[0]
 
@@ -241,19 +249,30 @@ def worker(args: argparse.Namespace) -> None:
 def launch_case(args: argparse.Namespace, ranks: int, algo: str, precision: str,
                 data_dir: Path) -> list[dict[str, Any]]:
     """Start one case under mpiexec; its per-repeat results."""
-    cmd = ["timeout", "-k", "10", str(args.timeout), "mpiexec", "-n", str(ranks),
-           sys.executable, __file__, "--worker", "--algo", algo, "--precision", precision,
-           "--data-dir", str(data_dir), "--model", args.model, "--batch-size",
-           str(args.batch_size), "--sync-every", str(args.sync_every), "--epochs",
-           str(args.epochs), "--repeats", str(args.repeats), "--device", args.device,
+    cmd = ["mpiexec", "-n", str(ranks), sys.executable, __file__, "--worker", "--algo", algo,
+           "--precision", precision, "--data-dir", str(data_dir), "--model", args.model,
+           "--batch-size", str(args.batch_size), "--sync-every", str(args.sync_every),
+           "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--device", args.device,
            "--variants", args.variants if ranks == 1 else ""]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        tail = "\n".join(res.stderr.strip().splitlines()[-5:])
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # A session of its own: on a timeout, or when this script is stopped, every rank goes too.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        out, err = "", f"no result within --timeout {args.timeout} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if proc.returncode != 0:
+        tail = "\n".join(err.strip().splitlines()[-5:])
         raise SystemExit(f"gpu_bench: {ranks} rank(s) {algo} {precision} failed "
-                         f"(exit {res.returncode}):\n{tail}")
-    return [json.loads(line[len("RESULT "):]) for line in res.stdout.splitlines()
+                         f"(exit {proc.returncode}):\n{tail}")
+    return [json.loads(line[len("RESULT "):]) for line in out.splitlines()
             if line.startswith("RESULT ")]
 
 
@@ -288,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
+    # SIGTERM (a step timeout, scancel) unwinds like Ctrl-C: the running launch is killed and
+    # the data folder removed by the finally clauses.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     env = environment()
     print(f"gpu_bench: {env['gpu'] or 'no GPU'}, torch {env['torch']}, {args.model}, batch "
           f"{args.batch_size} per rank, {args.epochs} epochs (steady state from epoch 2), "
@@ -306,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print_row(row)
             if args.json:  # after every case: a run cut short keeps what it measured
                 write_json(args, env, rows)
+    except KeyboardInterrupt:
+        raise SystemExit(f"gpu_bench: stopped after {len(rows)} case(s)"
+                         + (f"; {args.json} holds them" if args.json and rows else "")) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

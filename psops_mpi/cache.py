@@ -9,17 +9,21 @@ that start together and all make the same file never read a half-written one.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """``$PSOPS_CACHE`` or ``~/.cache/psops_mpi`` (``$XDG_CACHE_HOME`` honoured); where that
-    cannot be written (a read-only home, as on some compute nodes), a folder of this user
-    under the system's temporary directory."""
+    """``$PSOPS_CACHE`` (formerly ``$PSOPS_KERNEL_CACHE``) or ``~/.cache/psops_mpi``
+    (``$XDG_CACHE_HOME`` honoured). Where that cannot be written (a read-only home, as on some
+    compute nodes): ``psops_mpi-UID`` under the system's temporary directory if this user owns
+    it and nobody else can write it, else a new private folder. Never raises: a folder that
+    cannot be written only makes every write fail, and the callers then do without."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psops_mpi"
-    preferred = Path(os.environ.get("PSOPS_CACHE", default))
+    chosen = os.environ.get("PSOPS_CACHE") or os.environ.get("PSOPS_KERNEL_CACHE")
+    preferred = Path(chosen) if chosen else default
     try:
         preferred.mkdir(parents=True, exist_ok=True)
         if os.access(preferred, os.W_OK):
@@ -27,8 +31,21 @@ def cache_dir() -> Path:
     except OSError:
         pass
     fallback = Path(tempfile.gettempdir()) / f"psops_mpi-{os.getuid()}"
-    fallback.mkdir(mode=0o700, exist_ok=True)
-    return fallback
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        if _private(fallback):
+            return fallback
+        return Path(tempfile.mkdtemp(prefix="psops_mpi-"))  # somebody else's: not trusted
+    except OSError:
+        return fallback
+
+
+def _private(folder: Path) -> bool:
+    """A real folder of this user that no one else can write (a compiled library is loaded
+    from it)."""
+    info = folder.lstat()
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:

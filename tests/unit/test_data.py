@@ -292,6 +292,18 @@ def test_an_unwritable_cache_folder_falls_back_to_a_temporary_one(
     assert torch.all(load_dataset("mnist1d", None).x_test == 3)
 
 
+def test_a_fallback_cache_folder_others_can_write_is_not_trusted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSOPS_CACHE", str(tmp_path / "a-file" / "cache"))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"psops_mpi-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could put a library here for the CPU kernel to load
+    chosen = cache_dir()
+    assert chosen != shared and chosen.parent == tmp_path and chosen.stat().st_mode & 0o077 == 0
+
+
 def test_synthetic_is_deterministic_and_learnable_shape() -> None:
     state = torch.get_rng_state()
     a, b = load_dataset("synthetic", None), load_dataset("synthetic", None)
