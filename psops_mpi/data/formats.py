@@ -293,7 +293,8 @@ def _load_mnist1d(data_dir: str | None) -> Split:
     return x(arrays["x"]), _labels(arrays["y"]), x(arrays["x_test"]), _labels(arrays["y_test"])
 
 
-_MNIST1D_SHAPES = {"x": (4000, 40), "y": (4000,), "x_test": (1000, 40), "y_test": (1000,)}
+_MNIST1D_ARRAYS = {"x": ((4000, 40), np.float32), "y": ((4000,), np.int64),
+                   "x_test": ((1000, 40), np.float32), "y_test": ((1000,), np.int64)}
 
 
 def _make_mnist1d() -> dict[str, np.ndarray]:
@@ -307,21 +308,19 @@ def _make_mnist1d() -> dict[str, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return {k: np.asarray(d[k], dtype=np.float32 if k.startswith("x") else np.int64)
-            for k in _MNIST1D_SHAPES}
+    return {k: np.asarray(d[k], dtype=dtype) for k, (_, dtype) in _MNIST1D_ARRAYS.items()}
 
 
 def _read_mnist1d_cache(path: Path) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None if the file is missing or not what this loader writes."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in _MNIST1D_SHAPES}
+            arrays = {k: npz[k] for k in _MNIST1D_ARRAYS}
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         return None
-    for key, shape in _MNIST1D_SHAPES.items():
-        a = arrays[key]
-        if a.shape != shape or a.dtype != (np.float32 if key.startswith("x") else np.int64):
-            return None
+    if any(arrays[k].shape != shape or arrays[k].dtype != dtype
+           for k, (shape, dtype) in _MNIST1D_ARRAYS.items()):
+        return None
     if not all(np.isfinite(arrays[k]).all() for k in ("x", "x_test")):
         return None
     return arrays

@@ -62,9 +62,9 @@ def pso_update_fused_(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor,
         deterministic: use r1 = r2 = 1 (to compare implementations exactly).
 
     Eager calls on CUDA launch the Triton kernel directly, without the two operator
-    dispatches on the way (this op, then the Triton op) and the second input check: a fixed
-    cost per call, about 0.1 ms through the op on an H200, is what held the update below
-    ``copy_``'s bandwidth up to 10^8 floats. Under ``torch.compile`` it stays the custom op.
+    dispatches on the way (this op, then the Triton op) and the second input check: below
+    10^8 floats the cost per call, not memory, limits the update on a GPU
+    (``bench/kernel_bench.py`` times both routes). Under ``torch.compile`` it stays the op.
     """
     if x.device.type == "cuda" and not torch.compiler.is_compiling():
         check_inputs(x, v, pbest, gbest, key)
