@@ -151,7 +151,6 @@ def psops_side(args: argparse.Namespace) -> tuple[int, float]:
             epochs = [e for e in map(json.loads, lines) if e.get("event") == "epoch"]
         first, last = comm.bcast((epochs[0], epochs[-1]) if epochs else None)
     samples = (last["step"] - first["step"]) * args.batch_size
-    del run, state
     return samples, last["wall_s"] - first["wall_s"]
 
 
@@ -162,6 +161,7 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
     from mpi4py import MPI
 
     from psops_mpi import data, models
+    from psops_mpi.config import TrainConfig
     from psops_mpi.precision import DTYPES
     from psops_mpi.world import choose_gpu, node_local
 
@@ -180,7 +180,9 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
         torch._dynamo.reset()  # each repeat compiles afresh, never past the recompile limit
     forward: Callable[[torch.Tensor], torch.Tensor] = (
         torch.compile(model) if variant == "compile" else model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sgd = TrainConfig()  # psops_mpi's default SGD settings, as the psops_mpi side uses them
+    optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum,
+                                weight_decay=sgd.weight_decay)
     dtype = DTYPES[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 

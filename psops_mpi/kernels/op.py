@@ -66,11 +66,10 @@ def pso_update_fused_(x: torch.Tensor, v: torch.Tensor, pbest: torch.Tensor,
     10^8 floats the cost per call, not memory, limits the update on a GPU
     (``bench/kernel_bench.py`` times both routes). Under ``torch.compile`` it stays the op.
     """
+    args = (float(w), float(c1), float(c2), None if vmax is None else float(vmax), int(key),
+            bool(deterministic))
     if x.device.type == "cuda" and not torch.compiler.is_compiling():
         check_inputs(x, v, pbest, gbest, key)
-        _triton().launch(x, v, pbest, gbest, float(w), float(c1), float(c2),
-                         None if vmax is None else float(vmax), int(key), bool(deterministic))
+        _triton().launch(x, v, pbest, gbest, *args)
         return
-    torch.ops.psops.pso_update_(x, v, pbest, gbest, float(w), float(c1), float(c2),
-                                None if vmax is None else float(vmax), int(key),
-                                bool(deterministic))
+    torch.ops.psops.pso_update_(x, v, pbest, gbest, *args)
