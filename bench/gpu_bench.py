@@ -12,9 +12,12 @@ What it compares, per case (a number of ranks, an algorithm, a precision):
   test set after every epoch, and no communication at all. With P ranks, P such loops run at
   once on their own shards (the ranks that share one GPU share it here too).
 
-Optional variants of the plain loop (``--variants``) measure what psops_mpi does not do:
-``noaug`` (the batches without augmentation), ``channels_last`` (model and batches in
-channels-last memory format) and ``compile`` (``torch.compile`` of the model).
+Variants at one rank (``--variants``): ``noaug``, the plain loop without augmentation (what
+the augmentation costs); ``channels_last``, both sides in channels-last memory format
+(psops_mpi's ``--channels-last on``: the batches only, as its weights are views of the flat
+buffer; the plain loop: model and batches, the usual recipe); ``compile``, both sides with
+``torch.compile`` of the model (psops_mpi's ``--compile``). The plain side of the base case
+and psops_mpi's are contiguous and not compiled (``--channels-last off``).
 
 Throughput is steady state: samples trained from the end of the first epoch (warm-up:
 cuDNN's choices, allocator growth, compilation) to the end of the last, divided by the wall
@@ -58,6 +61,9 @@ import numpy as np
 
 ALGOS = ("ssgd", "pa", "slowmo", "pso-ps")
 VARIANTS = ("noaug", "channels_last", "compile")
+# psops_mpi's flags in the base case and in each variant that it has too.
+PSOPS_FLAGS = {"": ["--channels-last", "off"], "channels_last": ["--channels-last", "on"],
+               "compile": ["--channels-last", "off", "--compile"]}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "every algorithm is then local SGD)")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16, fp16")
     parser.add_argument("--variants", default="",
-                        help=f"extra plain-loop variants at 1 rank: {', '.join(VARIANTS)}")
+                        help=f"extra variants at 1 rank: {', '.join(VARIANTS)}")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=256, help="per rank")
     parser.add_argument("--sync-every", type=int, default=4)
@@ -124,8 +130,9 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def psops_side(args: argparse.Namespace) -> tuple[int, float]:
+def psops_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]:
     """Train with psops_mpi's loop; (samples this rank trained after epoch 1, seconds)."""
+    import torch
     from mpi4py import MPI
 
     from psops_mpi.loop import LoopState, train
@@ -138,7 +145,10 @@ def psops_side(args: argparse.Namespace) -> tuple[int, float]:
         argv = ["--dataset", "cifar10", "--data-dir", args.data_dir, "--model", args.model,
                 "--algo", args.algo, "--precision", args.precision, "--device", args.device,
                 "--batch-size", str(args.batch_size), "--sync-every", str(args.sync_every),
-                "--epochs", str(args.epochs), "--quiet", "--metrics-out", str(metrics)]
+                "--epochs", str(args.epochs), "--quiet", "--metrics-out", str(metrics),
+                *PSOPS_FLAGS[variant]]
+        if variant == "compile":
+            torch._dynamo.reset()  # as the plain side: compiled afresh in every repeat
         if args.device == "cuda":
             argv.append("--allow-gpu-sharing")  # as the plain side: ranks may share a GPU
         run = build_run(argv, comm, node_local(comm))
@@ -229,8 +239,10 @@ def worker(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     sides: list[tuple[str, Callable[[], tuple[int, float]]]] = [
         ("psops_mpi", lambda: psops_side(args)), ("plain", lambda: plain_side(args))]
-    if comm.size == 1:
-        sides += [(f"plain+{v}", lambda v=v: plain_side(args, v)) for v in _split(args.variants)]
+    for v in _split(args.variants) if comm.size == 1 else []:
+        if v in PSOPS_FLAGS:
+            sides.append((f"psops_mpi+{v}", lambda v=v: psops_side(args, v)))
+        sides.append((f"plain+{v}", lambda v=v: plain_side(args, v)))
     for repeat in range(args.repeats):
         order = sides if repeat % 2 == 0 else sides[::-1]
         result = {"repeat": repeat}
@@ -287,12 +299,14 @@ def cases(args: argparse.Namespace) -> Iterator[tuple[int, str, str]]:
 
 
 def summarise(repeats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over the repeats: samples/s of every side, and psops_mpi / plain."""
+    """Medians over the repeats: samples/s of every side, and psops_mpi / plain in the base
+    case (``ratio``) and in each variant both sides ran (``ratio+VARIANT``)."""
     names = [k for k in repeats[0] if k != "repeat"]
     row: dict[str, Any] = {k: statistics.median(r[k] for r in repeats) for k in names}
-    ratios = [r["psops_mpi"] / r["plain"] for r in repeats]
-    row["ratio"] = statistics.median(ratios)
-    row["ratio_range"] = (min(ratios), max(ratios))
+    for suffix in ["", *(n.removeprefix("psops_mpi") for n in names if n.startswith("psops_mpi+"))]:
+        ratios = [r["psops_mpi" + suffix] / r["plain" + suffix] for r in repeats]
+        row["ratio" + suffix] = statistics.median(ratios)
+        row["ratio_range" + suffix] = (min(ratios), max(ratios))
     return row
 
 
@@ -317,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.batch_size} per rank, {args.epochs} epochs (steady state from epoch 2), "
           f"median of {args.repeats}", flush=True)
     print(f"{'ranks':>5} {'algo':>7} {'prec':>5} {'psops/s':>9} {'plain/s':>9} "
-          f"{'ratio':>6} {'range':>12}  variants (plain loop, samples/s)", flush=True)
+          f"{'ratio':>6} {'range':>12}  variants (samples/s; psops_mpi / plain)", flush=True)
     rows: list[dict[str, Any]] = []
     folder = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     try:
@@ -338,11 +352,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def print_row(row: dict[str, Any]) -> None:
-    extra = "  ".join(f"{k[6:]} {row[k]:.0f}" for k in row if k.startswith("plain+"))
+    extra = "  ".join(variant_text(row, k[6:]) for k in row if k.startswith("plain+"))
     low, high = row["ratio_range"]
     print(f"{row['ranks']:>5} {row['algo']:>7} {row['precision']:>5} {row['psops_mpi']:>9.0f} "
           f"{row['plain']:>9.0f} {row['ratio']:>6.3f} {low:>5.3f}-{high:.3f}  {extra}",
           flush=True)
+
+
+def variant_text(row: dict[str, Any], variant: str) -> str:
+    """``noaug plain 1234`` or ``compile 1200/1250 0.960``."""
+    plain = row[f"plain+{variant}"]
+    if f"psops_mpi+{variant}" not in row:
+        return f"{variant} plain {plain:.0f}"
+    return f"{variant} {row[f'psops_mpi+{variant}']:.0f}/{plain:.0f} {row[f'ratio+{variant}']:.3f}"
 
 
 def write_json(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:

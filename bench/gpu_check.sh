@@ -2,8 +2,9 @@
 # Every GPU check and GPU figure of the project, in one go on a node with an NVIDIA GPU, most
 # wanted first: training throughput against a plain PyTorch loop at one rank, the fused
 # kernel against copy_, the CUDA tests (kernel, training, buffers, the step that waits for
-# nothing), throughput with two ranks sharing the GPU, then what channels-last, compilation
-# and augmentation change in the plain loop.
+# nothing), throughput with two ranks sharing the GPU, then what channels-last and
+# compilation change in psops_mpi and in the plain loop (and augmentation in the latter):
+# the measurement that decides --channels-last auto and --compile on GPUs.
 #
 #   OUT=gpu_out BUDGET_S=600 bash bench/gpu_check.sh
 #
@@ -49,7 +50,7 @@ run_all() {
         -k "step_sync or cuda"
     step 180 "${bench[@]}" --ranks 2 --precisions fp32 --repeats 2 \
         --json "$OUT/gpu_bench_2ranks.json"
-    step 240 "${bench[@]}" --ranks 1 --precisions bf16 --repeats 2 \
+    step 300 "${bench[@]}" --ranks 1 --precisions bf16 --repeats 2 \
         --variants noaug,channels_last,compile --json "$OUT/gpu_bench_variants.json"
     return $worst
 }

@@ -19,7 +19,7 @@ IDENTITY_SETTINGS = ("algo", "dataset", "model")
 LAUNCH_SETTINGS = frozenset({
     "resume", "resume_strict", "checkpoint_dir", "metrics_out", "tensorboard", "quiet",
     "threads", "device", "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite",
-    "stall_report_s", "stall_abort_s"})
+    "stall_report_s", "stall_abort_s", "channels_last", "compile"})
 
 
 DatasetName = Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"]
@@ -180,6 +180,13 @@ class TrainConfig:
     """Autocast of the forward pass and loss (the backward follows it): fp32 (none), bf16 or
     fp16 with a loss scaler. Weights, gradients, optimizer and PSO state and every exchange
     stay fp32 (see "Slurm and GPUs")."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Batches in channels-last memory format at the model's entrance (images only; the
+    weights keep theirs). auto: on for images of more than one channel on the CPU, where it
+    measured faster, off on GPUs until measured there (see "Slurm and GPUs")."""
+    compile: bool = False
+    """torch.compile the model; its first steps wait for the compiler (about a minute for
+    ResNet-20 on 2 CPU cores, cached for later runs)."""
     threads: int = field(default=0, metadata={"metavar": "N"})
     """CPU threads per rank; 0: OMP_NUM_THREADS, or the node's cores shared evenly among its
     ranks."""

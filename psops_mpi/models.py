@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -299,3 +301,46 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
 def num_parameters(model: nn.Module) -> int:
     """Total number of parameter elements (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
+
+
+def channels_last_default(input_shape: tuple[int, ...], device: torch.device) -> bool:
+    """What ``--channels-last auto`` means: on for images of more than one channel on the CPU,
+    where psops_mpi trained ResNet-20 1.16x faster with its batches in channels-last format
+    (median of 3, ``bench/results/gpu_bench_cpu.json``; see the README). Off on GPUs until it
+    is measured there (``bench/gpu_check.sh``); a one-channel image has the same layout
+    either way."""
+    return device.type == "cpu" and len(input_shape) == 3 and input_shape[0] > 1
+
+
+def apply_speed_settings(model: nn.Module, channels_last: bool, compile_model: bool,
+                         input_shape: tuple[int, ...], device: torch.device) -> None:
+    """Batches into channels-last format at the model's entrance, and ``torch.compile`` of
+    the model in place (its parameter names stay as they are, for checkpoints).
+
+    The weights keep their own layout: they are views of the synchroniser's flat buffer,
+    whose order the checkpoints store. A convolution runs in channels-last format when its
+    input is in it, converting its (small) weight on the way.
+
+    Raises:
+        UsageError: channels-last for samples that are not images, or compiling on a CPU
+            without the C++ compiler that ``torch.compile`` needs there.
+    """
+    if channels_last and len(input_shape) != 3:
+        raise UsageError(f"--channels-last on needs images (samples of shape C x H x W); "
+                         f"these samples have shape {tuple(input_shape)}")
+    if compile_model and device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise UsageError(f"--compile on the CPU needs a C++ compiler and {compiler!r} is "
+                             "not on PATH: install g++ or set CXX")
+    if channels_last:
+        model.register_forward_pre_hook(_batch_to_channels_last)
+    if compile_model:
+        model.compile()
+
+
+def _batch_to_channels_last(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None

@@ -65,6 +65,11 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
     torch.manual_seed(config.seed)
     model = models.build_model(config.model, dataset.input_shape, dataset.num_classes,
                                config.dataset).to(world.device)
+    if config.channels_last == "auto":  # store the resolved choice with the results
+        auto = models.channels_last_default(dataset.input_shape, world.device)
+        config.channels_last = "on" if auto else "off"
+    models.apply_speed_settings(model, config.channels_last == "on", config.compile,
+                                dataset.input_shape, world.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metrics = MetricsWriter(config.metrics_out if world.is_root else None,
@@ -222,9 +227,11 @@ def describe(run: Run) -> str:
     cfg, world = run.config, run.world
     rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
     mixed = "" if cfg.precision == "fp32" else f" in {cfg.precision} (autocast)"
+    speed = ("channels-last, " if cfg.channels_last == "on" else "") + (
+        "compiled, " if cfg.compile else "")
     return (f"psops_mpi: {cfg.algo} ({rule}) on {cfg.dataset}, model {cfg.model} with "
             f"{run.sync.flat.numel:,} parameters, {world.world_size} rank(s) on "
-            f"{world.device.type}{mixed}, {run.batches.steps_per_epoch} steps/epoch of "
+            f"{world.device.type}{mixed}, {speed}{run.batches.steps_per_epoch} steps/epoch of "
             f"{cfg.batch_size} per rank")
 
 

@@ -15,7 +15,7 @@ def test_gpu_bench_reports_psops_beside_the_plain_loop_on_the_cpu(tmp_path: Path
     out = tmp_path / "gpu.json"
     res = run_script(["bench/gpu_bench.py", "--device", "cpu", "--model", "lenet", "--ranks",
                       "1,2", "--algos", "pso-ps", "--precisions", "fp32", "--epochs", "2",
-                      "--repeats", "2", "--train-samples", "1024", "--test-samples", "256",
+                      "--repeats", "2", "--train-samples", "512", "--test-samples", "128",
                       "--batch-size", "64", "--variants", "noaug,channels_last", "--json",
                       str(out)], timeout=240)
     assert res.returncode == 0, res.stderr
@@ -29,8 +29,14 @@ def test_gpu_bench_reports_psops_beside_the_plain_loop_on_the_cpu(tmp_path: Path
         assert list(repeats[1])[-2:] == ["plain", "psops_mpi"]
         assert row["ratio"] == statistics.median(r["psops_mpi"] / r["plain"] for r in repeats)
         assert all(r["psops_mpi"] > 0 and r["plain"] > 0 for r in repeats)
-    assert "plain+noaug" in rows[0] and "plain+channels_last" in rows[0]
+    assert "plain+noaug" in rows[0] and "psops_mpi+noaug" not in rows[0]  # plain loop only
+    both = [r["psops_mpi+channels_last"] / r["plain+channels_last"] for r in rows[0]["repeats"]]
+    assert rows[0]["ratio+channels_last"] == statistics.median(both)
     assert "plain+noaug" not in rows[1]  # variants are measured at one rank
     table = [line.split() for line in res.stdout.splitlines()[2:]]
     assert [line[:3] for line in table] == [["1", "pso-ps", "fp32"], ["2", "pso-ps", "fp32"]]
     assert float(table[0][5]) == round(rows[0]["ratio"], 3)
+    assert table[0][7:10] == ["noaug", "plain", f"{rows[0]['plain+noaug']:.0f}"]
+    assert table[0][10:] == ["channels_last", f"{rows[0]['psops_mpi+channels_last']:.0f}/"
+                             f"{rows[0]['plain+channels_last']:.0f}",
+                             f"{rows[0]['ratio+channels_last']:.3f}"]

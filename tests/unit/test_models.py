@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from psops_mpi.errors import UsageError
-from psops_mpi.models import DEFAULT_MODELS, MODELS, build_model, num_parameters
+from psops_mpi.models import (
+    DEFAULT_MODELS,
+    MODELS,
+    apply_speed_settings,
+    build_model,
+    channels_last_default,
+    num_parameters,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,3 +230,60 @@ def test_forward_check_restores_train_mode() -> None:
 def test_bad_input_shape() -> None:
     with pytest.raises(UsageError, match="input shape"):
         build_model("mlp", (0, 4), 10)
+
+
+# ---- --channels-last and --compile
+
+def test_channels_last_auto_is_on_for_colour_images_on_the_cpu_only() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert channels_last_default((3, 32, 32), cpu)
+    assert not channels_last_default((1, 28, 28), cpu)  # one channel: the same layout
+    assert not channels_last_default((1, 40), cpu)  # not an image
+    assert not channels_last_default((3, 32, 32), cuda)  # not measured on GPUs yet
+
+
+def test_channels_last_batches_reach_the_convolutions_and_change_no_result() -> None:
+    """The first convolution sees a channels-last batch; outputs and gradients match the
+    model without the setting, and the weights keep their contiguous layout and storage.
+    (In float64: in float32, either layout's gradients are ~1e-3 from the exact ones, and
+    differ by as much from each other with the number of threads.)"""
+    torch.manual_seed(0)
+    plain = build_model("resnet20", (3, 32, 32), 10).double()
+    fast = build_model("resnet20", (3, 32, 32), 10).double()
+    fast.load_state_dict(plain.state_dict())
+    apply_speed_settings(fast, channels_last=True, compile_model=False,
+                         input_shape=(3, 32, 32), device=torch.device("cpu"))
+    seen = []
+    first_conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    weight_ptr = first_conv.weight.data_ptr()
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    outs = []
+    for model in (plain, fast):
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out)
+    assert x.is_contiguous() and seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=name)
+        assert q.is_contiguous() and q.grad.is_contiguous(), name
+    assert first_conv.weight.data_ptr() == weight_ptr
+
+
+def test_channels_last_on_refuses_samples_that_are_not_images() -> None:
+    model = build_model("cnn1d", (1, 40), 10)
+    with pytest.raises(UsageError, match=r"--channels-last on needs images .*\(1, 40\)"):
+        apply_speed_settings(model, channels_last=True, compile_model=False,
+                             input_shape=(1, 40), device=torch.device("cpu"))
+
+
+def test_compile_on_the_cpu_without_a_compiler_is_refused_before_training(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    model = build_model("mlp", (1, 40), 10)
+    with pytest.raises(UsageError, match=r"--compile on the CPU needs a C\+\+ compiler"):
+        apply_speed_settings(model, channels_last=False, compile_model=True,
+                             input_shape=(1, 40), device=torch.device("cpu"))
+    assert getattr(model, "_compiled_call_impl", None) is None  # left as it was
