@@ -8,10 +8,13 @@ dimension, and initialises its weights from the global torch RNG only, so seedin
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import shutil
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -303,40 +306,89 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def channels_last_default(input_shape: tuple[int, ...], device: torch.device) -> bool:
-    """What ``--channels-last auto`` means: on for images of more than one channel on the CPU,
-    where psops_mpi trained ResNet-20 1.16x faster with its batches in channels-last format
-    (median of 3, ``bench/results/gpu_bench_cpu.json``; see the README). Off on GPUs until it
-    is measured there (``bench/gpu_check.sh``); a one-channel image has the same layout
-    either way."""
-    return device.type == "cpu" and len(input_shape) == 3 and input_shape[0] > 1
+def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bool,
+                         input_shape: tuple[int, ...], device: torch.device) -> bool:
+    """``--channels-last`` and ``--compile`` on the model (on ``device`` already); returns
+    whether its batches go channels-last (what ``auto`` became).
 
-
-def apply_speed_settings(model: nn.Module, channels_last: bool, compile_model: bool,
-                         input_shape: tuple[int, ...], device: torch.device) -> None:
-    """Batches into channels-last format at the model's entrance, and ``torch.compile`` of
-    the model in place (its parameter names stay as they are, for checkpoints).
-
-    The weights keep their own layout: they are views of the synchroniser's flat buffer,
-    whose order the checkpoints store. A convolution runs in channels-last format when its
-    input is in it, converting its (small) weight on the way.
+    Channels-last: a forward pre-hook puts each batch into channels-last format; a
+    convolution then runs in that format, converting its (small) weight on the way. The
+    weights keep their layout, as they are views of the synchroniser's flat buffer, whose
+    order the checkpoints store. ``auto`` turns it on for a model with 2-D convolutions on
+    images of more than one channel on the CPU, where psops_mpi trained ResNet-20 1.16x
+    faster (``bench/results/gpu_bench_cpu*.json``; see the README), and off on GPUs until it
+    is measured there (``bench/gpu_check.sh``). Compile: ``nn.Module.compile``, in place, so
+    the parameter names (and checkpoints) stay as they are.
 
     Raises:
-        UsageError: channels-last for samples that are not images, or compiling on a CPU
-            without the C++ compiler that ``torch.compile`` needs there.
+        UsageError: channels-last on for samples that are not images or for a model that
+            fails on a channels-last batch (one that reshapes with ``.view``, say), or compile
+            where torch.compile could not build its kernels.
     """
-    if channels_last and len(input_shape) != 3:
-        raise UsageError(f"--channels-last on needs images (samples of shape C x H x W); "
-                         f"these samples have shape {tuple(input_shape)}")
-    if compile_model and device.type == "cpu":
-        compiler = os.environ.get("CXX", "g++")
-        if shutil.which(compiler) is None:
-            raise UsageError(f"--compile on the CPU needs a C++ compiler and {compiler!r} is "
-                             "not on PATH: install g++ or set CXX")
-    if channels_last:
+    use_channels_last = _use_channels_last(model, channels_last, input_shape, device)
+    if compile_model:
+        missing = _compile_missing(device)
+        if missing:
+            raise UsageError(f"--compile on the {device.type} needs {missing}: install it or "
+                             "run without --compile")
+    if use_channels_last:
         model.register_forward_pre_hook(_batch_to_channels_last)
     if compile_model:
         model.compile()
+    return use_channels_last
+
+
+def _use_channels_last(model: nn.Module, setting: str, input_shape: tuple[int, ...],
+                       device: torch.device) -> bool:
+    if setting == "off":
+        return False
+    if setting == "auto" and not (
+            device.type == "cpu" and len(input_shape) == 3 and input_shape[0] > 1
+            and any(isinstance(m, nn.Conv2d) for m in model.modules())):
+        return False
+    if len(input_shape) != 3:
+        raise UsageError(f"--channels-last on needs images (samples of shape C x H x W); "
+                         f"these samples have shape {tuple(input_shape)}")
+    error = _channels_last_error(model, input_shape, device)
+    if error and setting == "on":
+        raise UsageError(f"the model fails on a batch in channels-last format ({error}): "
+                         "use --channels-last off")
+    return error is None
+
+
+def _channels_last_error(model: nn.Module, input_shape: tuple[int, ...],
+                         device: torch.device) -> str | None:
+    """Why an eval-mode forward of a channels-last batch of zeros fails, or None."""
+    weight = next(model.parameters(), None)
+    dtype = weight.dtype if weight is not None else torch.float32
+    x = torch.zeros(2, *input_shape, dtype=dtype, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()  # BatchNorm running statistics stay untouched
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        return _summary(exc)
+    finally:
+        model.train(was_training)
+    return None
+
+
+def _compile_missing(device: torch.device) -> str | None:
+    """What torch.compile needs on this device to build its kernels and cannot find: a C++
+    compiler on CPUs; Triton and a C compiler (for its launchers) on GPUs; Python's headers."""
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX", "g++")]
+    elif importlib.util.find_spec("triton") is None:
+        return "Triton (pip install triton)"
+    else:
+        compilers = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+    if not any(shutil.which(c) for c in compilers):
+        return f"a compiler on PATH ({' or '.join(compilers)})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "Python's C headers (Python.h: the python3-dev package)"
+    return None
 
 
 def _batch_to_channels_last(module: nn.Module, args: tuple) -> tuple | None:

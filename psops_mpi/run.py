@@ -65,11 +65,9 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
     torch.manual_seed(config.seed)
     model = models.build_model(config.model, dataset.input_shape, dataset.num_classes,
                                config.dataset).to(world.device)
-    if config.channels_last == "auto":  # store the resolved choice with the results
-        auto = models.channels_last_default(dataset.input_shape, world.device)
-        config.channels_last = "on" if auto else "off"
-    models.apply_speed_settings(model, config.channels_last == "on", config.compile,
-                                dataset.input_shape, world.device)
+    channels_last = models.apply_speed_settings(model, config.channels_last, config.compile,
+                                                dataset.input_shape, world.device)
+    config.channels_last = "on" if channels_last else "off"  # auto, resolved for the results
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metrics = MetricsWriter(config.metrics_out if world.is_root else None,

@@ -127,7 +127,8 @@ def bad_cifar_dir(base: Path) -> Path:
 def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
     """PA trains resnet20 on CIFAR-10 files: every training batch was augmented (random
     crops leave zero padding, counted by a probe in front of the model), and the BatchNorm
-    statistics were trained and end the same on both ranks."""
+    statistics were trained and end the same on both ranks. On the CPU its batches enter the
+    model in channels-last format (``--channels-last auto``), as the start line says."""
     write_cifar_py(tmp_path / "cifar-10-batches-py", n=32)  # 160 train, 32 test images
     metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--algo", "pa",
@@ -139,6 +140,9 @@ def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
     steps = 2 * (80 // 16)  # 2 epochs of 80 images per rank
     assert final["config"]["dataset"] == "cifar10" and final["steps"] == steps
     assert final["num_params"] == 269_722 and math.isfinite(final["test_loss"])
+    on_cpu = not torch.cuda.is_available()  # --channels-last auto: on for CIFAR on the CPU
+    assert final["config"]["channels_last"] == ("on" if on_cpu else "off")
+    assert (", channels-last, " in res.stdout) is on_cpu
     shards = read_shards(final_checkpoint(ckpt), "model/other/0.batches",
                          "model/other/0.padded", "model/buffers")
     probes = [(int(s["model/other/0.batches"]), int(s["model/other/0.padded"])) for s in shards]

@@ -253,3 +253,23 @@ def sleeps_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Mod
 def hangs_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Rank 1 hangs in its 6th training batch (for ten minutes: a job must not wait it out)."""
     return _Faulty(tiny_mlp(input_shape, num_classes), _sleep_on_rank_one(600))
+
+
+class _ViewFlatten(nn.Module):
+    """A small CNN that flattens with ``.view``, as many hand-written models do: it works on
+    contiguous batches only."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.fc = nn.LazyLinear(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def view_flatten_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    model = _ViewFlatten(input_shape[0], num_classes)
+    model(torch.zeros(1, *input_shape))  # materialise the lazy layer
+    return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,6 @@ from psops_mpi.models import (
     MODELS,
     apply_speed_settings,
     build_model,
-    channels_last_default,
     num_parameters,
 )
 
@@ -234,12 +235,38 @@ def test_bad_input_shape() -> None:
 
 # ---- --channels-last and --compile
 
-def test_channels_last_auto_is_on_for_colour_images_on_the_cpu_only() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert channels_last_default((3, 32, 32), cpu)
-    assert not channels_last_default((1, 28, 28), cpu)  # one channel: the same layout
-    assert not channels_last_default((1, 40), cpu)  # not an image
-    assert not channels_last_default((3, 32, 32), cuda)  # not measured on GPUs yet
+def speed(model: torch.nn.Module, channels_last: str, input_shape: tuple[int, ...],
+          device: str = "cpu", compile_model: bool = False) -> bool:
+    return apply_speed_settings(model, channels_last, compile_model, input_shape,
+                                torch.device(device))
+
+
+@pytest.mark.parametrize(("name", "shape", "device", "want"), [
+    ("resnet20", (3, 32, 32), "cpu", True),
+    ("cnn", (3, 32, 32), "cpu", True),
+    ("lenet", (1, 28, 28), "cpu", False),  # one channel: the same layout either way
+    ("mlp", (3, 32, 32), "cpu", False),  # no convolution to gain
+    ("cnn1d", (1, 40), "cpu", False),  # not an image
+    ("resnet20", (3, 32, 32), "cuda", False),  # not measured on GPUs yet
+])
+def test_channels_last_auto(name: str, shape: tuple[int, ...], device: str, want: bool) -> None:
+    model = build_model(name, shape, 10)
+    assert speed(model, "auto", shape, device) is want
+    assert bool(model._forward_pre_hooks) is want
+    assert speed(build_model(name, shape, 10), "off", shape, device) is False
+
+
+def test_a_model_that_fails_on_channels_last_batches_is_left_contiguous_or_refused(
+        user_models_importable: None) -> None:
+    """A model that flattens with ``.view`` fails on a channels-last batch: auto leaves it
+    alone, and --channels-last on says so before training."""
+    name = "tests.helpers.user_models:view_flatten_cnn"
+    model = build_model(name, (3, 8, 8), 10)
+    assert speed(model, "auto", (3, 8, 8)) is False and not model._forward_pre_hooks
+    model(torch.zeros(2, 3, 8, 8))  # and it still works as it did
+    with pytest.raises(UsageError, match=r"fails on a batch in channels-last format \(.*view"
+                                         r".*\): use --channels-last off"):
+        speed(model, "on", (3, 8, 8))
 
 
 def test_channels_last_batches_reach_the_convolutions_and_change_no_result() -> None:
@@ -251,8 +278,7 @@ def test_channels_last_batches_reach_the_convolutions_and_change_no_result() -> 
     plain = build_model("resnet20", (3, 32, 32), 10).double()
     fast = build_model("resnet20", (3, 32, 32), 10).double()
     fast.load_state_dict(plain.state_dict())
-    apply_speed_settings(fast, channels_last=True, compile_model=False,
-                         input_shape=(3, 32, 32), device=torch.device("cpu"))
+    assert speed(fast, "on", (3, 32, 32))
     seen = []
     first_conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -275,15 +301,27 @@ def test_channels_last_batches_reach_the_convolutions_and_change_no_result() -> 
 def test_channels_last_on_refuses_samples_that_are_not_images() -> None:
     model = build_model("cnn1d", (1, 40), 10)
     with pytest.raises(UsageError, match=r"--channels-last on needs images .*\(1, 40\)"):
-        apply_speed_settings(model, channels_last=True, compile_model=False,
-                             input_shape=(1, 40), device=torch.device("cpu"))
+        speed(model, "on", (1, 40))
 
 
 def test_compile_on_the_cpu_without_a_compiler_is_refused_before_training(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     model = build_model("mlp", (1, 40), 10)
-    with pytest.raises(UsageError, match=r"--compile on the CPU needs a C\+\+ compiler"):
-        apply_speed_settings(model, channels_last=False, compile_model=True,
-                             input_shape=(1, 40), device=torch.device("cpu"))
+    with pytest.raises(UsageError, match=r"--compile on the cpu needs a compiler on PATH "
+                                         r"\(no-such-compiler-here\)"):
+        speed(model, "off", (1, 40), compile_model=True)
     assert getattr(model, "_compiled_call_impl", None) is None  # left as it was
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (g++ or $CXX)")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")  # torch's own, on import
+def test_compile_is_in_place_and_keeps_the_names_checkpoints_store() -> None:
+    """A checkpoint of a compiled run continues without --compile, and the other way round:
+    the compiled model's parameter and buffer names are the model's own."""
+    model = build_model("resnet20", (3, 32, 32), 10)
+    names = list(model.state_dict())
+    speed(model, "off", (3, 32, 32), compile_model=True)  # compiles lazily: costs nothing yet
+    assert list(model.state_dict()) == names
+    assert getattr(model, "_compiled_call_impl", None) is not None
