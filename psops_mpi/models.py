@@ -250,19 +250,26 @@ def _call_registered(name: str, input_shape: tuple[int, ...], num_classes: int) 
                          f"{input_shape}: {reason}") from None
 
 
+def _eval_forward(model: nn.Module, x: torch.Tensor) -> object:
+    """One forward pass in eval mode (BatchNorm running statistics stay untouched) without
+    gradients; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was_training)
+
+
 def _check_forward(name: str, model: nn.Module, input_shape: tuple[int, ...],
                    num_classes: int) -> None:
     """Run one eval-mode forward pass on zeros so a shape mismatch fails now, clearly."""
-    was_training = model.training
-    model.eval()  # eval: BatchNorm running statistics stay untouched
     try:
-        with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape, dtype=torch.float32))
+        out = _eval_forward(model, torch.zeros(2, *input_shape, dtype=torch.float32))
     except Exception as exc:
         raise UsageError(f"model {name!r} does not accept inputs of shape {input_shape}: "
                          f"{_summary(exc)}") from None
-    finally:
-        model.train(was_training)
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if shape != (2, num_classes):
         raise UsageError(f"model {name!r} gives outputs of shape {shape} for a batch of 2, "
@@ -315,10 +322,11 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
     convolution then runs in that format, converting its (small) weight on the way. The
     weights keep their layout, as they are views of the synchroniser's flat buffer, whose
     order the checkpoints store. ``auto`` turns it on for a model with 2-D convolutions on
-    images of more than one channel on the CPU, where psops_mpi trained ResNet-20 1.16x
-    faster (``bench/results/gpu_bench_cpu*.json``; see the README), and off on GPUs until it
-    is measured there (``bench/gpu_check.sh``). Compile: ``nn.Module.compile``, in place, so
-    the parameter names (and checkpoints) stay as they are.
+    images of more than one channel on the CPU, where psops_mpi trained ResNet-20 1.16x and
+    1.20x faster in two runs (``bench/results/gpu_bench_cpu*.json``; see the README), and off
+    on GPUs until it is measured there (``bench/gpu_check.sh``). Compile:
+    ``nn.Module.compile``, in place, so the parameter names (and checkpoints) stay as they
+    are.
 
     Raises:
         UsageError: channels-last on for samples that are not images or for a model that
@@ -362,16 +370,10 @@ def _channels_last_error(model: nn.Module, input_shape: tuple[int, ...],
     weight = next(model.parameters(), None)
     dtype = weight.dtype if weight is not None else torch.float32
     x = torch.zeros(2, *input_shape, dtype=dtype, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    was_training = model.training
-    model.eval()  # BatchNorm running statistics stay untouched
     try:
-        with torch.no_grad():
-            model(x)
+        _eval_forward(model, x.contiguous(memory_format=torch.channels_last))
     except Exception as exc:
         return _summary(exc)
-    finally:
-        model.train(was_training)
     return None
 
 
