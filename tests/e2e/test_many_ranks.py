@@ -5,7 +5,7 @@ cost model counts for that exchange.
 
 16 ranks run the same way (`mpiexec -n 16 python -m psops_mpi.train --epochs 6`, 41 s on a
 2-core machine, 49 s as a test) but are not in the suite: on 2 cores the whole suite already
-takes 12-13 minutes, and 8 ranks cover both choices of auto."""
+takes 13-14 minutes, and 8 ranks cover both choices of auto."""
 
 from __future__ import annotations
 
