@@ -40,7 +40,7 @@ bench=(python bench/gpu_bench.py --train-samples 25000 --epochs 3)
 run_all() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-    step 240 "${bench[@]}" --ranks 1 --precisions fp32,bf16 --repeats 3 \
+    step 300 "${bench[@]}" --ranks 1 --precisions fp32,bf16 --repeats 3 \
         --variants channels_last --json "$OUT/gpu_bench_1rank.json"
     step 90 python bench/kernel_bench.py --sizes 1e6,1e7,1e8,1e9 --repeats 20 \
         --json "$OUT/kernel_cuda.json"
