@@ -250,9 +250,9 @@ def _call_registered(name: str, input_shape: tuple[int, ...], num_classes: int) 
                          f"{input_shape}: {reason}") from None
 
 
-def _eval_forward(model: nn.Module, x: torch.Tensor) -> object:
+def eval_forward(model: nn.Module, x: torch.Tensor) -> object:
     """One forward pass in eval mode (BatchNorm running statistics stay untouched) without
-    gradients; the model's mode is restored."""
+    gradients; the model's mode is restored, also when the model raises."""
     was_training = model.training
     model.eval()
     try:
@@ -266,7 +266,7 @@ def _check_forward(name: str, model: nn.Module, input_shape: tuple[int, ...],
                    num_classes: int) -> None:
     """Run one eval-mode forward pass on zeros so a shape mismatch fails now, clearly."""
     try:
-        out = _eval_forward(model, torch.zeros(2, *input_shape, dtype=torch.float32))
+        out = eval_forward(model, torch.zeros(2, *input_shape, dtype=torch.float32))
     except Exception as exc:
         raise UsageError(f"model {name!r} does not accept inputs of shape {input_shape}: "
                          f"{_summary(exc)}") from None
@@ -335,7 +335,7 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
     """
     use_channels_last = _use_channels_last(model, channels_last, input_shape, device)
     if compile_model:
-        missing = _compile_missing(device)
+        missing = compile_missing(device)
         if missing:
             raise UsageError(f"--compile on the {device.type} needs {missing}: install it or "
                              "run without --compile")
@@ -371,13 +371,13 @@ def _channels_last_error(model: nn.Module, input_shape: tuple[int, ...],
     dtype = weight.dtype if weight is not None else torch.float32
     x = torch.zeros(2, *input_shape, dtype=dtype, device=device)
     try:
-        _eval_forward(model, x.contiguous(memory_format=torch.channels_last))
+        eval_forward(model, x.contiguous(memory_format=torch.channels_last))
     except Exception as exc:
         return _summary(exc)
     return None
 
 
-def _compile_missing(device: torch.device) -> str | None:
+def compile_missing(device: torch.device) -> str | None:
     """What torch.compile needs on this device to build its kernels and cannot find: a C++
     compiler on CPUs; Triton and a C compiler (for its launchers) on GPUs; Python's headers."""
     if device.type == "cpu":

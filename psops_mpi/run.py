@@ -76,14 +76,9 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
             "model": model, "optimizer": optimizer, "metrics": metrics, "precision": precision}
 
 
-@torch.no_grad()
 def holdout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss on the fixed holdout batch, in eval mode (no BatchNorm statistics updated)."""
-    was_training = model.training
-    model.eval()
-    loss = F.cross_entropy(model(x), y)
-    model.train(was_training)
-    return loss
+    return F.cross_entropy(models.eval_forward(model, x), y)
 
 
 def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
