@@ -19,11 +19,12 @@ IDENTITY_SETTINGS = ("algo", "dataset", "model")
 LAUNCH_SETTINGS = frozenset({
     "resume", "resume_strict", "checkpoint_dir", "metrics_out", "tensorboard", "quiet",
     "threads", "device", "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite",
-    "stall_report_s", "stall_abort_s", "channels_last", "compile"})
+    "stall_report_s", "stall_abort_s", "channels_last", "compile", "data_workers"})
 
 
-DatasetName = Literal["mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic"]
-DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
+# The built-in sets, held whole on the device; beside them --dataset takes imagefolder and
+# package.module:function (psops_mpi.data.user).
+DATASETS: tuple[str, ...] = ("mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic")
 
 # Named PSO-PS settings (--pso-preset); flags given beside a preset override it. The field
 # defaults below are the default preset's values (a test checks).
@@ -141,10 +142,19 @@ class TrainConfig:
     momentum step) or synchronous SGD."""
     sync_every: int = field(default=8, metadata={"metavar": "N"})
     """Local steps per round (PSO-PS, PA, SlowMo; SSGD synchronises every step)."""
-    dataset: DatasetName = "mnist1d"
-    """Dataset (see Data for the files each one reads)."""
+    dataset: str = field(default="mnist1d", metadata={"metavar": "NAME"})
+    """A built-in set (mnist1d, mnist, fashion-mnist, cifar10, synthetic; see Data),
+    imagefolder (class folders under --data-dir) or package.module:function (your own; see
+    "Your own data")."""
     data_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """Folder holding the dataset files (mnist, fashion-mnist, cifar10)."""
+    """Folder holding the dataset files (mnist, fashion-mnist, cifar10, imagefolder; given to
+    your own dataset's function)."""
+    data_workers: int = field(default=2, metadata={"metavar": "N"})
+    """DataLoader worker processes per rank for imagefolder and your own datasets (0: read
+    in the training process); the built-in sets are on the device already."""
+    image_size: int = field(default=0, metadata={"metavar": "N"})
+    """imagefolder: the side images are brought to (0: the first training image's shorter
+    side)."""
     model: str = field(default="auto", metadata={"metavar": "NAME"})
     """A registered model (see Models), auto (the dataset's default) or package.module:function."""
     epochs: int = field(default=60, metadata={"metavar": "N"})
@@ -234,7 +244,7 @@ class TrainConfig:
         check_choices(self)
         for name in ("sync_every", "batch_size", "epochs"):
             _integer(flag(name), getattr(self, name), 1)
-        for name in ("threads", "max_steps", "checkpoint_every"):
+        for name in ("threads", "max_steps", "checkpoint_every", "data_workers", "image_size"):
             _integer(flag(name), getattr(self, name), 0)
         _integer("--keep-last", self.keep_last, 1)
         _integer("--max-nonfinite", self.max_nonfinite, 1)
@@ -250,6 +260,10 @@ class TrainConfig:
             raise UsageError(f"--outer-momentum must be below 1, got {self.outer_momentum!r}")
         if not self.model:
             raise UsageError("--model must not be empty")
+        if self.dataset not in (*DATASETS, "imagefolder") and ":" not in self.dataset:
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of: "
+                             f"{', '.join(DATASETS)}, imagefolder, or give your own as "
+                             "'package.module:function'")
         if not self.resume:
             raise UsageError("--resume must be 'auto', 'none' or a checkpoint folder")
 

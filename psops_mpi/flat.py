@@ -90,9 +90,16 @@ class FlatParams:
         """Make every ``p.grad`` a view of ``grad`` again.
 
         ``optimizer.zero_grad()`` sets grads to None by default; autograd then allocates new
-        tensors outside the buffer. Those are copied in and replaced by views, which costs
-        nothing when the grads are already views (the usual case after the first step).
+        tensors outside the buffer. Those are gathered into it (one copy when every parameter
+        has a gradient) and replaced by views; grads that are views already cost nothing.
         """
+        grads = [p.grad for p in self.params]
+        if all(g is not None and g.data_ptr() != v.data_ptr()
+               for g, v in zip(grads, self._grad_views, strict=True)):
+            torch.cat([g.reshape(-1) for g in grads], out=self.grad)  # type: ignore[union-attr]
+            for param, view in zip(self.params, self._grad_views, strict=True):
+                param.grad = view
+            return
         for param, view in zip(self.params, self._grad_views, strict=True):
             if param.grad is None:
                 view.zero_()

@@ -21,14 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from psops_mpi.errors import UsageError
+from psops_mpi.factories import call_factory, load_callable, summary, torchvision_or_none
+from psops_mpi.tasks import Classification, Task
 
 Factory = Callable[[tuple[int, ...], int], nn.Module]
-
-
-def _summary(exc: BaseException) -> str:
-    """One-line 'Type: first line of message', so errors stay one line on stderr."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -194,6 +190,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "fashion-mnist": "lenet",
     "cifar10": "resnet20",
     "synthetic": "mlp",
+    "imagefolder": "resnet20",
 }
 
 
@@ -206,35 +203,15 @@ def _check_args(input_shape: tuple[int, ...], num_classes: int) -> None:
 
 def _resolve_auto(dataset: str | None) -> str:
     if dataset not in DEFAULT_MODELS:
-        raise UsageError(f"model 'auto' has no default for dataset {dataset!r}; "
-                         f"defaults exist for: {', '.join(DEFAULT_MODELS)}")
+        raise UsageError(f"model 'auto' has no default for dataset {dataset!r}; give --model "
+                         f"(defaults exist for: {', '.join(DEFAULT_MODELS)})")
     return DEFAULT_MODELS[dataset]
 
 
-def _load_user_factory(spec: str) -> Callable[..., object]:
-    """Import 'package.module:function' and return the function."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"model {spec!r} must have the form 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # SyntaxError, ImportError or whatever the module raises
-        raise UsageError(f"model {spec!r}: cannot import module {module_name!r}: "
-                         f"{_summary(exc)}") from None
-    if not hasattr(module, attr):
-        raise UsageError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}")
-    factory = getattr(module, attr)
-    if not callable(factory):
-        raise UsageError(f"model {spec!r}: {attr!r} is not callable")
-    return factory
-
-
 def _call_user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    factory = _load_user_factory(spec)
-    try:
-        model = factory(input_shape=input_shape, num_classes=num_classes)
-    except Exception as exc:
-        raise UsageError(f"model {spec!r}: the factory raised {_summary(exc)}") from None
+    factory = load_callable("model", spec)
+    model = call_factory("model", spec, factory, input_shape=input_shape,
+                         num_classes=num_classes)
     if not isinstance(model, nn.Module):
         raise UsageError(f"model {spec!r}: the factory returned {type(model).__name__}, "
                          f"not a torch.nn.Module")
@@ -245,7 +222,7 @@ def _call_registered(name: str, input_shape: tuple[int, ...], num_classes: int) 
     try:
         return MODELS[name](input_shape, num_classes)
     except Exception as exc:  # a shape the architecture cannot be built for
-        reason = str(exc) if isinstance(exc, UsageError) else _summary(exc)
+        reason = str(exc) if isinstance(exc, UsageError) else summary(exc)
         raise UsageError(f"model {name!r} does not accept inputs of shape "
                          f"{input_shape}: {reason}") from None
 
@@ -263,29 +240,34 @@ def eval_forward(model: nn.Module, x: torch.Tensor) -> object:
 
 
 def _check_forward(name: str, model: nn.Module, input_shape: tuple[int, ...],
-                   num_classes: int) -> None:
+                   num_classes: int, task: Task) -> None:
     """Run one eval-mode forward pass on zeros so a shape mismatch fails now, clearly."""
     try:
-        out = eval_forward(model, torch.zeros(2, *input_shape, dtype=torch.float32))
+        out = eval_forward(model, task.example_input(input_shape))
     except Exception as exc:
         raise UsageError(f"model {name!r} does not accept inputs of shape {input_shape}: "
-                         f"{_summary(exc)}") from None
+                         f"{summary(exc)}") from None
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if shape != (2, num_classes):
+    expected = task.output_shape(input_shape, num_classes)
+    if shape != expected:
         raise UsageError(f"model {name!r} gives outputs of shape {shape} for a batch of 2, "
-                         f"expected {(2, num_classes)}")
+                         f"expected {expected}")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
-                dataset: str | None = None) -> nn.Module:
+                dataset: str | None = None, task: Task | None = None) -> nn.Module:
     """Build a model by name and check that it accepts ``input_shape``.
 
     Args:
-        name: A key of :data:`MODELS`, 'auto' (the default of ``dataset``) or
-            'package.module:function', called as ``function(input_shape=..., num_classes=...)``.
+        name: A key of :data:`MODELS`, 'auto' (the default of ``dataset``),
+            'torchvision:NAME' (``torchvision.models.get_model(NAME, num_classes=...)``) or
+            'package.module:function', called with the keyword arguments it takes of
+            ``input_shape`` and ``num_classes``.
         input_shape: Shape of one sample, without the batch dimension.
-        num_classes: Number of output logits.
+        num_classes: Number of output logits (a language model's vocabulary).
         dataset: Dataset name, needed only for 'auto'.
+        task: What the model's output is for (default: classification): the shape check's
+            input and expected output.
 
     Returns:
         The model, in train mode, initialised from the global torch RNG.
@@ -299,13 +281,33 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
         name = _resolve_auto(dataset)
     if name in MODELS:
         model = _call_registered(name, input_shape, num_classes)
+    elif name.startswith("torchvision:"):
+        model = _torchvision_model(name, num_classes)
     elif ":" in name:
         model = _call_user_factory(name, input_shape, num_classes)
     else:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, 'auto', "
                          f"or give a user model as 'package.module:function'")
-    _check_forward(name, model, input_shape, num_classes)
+    _check_forward(name, model, input_shape, num_classes, task or Classification())
     return model
+
+
+def _torchvision_model(spec: str, num_classes: int) -> nn.Module:
+    """A model of torchvision's by name, untrained, with ``num_classes`` outputs."""
+    tv = torchvision_or_none()
+    if tv is None:
+        raise UsageError(f"model {spec!r} needs torchvision, which does not import here; "
+                         "install a torchvision that matches this torch (pip install "
+                         "'psops_mpi[vision]') or choose another --model")
+    name = spec.removeprefix("torchvision:")
+    if name not in tv.models.list_models():
+        raise UsageError(f"model {spec!r}: torchvision has no model {name!r}; see "
+                         "torchvision.models.list_models()")
+    try:
+        return tv.models.get_model(name, weights=None, num_classes=num_classes)
+    except Exception as exc:
+        raise UsageError(f"model {spec!r}: torchvision could not build it with "
+                         f"{num_classes} classes: {summary(exc)}") from None
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -373,7 +375,7 @@ def _channels_last_error(model: nn.Module, input_shape: tuple[int, ...],
     try:
         eval_forward(model, x.contiguous(memory_format=torch.channels_last))
     except Exception as exc:
-        return _summary(exc)
+        return summary(exc)
     return None
 
 

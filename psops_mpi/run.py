@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
@@ -40,6 +39,7 @@ from psops_mpi.precision import Precision
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, signal_name
 from psops_mpi.sync import NonFiniteStop, make_sync
+from psops_mpi.tasks import Task, make_task
 from psops_mpi.world import NodeLocal, agree, init_world, print0
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
@@ -59,33 +59,39 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
     if config.tensorboard:
         check_tensorboard(config.tensorboard, writer=world.is_root)
     precision = Precision(config.precision, world.device)
-    dataset = data.load_dataset(config.dataset, config.data_dir, world.device)
-    batches = data.ShardedBatches(dataset, world.rank, world.world_size, config.batch_size,
-                                  config.seed)
+    batches = data.open_source(config.dataset, config.data_dir, rank=world.rank,
+                               world_size=world.world_size, batch_size=config.batch_size,
+                               seed=config.seed, device=world.device,
+                               workers=config.data_workers, image_size=config.image_size)
+    task = make_task(batches.task)
     torch.manual_seed(config.seed)
-    model = models.build_model(config.model, dataset.input_shape, dataset.num_classes,
-                               config.dataset).to(world.device)
+    model = models.build_model(config.model, batches.input_shape, batches.num_classes,
+                               config.dataset, task).to(world.device)
     channels_last = models.apply_speed_settings(model, config.channels_last, config.compile,
-                                                dataset.input_shape, world.device)
+                                                batches.input_shape, world.device)
     config.channels_last = "on" if channels_last else "off"  # auto, resolved for the results
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metrics = MetricsWriter(config.metrics_out if world.is_root else None,
                             config.tensorboard if world.is_root else None)
-    return {"config": config, "world": world, "dataset": dataset, "batches": batches,
+    return {"config": config, "world": world, "batches": batches, "task": task,
             "model": model, "optimizer": optimizer, "metrics": metrics, "precision": precision}
 
 
-def holdout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def holdout_loss(model: nn.Module, task: Task, x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
     """Loss on the fixed holdout batch, in eval mode (no BatchNorm statistics updated)."""
-    return F.cross_entropy(models.eval_forward(model, x), y)
+    return task.loss(models.eval_forward(model, x), y)
 
 
 def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     """Every rank agrees the input is good, then the synchroniser starts every rank from rank
     0's weights (the first collective on tensors)."""
     built = agree(comm, lambda: prepare(argv, comm, local))
-    config, model = built["config"], built["model"]
+    config, model, batches = built["config"], built["model"], built["batches"]
+    infos = comm.allgather(batches.shard_info()) if comm.Get_size() > 1 else [
+        batches.shard_info()]
+    agree(comm, lambda: batches.agree_shards(infos), "the agreement on the steps of an epoch")
     StallWatch.of(comm).configure(config.stall_report_s, config.stall_abort_s)
     world = built["world"]
     if world.world_size > 1:  # every node's note, for rank 0's one line at start
@@ -93,8 +99,9 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
         world.gpu_sharing = "; ".join(notes)
     fitness_fn = None
     if config.pso.fitness == "holdout":
-        holdout = data.holdout_batch(built["dataset"], HOLDOUT_SIZE, config.seed)
-        fitness_fn = lambda: holdout_loss(model, *holdout)  # noqa: E731
+        holdout = agree(comm, lambda: batches.holdout(HOLDOUT_SIZE, config.seed),
+                        "the holdout batch")
+        fitness_fn = lambda: holdout_loss(model, built["task"], *holdout)  # noqa: E731
     precision = built["precision"]
     sync = make_sync(config, model, built["optimizer"], comm, fitness_fn,
                      cuda_aware=built["world"].cuda_aware.direct,
@@ -110,7 +117,7 @@ def checkpointer(run: Run, state: LoopState) -> Checkpointer:
     parts: dict[str, Stateful] = {
         "model": ModelPart(run.model, run.sync.flat, run.sync.buffers),
         "optimizer": OptimizerPart(run.optimizer), "sync": run.sync, "loop": state,
-        "rng": RNGPart(run.world.device), "precision": run.precision}
+        "rng": RNGPart(run.world.device), "precision": run.precision, "data": run.batches}
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     return Checkpointer(root, run.world.comm, parts, lambda: metadata(run, state, parts),
                         run.sync.rank_summary, every=cfg.checkpoint_every,
@@ -127,7 +134,8 @@ def metadata(run: Run, state: LoopState, parts: dict[str, Stateful]) -> dict[str
         "progress": state.progress, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "steps_per_epoch": state.steps_per_epoch, "evaluated": state.evaluated,
         "round": sync.metrics().rounds, **{k: getattr(cfg, k) for k in IDENTITY_SETTINGS},
-        "input_shape": list(run.dataset.input_shape), "num_classes": run.dataset.num_classes,
+        "input_shape": list(run.batches.input_shape), "num_classes": run.batches.num_classes,
+        "task": run.task.name,
         "num_params": sync.flat.numel,
         "dtype": str(sync.flat.data.dtype).removeprefix("torch."),
         "layout": model_part.layout(), "sync": sync.summary(), "legend": sync.legend(),
@@ -238,8 +246,9 @@ def announce(run: Run, loaded: Loaded | None) -> None:
         if run.world.gpu_sharing:
             print0(run.world, f"psops_mpi: fewer GPUs than ranks, sharing them "
                               f"(--device {run.config.device}): {run.world.gpu_sharing}")
-        if run.sync.describe():
-            print0(run.world, f"psops_mpi: {run.sync.describe()}")
+        for part in (run.batches, run.sync):
+            if part.describe():
+                print0(run.world, f"psops_mpi: {part.describe()}")
     if loaded is not None:  # a checkpoint taken after its epoch's evaluation reports it once
         run.metrics.rewrite_from = loaded.meta["step"] + bool(loaded.meta.get("evaluated"))
     run.metrics.write("start", config=run.config.to_dict(), world_size=run.world.world_size,
@@ -272,8 +281,9 @@ def finish(run: Run, final: dict[str, Any]) -> int:
              "config": run.config.to_dict()}
     run.metrics.write("final", **final)
     run.metrics.close()
-    results = (f"test acc {final['test_acc']:.4f}  test loss {final['test_loss']:.4f}  "
-               f"{final['wall_s']:.1f}s  {final['steps']} steps")
+    metric = run.task.metric
+    results = (f"test {metric} {final[f'test_{metric}']:.4f}  test loss "
+               f"{final['test_loss']:.4f}  {final['wall_s']:.1f}s  {final['steps']} steps")
     if code == EXIT_NONFINITE:
         print0(run.world, f"psops_mpi: error: training ended with a non-finite test loss "
                           f"after {final['steps']} steps ({results}); exit code {code}",

@@ -1,5 +1,6 @@
-"""Mini-batches on the rank's device: the per-rank shards every algorithm trains on, CIFAR
-augmentation, the holdout batch and each rank's part of the test set."""
+"""Mini-batches of the built-in sets, already on the rank's device (the fast path of
+:class:`~psops_mpi.data.source.BatchSource`): the per-rank shards every algorithm trains on,
+CIFAR augmentation, the holdout batch and each rank's part of the test set."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from psops_mpi.data.formats import Dataset
+from psops_mpi.data.source import Batch, BatchSource, check_start_step
 from psops_mpi.errors import UsageError
 
 _PAD = 4  # CIFAR augmentation: zero padding on each side before the random crop
+EVAL_BATCH = 1024  # test samples per forward pass
 
 
-def _derive_seed(tag: str, *nums: int) -> int:
+def derive_seed(tag: str, *nums: int) -> int:
     """A 63-bit seed that depends on every part, so distinct streams never share a seed."""
     text = ",".join([tag, *(str(int(n)) for n in nums)])
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
@@ -44,7 +47,7 @@ def holdout_batch(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor,
     if size < 1:
         raise UsageError(f"the holdout batch size must be positive, got {size}")
     n = dataset.x_train.shape[0]
-    idx = torch.randperm(n, generator=_generator(_derive_seed("holdout", seed)))[:size]
+    idx = torch.randperm(n, generator=_generator(derive_seed("holdout", seed)))[:size]
     idx = idx.to(dataset.x_train.device)
     return dataset.x_train.index_select(0, idx), dataset.y_train.index_select(0, idx)
 
@@ -63,7 +66,12 @@ def eval_shard(dataset: Dataset, rank: int, world_size: int) -> tuple[torch.Tens
     return dataset.x_test[start:stop], dataset.y_test[start:stop]
 
 
-class ShardedBatches:
+def shard_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's shuffle of ``n`` training indices, the same on every rank (on the CPU)."""
+    return torch.randperm(n, generator=_generator(derive_seed("shuffle", seed, epoch)))
+
+
+class ShardedBatches(BatchSource):
     """Per-rank mini-batches: each epoch one shared shuffle, cut into disjoint equal shards.
 
     Args:
@@ -91,22 +99,33 @@ class ShardedBatches:
                              f"{self.shard_len} samples; use a smaller batch or fewer ranks")
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.batch_size, self.seed = batch_size, seed
+        self.name, self.input_shape = dataset.name, dataset.input_shape
+        self.num_classes = dataset.num_classes
         # Ranks run collectives in lock step, so every rank must run this many steps.
         self.steps_per_epoch = self.shard_len // batch_size
 
+    @property
+    def num_train(self) -> int:
+        return self.dataset.x_train.shape[0]
+
     def shard_indices(self, epoch: int) -> torch.Tensor:
         """This rank's training-set indices for ``epoch``, on the data's device."""
-        n = self.dataset.x_train.shape[0]
-        perm = torch.randperm(n, generator=_generator(_derive_seed("shuffle", self.seed, epoch)))
+        perm = shard_permutation(self.num_train, self.seed, epoch)
         start = self.rank * self.shard_len
         return perm[start:start + self.shard_len].to(self.dataset.x_train.device)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield (x, y) batches of ``epoch`` from ``start_step`` on (to resume mid-epoch)."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise UsageError(f"start step {start_step} is outside 0..{self.steps_per_epoch}, "
-                             f"the steps of one epoch")
+        check_start_step(start_step, self.steps_per_epoch)
         return self._batches(epoch, start_step)
+
+    def test_batches(self) -> Iterator[Batch]:
+        x, y = eval_shard(self.dataset, self.rank, self.world_size)
+        for start in range(0, len(x), EVAL_BATCH):
+            yield x[start:start + EVAL_BATCH], y[start:start + EVAL_BATCH]
+
+    def holdout(self, size: int, seed: int) -> Batch:
+        return holdout_batch(self.dataset, size, seed)
 
     def augment_draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's crop offsets (steps, 2, B) and flips (steps, B) for every batch of
@@ -121,7 +140,7 @@ class ShardedBatches:
         """
         device = self.dataset.x_train.device
         generator = torch.Generator(device=device)
-        generator.manual_seed(_derive_seed("augment", self.seed, self.rank, epoch))
+        generator.manual_seed(derive_seed("augment", self.seed, self.rank, epoch))
         shape = (self.steps_per_epoch, self.batch_size)
         offsets = torch.randint(0, 2 * _PAD + 1, (shape[0], 2, shape[1]), generator=generator,
                                 device=device)

@@ -351,6 +351,9 @@ _LOADERS: dict[str, Callable[[str | None], Split]] = {
 }
 
 
+BUILT_IN_SETS: tuple[str, ...] = tuple(_LOADERS)
+
+
 def load_dataset(name: str, data_dir: str | None, device: torch.device | str = "cpu") -> Dataset:
     """Load a dataset by name and move it to ``device``.
 

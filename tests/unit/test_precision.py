@@ -14,6 +14,7 @@ from psops_mpi.errors import UsageError
 from psops_mpi.loop import LoopState, train_step
 from psops_mpi.precision import Precision, check_supported
 from psops_mpi.sync import NonFiniteStop, PASync, SSGDSync
+from psops_mpi.tasks import Classification
 
 CPU = torch.device("cpu")
 
@@ -31,7 +32,7 @@ def _batch(nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(algo: str, precision: Precision, max_nonfinite: int = 10) -> SimpleNamespace:
-    """What train_step uses of a Run: model, optimizer, synchroniser, precision."""
+    """What train_step uses of a Run: model, optimizer, synchroniser, precision, task."""
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if algo == "ssgd":
@@ -39,7 +40,8 @@ def _run(algo: str, precision: Precision, max_nonfinite: int = 10) -> SimpleName
                         loss_scale=precision.scale if precision.scaled else None)
     else:
         sync = PASync(model, opt, MPI.COMM_SELF, 4, max_nonfinite=max_nonfinite)
-    return SimpleNamespace(model=model, optimizer=opt, sync=sync, precision=precision)
+    return SimpleNamespace(model=model, optimizer=opt, sync=sync, precision=precision,
+                           task=Classification())
 
 
 def _set_scale(precision: Precision, scale: float, growth_tracker: int = 0) -> None:
