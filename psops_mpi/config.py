@@ -24,7 +24,8 @@ LAUNCH_SETTINGS = frozenset({
 
 # The built-in sets, held whole on the device; beside them --dataset takes imagefolder and
 # package.module:function (psops_mpi.data.user).
-DATASETS: tuple[str, ...] = ("mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic")
+DATASETS: tuple[str, ...] = ("mnist1d", "mnist", "fashion-mnist", "cifar10", "synthetic",
+                             "fortunes")
 
 # Named PSO-PS settings (--pso-preset); flags given beside a preset override it. The field
 # defaults below are the default preset's values (a test checks).
@@ -149,9 +150,10 @@ class TrainConfig:
     data_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Folder holding the dataset files (mnist, fashion-mnist, cifar10, imagefolder; given to
     your own dataset's function)."""
-    data_workers: int = field(default=2, metadata={"metavar": "N"})
+    data_workers: int | None = field(default=None, metadata={"metavar": "N"})
     """DataLoader worker processes per rank for imagefolder and your own datasets (0: read
-    in the training process); the built-in sets are on the device already."""
+    in the training process; none: one less than each rank's share of the cores, at most
+    4); the built-in sets are on the device already."""
     image_size: int = field(default=0, metadata={"metavar": "N"})
     """imagefolder: the side images are brought to (0: the first training image's shorter
     side)."""
@@ -244,8 +246,10 @@ class TrainConfig:
         check_choices(self)
         for name in ("sync_every", "batch_size", "epochs"):
             _integer(flag(name), getattr(self, name), 1)
-        for name in ("threads", "max_steps", "checkpoint_every", "data_workers", "image_size"):
+        for name in ("threads", "max_steps", "checkpoint_every", "image_size"):
             _integer(flag(name), getattr(self, name), 0)
+        if self.data_workers is not None:
+            _integer("--data-workers", self.data_workers, 0)
         _integer("--keep-last", self.keep_last, 1)
         _integer("--max-nonfinite", self.max_nonfinite, 1)
         _non_negative("--stall-report-s", self.stall_report_s)

@@ -40,10 +40,10 @@ def call_factory(kind: str, spec: str, factory: Callable[..., Any], **offered: A
     """Call ``factory`` with those of the ``offered`` keyword arguments it takes (all of
     them if it takes ``**kwargs``); whatever it raises becomes one line."""
     try:
-        params = inspect.signature(factory).parameters.values()
+        params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: offer everything
-        params = ()
-    if params and not any(p.kind is p.VAR_KEYWORD for p in params):
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
         names = {p.name for p in params}
         offered = {k: v for k, v in offered.items() if k in names}
     try:

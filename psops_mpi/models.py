@@ -175,6 +175,75 @@ def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return _ResNetCifar(input_shape[0], num_classes)
 
 
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal self-attention, then a GELU MLP, each residual."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, width)
+        batch, length, width = x.shape
+        # (B, T, 3 * width) -> three (B, heads, T, width / heads)
+        q, k, v = (self.qkv(self.ln1(x)).view(batch, length, 3, self.num_heads, -1)
+                   .permute(2, 0, 3, 1, 4))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(batch, length, width))
+        return x + self.mlp(self.ln2(x))
+
+
+class _GPT(nn.Module):
+    """Decoder-only transformer on token ids (GPT-2 layout, dropout 0): learned positions,
+    pre-LayerNorm blocks, and an output layer tied to the token embedding."""
+
+    def __init__(self, context: int, vocab: int, num_layers: int, width: int,
+                 num_heads: int) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise UsageError(f"gpt width {width} is not a multiple of its {num_heads} heads")
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(_Block(width, num_heads) for _ in range(num_layers)))
+        self.ln_f = nn.LayerNorm(width)
+        # GPT-2's initialisation; the projections into the residual stream shrink with depth
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif param.dim() == 2:
+                deep = name.endswith(("proj.weight", "mlp.2.weight"))
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * num_layers) if deep else 0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) int64 -> (B, T, vocab)
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.ln_f(self.blocks(self.tokens(idx) + self.positions(positions)))
+        # tied by reuse, not by a second module holding the same tensor: one parameter, one
+        # state-dict entry, one slice of the synchroniser's flat buffer
+        return F.linear(x, self.tokens.weight)
+
+
+def _gpt(name: str, input_shape: tuple[int, ...], vocab: int, num_layers: int, width: int,
+         num_heads: int) -> nn.Module:
+    _need_dims(name, input_shape, (1,))
+    return _GPT(input_shape[0], vocab, num_layers, width, num_heads)
+
+
+def gpt(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Small GPT for (T,) token ids, logits over ``num_classes`` tokens at every position:
+    4 layers of width 256, 4 heads (3.26M parameters on fortunes: T 128, 256 bytes)."""
+    return _gpt("gpt", input_shape, num_classes, num_layers=4, width=256, num_heads=4)
+
+
+def gpt_tiny(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The GPT with 2 layers of width 64, 2 heads, for fast tests (0.12M on fortunes)."""
+    return _gpt("gpt-tiny", input_shape, num_classes, num_layers=2, width=64, num_heads=2)
+
+
 MODELS: dict[str, Factory] = {
     "mlp": mlp,
     "mlp-wide": mlp_wide,
@@ -182,6 +251,8 @@ MODELS: dict[str, Factory] = {
     "lenet": lenet,
     "cnn": cnn,
     "resnet20": resnet20,
+    "gpt": gpt,
+    "gpt-tiny": gpt_tiny,
 }
 
 DEFAULT_MODELS: dict[str, str] = {
@@ -191,6 +262,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "cifar10": "resnet20",
     "synthetic": "mlp",
     "imagefolder": "resnet20",
+    "fortunes": "gpt",
 }
 
 

@@ -40,7 +40,7 @@ from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, signal_name
 from psops_mpi.sync import NonFiniteStop, make_sync
 from psops_mpi.tasks import Task, make_task
-from psops_mpi.world import NodeLocal, agree, init_world, print0
+from psops_mpi.world import NodeLocal, agree, data_workers, init_world, print0
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
 OWN_PARTS = ("optimizer", "rng")  # what a rank that joins a resized run starts afresh
@@ -59,10 +59,12 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
     if config.tensorboard:
         check_tensorboard(config.tensorboard, writer=world.is_root)
     precision = Precision(config.precision, world.device)
+    if config.dataset not in data.BUILT_IN_SETS:  # resolved for the results, as auto below
+        config.data_workers = data_workers(config.data_workers, world.local_size)
     batches = data.open_source(config.dataset, config.data_dir, rank=world.rank,
                                world_size=world.world_size, batch_size=config.batch_size,
                                seed=config.seed, device=world.device,
-                               workers=config.data_workers, image_size=config.image_size)
+                               workers=config.data_workers or 0, image_size=config.image_size)
     task = make_task(batches.task)
     torch.manual_seed(config.seed)
     model = models.build_model(config.model, batches.input_shape, batches.num_classes,

@@ -203,6 +203,12 @@ def cpu_threads(requested: int, local_size: int) -> int:
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
+    return core_share(local_size)
+
+
+def core_share(local_size: int) -> int:
+    """The cores this rank may use: its affinity mask where the launcher bound it, else an
+    even share of the node's cores among its ``local_size`` ranks."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -211,6 +217,16 @@ def cpu_threads(requested: int, local_size: int) -> int:
     # mask is this rank's share and must not be divided again.
     share = cores if cores < (os.cpu_count() or cores) else cores // local_size
     return max(1, share)
+
+
+def data_workers(requested: int | None, local_size: int) -> int:
+    """DataLoader workers per rank: the requested count, else one less than this rank's
+    cores (the training process keeps one), at most 4. On a 2-core machine with 2 ranks
+    that is none: there a worker's batches cost more to pass between processes than they
+    save (``bench/data_bench.py``)."""
+    if requested is not None:
+        return requested
+    return min(4, core_share(local_size) - 1)
 
 
 def node_local(comm: MPI.Comm) -> NodeLocal:

@@ -100,7 +100,7 @@ class ShardedBatches(BatchSource):
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.batch_size, self.seed = batch_size, seed
         self.name, self.input_shape = dataset.name, dataset.input_shape
-        self.num_classes = dataset.num_classes
+        self.num_classes, self.task = dataset.num_classes, dataset.task
         # Ranks run collectives in lock step, so every rank must run this many steps.
         self.steps_per_epoch = self.shard_len // batch_size
 

@@ -1,5 +1,5 @@
-"""Dataset files: readers for IDX (MNIST, Fashion-MNIST), CIFAR-10 (python and binary) and the
-generated sets, each loaded whole as normalised tensors on the rank's device.
+"""Dataset files: readers for IDX (MNIST, Fashion-MNIST), CIFAR-10 (python and binary), the
+fortunes text corpus and the generated sets, each loaded whole as tensors on the rank's device.
 
 Every loader checks its files strictly and reports a bad or missing file as one
 :class:`~psops_mpi.config.UsageError` line naming the file, never as a raw traceback.
@@ -13,6 +13,7 @@ import importlib.metadata
 import math
 import pickle
 import random
+import re
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -39,6 +40,9 @@ class Dataset:
     num_classes: int
     augment: bool
     """Whether training batches get a random pad-4 crop and horizontal flip (cifar10)."""
+    task: str = "classification"
+    """What the batches are for (a :mod:`psops_mpi.tasks` name): a language model's inputs
+    and targets are (N, T) token ids, ``num_classes`` its vocabulary."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -46,13 +50,15 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-DEFAULT_DATA_DIRS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+DEFAULT_DATA_DIRS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist",
+                                     "fortunes": "/usr/share/games/fortunes"}
 
 _SOURCES = {
     "mnist": "Yann LeCun's MNIST page (http://yann.lecun.com/exdb/mnist/) or any MNIST mirror",
     "fashion-mnist": "Zalando's fashion-mnist repository "
     "(https://github.com/zalandoresearch/fashion-mnist) or Debian's dataset-fashion-mnist package",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (python or binary version)",
+    "fortunes": "Debian's fortunes package (apt-get install fortunes)",
 }
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -270,6 +276,80 @@ def _load_cifar10(data_dir: str | None) -> Split:
             _normalise(x_te, "cifar10"), _labels(y_te))
 
 
+# ---------------------------------------------------------------------------- fortunes (text)
+
+FORTUNE_CONTEXT = 128
+"""Tokens (bytes) per fortunes sample: x is a window of this many, y the same shifted by one."""
+FORTUNE_VOCAB = 256  # byte-level: every UTF-8 byte is a token, no tokenizer
+FORTUNE_SEPARATOR = b"%\n"
+"""Joins a split's entries, as the fortune files do: the model learns where an entry ends."""
+_FORTUNE_TEST_SHARE = 20  # one entry in 20 (by a hash of its text) is a test entry
+_FORTUNE_DELIMITER = re.compile(rb"^%\n", re.MULTILINE)  # a line holding only "%"
+
+
+def _fortune_files(folder: Path) -> list[Path]:
+    """The plain fortune files of ``folder``, sorted: not the ``.dat`` indexes (strfile's),
+    the ``.u8`` copies or links (UTF-8 twins of the plain files), subfolders or hidden files."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix not in (".dat", ".u8") and not p.name.startswith(".")
+                  and p.is_file())
+
+
+def _fortune_entries(folder: Path) -> list[bytes]:
+    """Every distinct non-blank entry of the fortune files in ``folder``, in file order.
+
+    Raises:
+        UsageError: the folder is missing, a file cannot be read, or there is no entry.
+    """
+    hint = "install Debian's fortunes package (apt-get install fortunes) or point --data-dir " \
+        "at a folder of fortune files"
+    if not folder.is_dir():
+        raise UsageError(f"fortunes data folder {folder} does not exist; {hint}")
+    entries: dict[bytes, None] = {}  # an entry found twice (124 are) counts once
+    for path in _fortune_files(folder):
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path} ({_one_line(exc)}); {hint}") from None
+        for entry in _FORTUNE_DELIMITER.split(text):
+            if entry.strip():
+                entries.setdefault(entry.rstrip(b"\n") + b"\n")
+    if not entries:
+        raise UsageError(f"fortunes data folder {folder} holds no fortune entries (text files "
+                         f"of entries separated by lines holding only %); {hint}")
+    return list(entries)
+
+
+def _is_fortune_test_entry(entry: bytes) -> bool:
+    """Whether ``entry`` belongs to the test split: fixed by its text (a CRC-32), so the split
+    is the same on every rank and run, and an entry found twice is never on both sides."""
+    return zlib.crc32(entry) % _FORTUNE_TEST_SHARE == 0
+
+
+def _fortune_windows(entries: list[bytes], folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries joined by the separator, cut into non-overlapping windows of T + 1 bytes:
+    (N, T) inputs and the (N, T) next bytes; the tail shorter than a window is dropped."""
+    data = np.frombuffer(FORTUNE_SEPARATOR.join(entries), dtype=np.uint8)
+    num_windows = len(data) // (FORTUNE_CONTEXT + 1)
+    if num_windows == 0:
+        raise UsageError(f"fortunes data folder {folder} holds too little text for a split of "
+                         f"{FORTUNE_CONTEXT + 1}-byte windows; install Debian's fortunes package "
+                         f"(apt-get install fortunes) or point --data-dir at more fortune files")
+    windows = data[: num_windows * (FORTUNE_CONTEXT + 1)].reshape(num_windows, -1)
+    tokens = torch.from_numpy(windows.astype(np.int64))
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _load_fortunes(data_dir: str | None) -> Split:
+    """Byte-level next-token windows of the fortune cookies (Debian's fortunes package: about
+    2.5 MB of English in some 15,000 entries); about one entry in 20 is held out for testing."""
+    folder = Path(data_dir or DEFAULT_DATA_DIRS["fortunes"]).expanduser()
+    entries = _fortune_entries(folder)  # 0.1 s: fast enough to need no cache
+    test = [e for e in entries if _is_fortune_test_entry(e)]
+    train = [e for e in entries if not _is_fortune_test_entry(e)]
+    return (*_fortune_windows(train, folder), *_fortune_windows(test, folder))
+
+
 # ---------------------------------------------------------------------------- generated sets
 
 def _load_mnist1d(data_dir: str | None) -> Split:
@@ -348,7 +428,23 @@ _LOADERS: dict[str, Callable[[str | None], Split]] = {
     "fashion-mnist": lambda d: _load_idx("fashion-mnist", d),
     "cifar10": _load_cifar10,
     "synthetic": _load_synthetic,
+    "fortunes": _load_fortunes,
 }
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a built-in set's tensors are: the classes (or vocabulary), augmentation, task."""
+
+    num_classes: int = _NUM_CLASSES
+    augment: bool = False
+    task: str = "classification"
+
+
+_KINDS: dict[str, _Kind] = {
+    "cifar10": _Kind(augment=True),
+    "fortunes": _Kind(num_classes=FORTUNE_VOCAB, task="language-model"),
+}  # the others: ten classes, no augmentation
 
 
 BUILT_IN_SETS: tuple[str, ...] = tuple(_LOADERS)
@@ -358,8 +454,9 @@ def load_dataset(name: str, data_dir: str | None, device: torch.device | str = "
     """Load a dataset by name and move it to ``device``.
 
     Args:
-        name: one of mnist1d, mnist, fashion-mnist, cifar10, synthetic.
-        data_dir: folder with the dataset files (mnist, fashion-mnist, cifar10); else ignored.
+        name: one of mnist1d, mnist, fashion-mnist, cifar10, synthetic, fortunes.
+        data_dir: folder with the dataset files (mnist, fashion-mnist, cifar10, fortunes);
+            else ignored.
         device: where every tensor ends up.
 
     Raises:
@@ -368,5 +465,6 @@ def load_dataset(name: str, data_dir: str | None, device: torch.device | str = "
     if name not in _LOADERS:
         raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(_LOADERS)}")
     x_tr, y_tr, x_te, y_te = _LOADERS[name](data_dir)
+    kind = _KINDS.get(name, _Kind())
     return Dataset(name, x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device),
-                   num_classes=_NUM_CLASSES, augment=name == "cifar10")
+                   num_classes=kind.num_classes, augment=kind.augment, task=kind.task)

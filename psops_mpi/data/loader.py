@@ -85,11 +85,25 @@ class KeyedSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, int]:
-        epoch, index = key
-        in_main = get_worker_info() is None
-        with kept_generators() if in_main else contextlib.nullcontext():
-            seed_generators(derive_seed("sample", self.seed, epoch, index))
-            x, y = as_pair(self.dataset[index], f"sample {index} of {self.name}")
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Key]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """A batch of samples (the DataLoader asks for a batch at once). A dataset that reads
+        a batch at once (its own ``__getitems__``) is asked so, with the generators seeded
+        from the batch's first key; any other is read sample by sample. In the training
+        process, its generators are put back once per batch."""
+        with kept_generators() if get_worker_info() is None else contextlib.nullcontext():
+            if not hasattr(self.dataset, "__getitems__"):
+                return [self._read(epoch, index) for epoch, index in keys]
+            seed_generators(derive_seed("batch", self.seed, *keys[0]))
+            indices = [index for _, index in keys]
+            samples = self.dataset.__getitems__(indices)  # type: ignore[attr-defined]
+            return [(*as_pair(sample, f"sample {i} of {self.name}"), i)
+                    for sample, i in zip(samples, indices, strict=True)]
+
+    def _read(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        seed_generators(derive_seed("sample", self.seed, epoch, index))
+        x, y = as_pair(self.dataset[index], f"sample {index} of {self.name}")
         return x, y, index
 
 
@@ -239,11 +253,13 @@ class LoaderBatches(BatchSource):
         return self._num_train
 
     def _loader(self, dataset: Dataset, persistent: bool = False, **kwargs: Any) -> DataLoader:
-        workers = self.workers
-        return DataLoader(dataset, num_workers=workers, collate_fn=self._collate,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=persistent and workers > 0,
-                          prefetch_factor=4 if workers else None, **kwargs)
+        # A generator of its own: a DataLoader draws its workers' base seed at every iter(),
+        # from the global generator (the training process's stream) unless given one.
+        generator = torch.Generator().manual_seed(derive_seed("loader", self.seed, self.rank))
+        return DataLoader(dataset, num_workers=self.workers, collate_fn=self._collate,
+                          pin_memory=self.device.type == "cuda", generator=generator,
+                          persistent_workers=persistent and self.workers > 0,
+                          prefetch_factor=4 if self.workers else None, **kwargs)
 
     def shard_info(self) -> int | None:
         return self._num_train if self.iterable else None
@@ -300,8 +316,6 @@ class LoaderBatches(BatchSource):
             raise UsageError(f"{self.name} ended after {step} batches in epoch {epoch + 1} on "
                              f"rank {self.rank}, fewer than the {self.steps_per_epoch} its "
                              "length promised") from None
-        except UsageError:
-            raise
         except Exception as exc:
             raise loader_error(exc, self.rank, epoch, step) from None
 
@@ -324,8 +338,6 @@ class LoaderBatches(BatchSource):
                 x, y = next(batches)
             except StopIteration:
                 return
-            except UsageError:
-                raise
             except Exception as exc:
                 raise loader_error(exc, self.rank, TEST_EPOCH, step) from None
             yield self._to_device(x), self._to_device(y)
@@ -341,7 +353,7 @@ class LoaderBatches(BatchSource):
         generator = torch.Generator().manual_seed(derive_seed("holdout", seed))
         chosen = torch.randperm(n, generator=generator)[:size].tolist()
         keyed = KeyedSamples(self.train, self.seed, self.name)
-        x, y = self._collate([keyed[(HOLDOUT_EPOCH, i)] for i in chosen])
+        x, y = self._collate(keyed.__getitems__([(HOLDOUT_EPOCH, i) for i in chosen]))
         return x.to(self.device), y.to(self.device)
 
     def close(self) -> None:
@@ -349,12 +361,13 @@ class LoaderBatches(BatchSource):
 
 
 def loader_error(exc: BaseException, rank: int, epoch: int, step: int) -> Exception:
-    """A DataLoader's failure as one line: a check's UsageError raised in a worker comes back
-    as itself; anything else (a worker that died, a dataset that raised) names the rank and
-    the batch."""
+    """A DataLoader's failure as one line. A check's UsageError, raised in the training
+    process or in a worker (whose traceback the DataLoader folds into the message), comes
+    back as one line of itself; anything else (a worker that died, a dataset that raised)
+    names the rank and the batch."""
     text = str(exc)
     last = next((line for line in reversed(text.strip().splitlines()) if line.strip()), "")
-    if "UsageError" in text and last.startswith("psops_mpi.errors.UsageError: "):
+    if isinstance(exc, UsageError):
         return UsageError(last.removeprefix("psops_mpi.errors.UsageError: "))
     where = "the test set" if epoch == TEST_EPOCH else f"epoch {epoch + 1}, batch {step + 1}"
     detail = last if "Original Traceback" in text else " ".join(text.split())

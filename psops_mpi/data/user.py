@@ -32,6 +32,7 @@ from psops_mpi.data.loader import (
     as_pair,
     check_targets,
     collate,
+    kept_generators,
 )
 from psops_mpi.errors import UsageError
 from psops_mpi.factories import call_factory, load_callable
@@ -97,8 +98,9 @@ def first_sample(spec: str, which: str, dataset: Dataset) -> tuple[torch.Tensor,
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise UsageError(f"dataset {spec!r}: the {which} set is empty")
     try:
-        sample = (next(iter(dataset)) if isinstance(dataset, IterableDataset)
-                  else dataset[0])
+        with kept_generators():  # the training process's streams stay as they were
+            sample = (next(iter(dataset)) if isinstance(dataset, IterableDataset)
+                      else dataset[0])
     except UsageError:
         raise
     except Exception as exc:
@@ -142,5 +144,5 @@ def check_user_sets(sets: UserSets, rank: int, world_size: int, batch_size: int,
         keyed = KeyedSamples(train, seed, sets.name)
         first = next(iter(EpochShards(len(train), rank, world_size,  # type: ignore[arg-type]
                                       batch_size, seed)))
-        collate([keyed[(HOLDOUT_EPOCH, i)] for _, i in first], sets.name, sets.task,
-                sets.num_classes)
+        collate(keyed.__getitems__([(HOLDOUT_EPOCH, i) for _, i in first]), sets.name,
+                sets.task, sets.num_classes)

@@ -16,6 +16,7 @@ from psops_mpi.models import (
     compile_missing,
     num_parameters,
 )
+from psops_mpi.tasks import LanguageModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPILE_MISSING = compile_missing(torch.device("cpu"))  # what torch.compile lacks here, if any
@@ -32,6 +33,7 @@ CASES = [
     ("mlp", (32,)),
     ("mlp-wide", (1, 40)),
 ]
+LANGUAGE_MODELS = ("gpt", "gpt-tiny")  # on token ids; tested in tests/unit/test_text.py
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def _usage_error(name: str, input_shape: tuple[int, ...] = (1, 40)) -> str:
 
 
 def test_every_registered_model_is_covered() -> None:
-    assert {name for name, _ in CASES} == set(MODELS)
+    assert {name for name, _ in CASES} | set(LANGUAGE_MODELS) == set(MODELS)
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES)
@@ -116,7 +118,10 @@ AUTO = {
     "fashion-mnist": ("lenet", (1, 28, 28), 61_706),
     "cifar10": ("resnet20", (3, 32, 32), 269_722),
     "synthetic": ("mlp", (32,), 32 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10),
+    "fortunes": ("gpt", (128,), 3_257_856),
 }
+# the sets whose models are not 10-class classifiers: their outputs (classes) and task
+AUTO_OUTPUTS = {"fortunes": (256, LanguageModel())}
 
 
 def test_every_dataset_has_its_documented_default() -> None:
@@ -125,17 +130,18 @@ def test_every_dataset_has_its_documented_default() -> None:
     assert set(AUTO) == set(DATASETS)
     readme = (REPO_ROOT / "README.md").read_text()
     assert ("`--model auto` picks `cnn1d` for mnist1d, `lenet` for (fashion-)mnist, `resnet20` "
-            "for cifar10,\n`mlp` for synthetic.") in readme
+            "for cifar10,\n`mlp` for synthetic, `gpt` for fortunes.") in readme
 
 
 @pytest.mark.parametrize("dataset", sorted(AUTO))
 def test_auto_builds_the_documented_default(dataset: str) -> None:
     name, shape, num_params = AUTO[dataset]
+    num_classes, task = AUTO_OUTPUTS.get(dataset, (10, None))
     assert DEFAULT_MODELS[dataset] == name
     torch.manual_seed(3)
-    auto = build_model("auto", shape, 10, dataset=dataset)
+    auto = build_model("auto", shape, num_classes, dataset=dataset, task=task)
     torch.manual_seed(3)
-    named = build_model(name, shape, 10)
+    named = build_model(name, shape, num_classes, task=task)
     assert num_parameters(auto) == num_parameters(named) == num_params
     assert type(auto) is type(named)
     assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(),
