@@ -317,7 +317,7 @@ class LoaderBatches(BatchSource):
                              f"rank {self.rank}, fewer than the {self.steps_per_epoch} its "
                              "length promised") from None
         except Exception as exc:
-            raise loader_error(exc, self.rank, epoch, step) from None
+            raise loader_error(exc, self.rank, epoch, step, batches) from None
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
@@ -339,7 +339,7 @@ class LoaderBatches(BatchSource):
             except StopIteration:
                 return
             except Exception as exc:
-                raise loader_error(exc, self.rank, TEST_EPOCH, step) from None
+                raise loader_error(exc, self.rank, TEST_EPOCH, step, batches) from None
             yield self._to_device(x), self._to_device(y)
 
     def holdout(self, size: int, seed: int) -> Batch:
@@ -360,19 +360,41 @@ class LoaderBatches(BatchSource):
         self._train_loader = None  # its persistent workers end with it
 
 
-def loader_error(exc: BaseException, rank: int, epoch: int, step: int) -> Exception:
+def loader_error(exc: BaseException, rank: int, epoch: int, step: int,
+                 batches: object = None) -> Exception:
     """A DataLoader's failure as one line. A check's UsageError, raised in the training
     process or in a worker (whose traceback the DataLoader folds into the message), comes
-    back as one line of itself; anything else (a worker that died, a dataset that raised)
-    names the rank and the batch."""
+    back as one line of itself. A worker that died is said as such, whatever the loader
+    raised on finding out (a message about the worker, a connection reset by it); anything
+    else (the dataset raised) names the rank, the batch and the error."""
     text = str(exc)
     last = next((line for line in reversed(text.strip().splitlines()) if line.strip()), "")
     if isinstance(exc, UsageError):
         return UsageError(last.removeprefix("psops_mpi.errors.UsageError: "))
     where = "the test set" if epoch == TEST_EPOCH else f"epoch {epoch + 1}, batch {step + 1}"
+    dead = dead_workers(batches)
+    if dead:
+        return RuntimeError(f"a DataLoader worker of rank {rank} died ({dead}) while reading "
+                            f"{where}; the data cannot be read without it")
     detail = last if "Original Traceback" in text else " ".join(text.split())
     return RuntimeError(f"reading {where} on rank {rank} failed: {type(exc).__name__}: "
                         f"{detail}")
+
+
+def dead_workers(batches: object) -> str:
+    """'pid N, killed by SIGKILL', ... for the loader's workers that are gone ('' if none,
+    or for a loader without workers)."""
+    import signal
+
+    gone = []
+    for worker in getattr(batches, "_workers", ()):
+        worker.join(timeout=0.5)  # a worker that was just killed: let it be reaped
+        code = worker.exitcode
+        if code is not None and code != 0:
+            how = (f"killed by {signal.Signals(-code).name}" if code < 0 else
+                   f"exit code {code}")
+            gone.append(f"pid {worker.pid}, {how}")
+    return "; ".join(gone)
 
 
 def agreed_steps(lengths: Sequence[int], batch_size: int, workers: int) -> tuple[int, int]:

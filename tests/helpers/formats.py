@@ -139,3 +139,24 @@ def write_cifar_bin(folder: Path, n: int = 4) -> list[np.ndarray]:
         (folder / f"{name}.bin").write_bytes(records.tobytes())
         written.append(data)
     return written
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+def write_fashion_pngs(root: Path, per_class: int, test_per_class: int) -> None:
+    """Real Fashion-MNIST images as PNG files in torchvision's ImageFolder layout:
+    ``root/{train,test}/<class>/<index>.png``, the first ``per_class`` images of each class
+    from the training files and ``test_per_class`` from the test files."""
+    from PIL import Image
+
+    for split, prefix, count in (("train", "train", per_class), ("test", "t10k", test_per_class)):
+        with gzip.open(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz") as fh:
+            images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz") as fh:
+            labels = np.frombuffer(fh.read(), np.uint8, offset=8)
+        for label in range(10):
+            folder = root / split / f"class-{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in np.flatnonzero(labels == label)[:count]:
+                Image.fromarray(images[index]).save(folder / f"{index:05d}.png")

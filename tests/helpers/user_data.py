@@ -86,18 +86,16 @@ class DiskSamples(Dataset):
 
 
 def write_disk_samples(folder: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> None:
-    """``n`` random uint8 samples whose class is their mean brightness, written in chunks
-    (the writer holds no more than a chunk either)."""
+    """``n`` uint8 samples: one noise pattern plus a brightness that is the sample's class,
+    written in chunks (the writer holds no more than a chunk either)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, n)
-    size, chunk = int(np.prod(shape)), 256
+    noise = rng.integers(0, 60, int(np.prod(shape)), dtype=np.uint8)
     with (folder / "samples.u8").open("wb") as fh:
-        for start in range(0, n, chunk):
-            y = labels[start:start + chunk]
-            base = (y * 20 + 30).astype(np.int16)[:, None]
-            noise = rng.integers(-30, 31, (len(y), size), dtype=np.int16)
-            fh.write((base + noise).clip(0, 255).astype(np.uint8).tobytes())
+        for start in range(0, n, 64):
+            base = (labels[start:start + 64] * 18 + 20).astype(np.uint8)[:, None]
+            fh.write((noise + base).tobytes())
     np.save(folder / "labels.npy", labels)
     (folder / "shape.txt").write_text(" ".join(map(str, shape)))
 

@@ -273,3 +273,9 @@ def view_flatten_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
     model = _ViewFlatten(input_shape[0], num_classes)
     model(torch.zeros(1, *input_shape))  # materialise the lazy layer
     return model
+
+
+def pooled(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Average-pools (C, H, W) images to 8x8, then one linear layer: cheap on large images."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(),
+                         nn.Linear(input_shape[0] * 64, num_classes))
