@@ -7,6 +7,9 @@
 #   [kernel]     the fused PSO update against copy_ at 10^6 to 10^9 floats;
 #   [tests]      the CUDA tests: kernel, data, precision, training end to end;
 #   [mpi]        the MPI tier's CUDA tests: buffers, the step that waits for nothing;
+#   [owndata]    your own data on the GPU: the DataLoader path's tests (pinned memory, exact
+#                resume with workers, torchvision's transforms and models by name);
+#   [data]       the DataLoader path against the in-memory path (bench/data_bench.py);
 #   [bench2]     throughput with two ranks sharing the GPU, every algorithm;
 #   [compile]    what compilation changes in psops_mpi and in the plain loop (and what
 #                augmentation costs the latter).
@@ -21,7 +24,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
-STEPS=${STEPS:-quickstart,bench1,kernel,tests,mpi,bench2,compile}
+STEPS=${STEPS:-quickstart,bench1,kernel,tests,mpi,owndata,data,bench2,compile}
+FASHION=${FASHION:-/usr/share/datasets/fashion-mnist}  # Debian's dataset-fashion-mnist
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 deadline=$((SECONDS + ${BUDGET_S:-600}))
@@ -57,9 +61,13 @@ run_all() {
         tests/unit/test_data.py tests/unit/test_precision.py tests/e2e/test_gpu_train.py
     step mpi 90 mpiexec -n 2 python tests/mpi/run_rank.py -q -rs -p no:cacheprovider \
         -k "step_sync or cuda"
+    step owndata 150 python -m pytest -q -rs -p no:cacheprovider tests/unit/test_loader.py \
+        tests/unit/test_folder.py tests/e2e/test_own_data.py -k "not memory_limit"
+    step data 150 python bench/data_bench.py --ranks 1 --workers 0,4,8 --model resnet20 \
+        --batch-size 256 --repeats 2 --fashion-dir "$FASHION" --json "$OUT/data_gpu.json"
     step bench2 180 "${bench[@]}" --ranks 2 --precisions fp32 --repeats 2 \
         --json "$OUT/gpu_bench_2ranks.json"
-    step compile 300 "${bench[@]}" --ranks 1 --precisions bf16 --repeats 2 \
+    step compile 240 "${bench[@]}" --ranks 1 --precisions bf16 --repeats 1 \
         --variants compile,noaug --json "$OUT/gpu_bench_variants.json"
     return $worst
 }

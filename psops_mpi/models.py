@@ -396,9 +396,9 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
     convolution then runs in that format, converting its (small) weight on the way. The
     weights keep their layout, as they are views of the synchroniser's flat buffer, whose
     order the checkpoints store. ``auto`` turns it on for a model with 2-D convolutions on
-    images of more than one channel on the CPU, where psops_mpi trained ResNet-20 1.16x and
-    1.20x faster in two runs (``bench/results/gpu_bench_cpu*.json``; see the README), and off
-    on GPUs until it is measured there (``bench/gpu_check.sh``). Compile:
+    images of more than one channel: psops_mpi trained ResNet-20 1.16x and 1.20x faster so
+    on a CPU (``bench/results/gpu_bench_cpu*.json``) and faster in every repeat on an H200
+    (``bench/results/gpu/``; see the README). Compile:
     ``nn.Module.compile``, in place, so the parameter names (and checkpoints) stay as they
     are.
 
@@ -425,7 +425,7 @@ def _use_channels_last(model: nn.Module, setting: str, input_shape: tuple[int, .
     if setting == "off":
         return False
     if setting == "auto" and not (
-            device.type == "cpu" and len(input_shape) == 3 and input_shape[0] > 1
+            len(input_shape) == 3 and input_shape[0] > 1
             and any(isinstance(m, nn.Conv2d) for m in model.modules())):
         return False
     if len(input_shape) != 3:

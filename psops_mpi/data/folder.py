@@ -2,12 +2,12 @@
 
     DIR/train/<class>/*.png|jpg|...     DIR/test/<class>/...   (or DIR/val/<class>/...)
 
-Classes are the sorted folder names of ``train``. Every image is decoded with Pillow into the
-mode of the first one (grey stays one channel, anything else becomes RGB) and brought to
-``image_size`` (default: the first image's shorter side), then scaled to [-1, 1]. Training
-samples get the standard augmentation for their size: up to 64 pixels CIFAR's (a random crop
-after padding by an eighth, a horizontal flip), above it ImageNet's (a random resized crop,
-a flip); test samples are resized and centre-cropped.
+Classes are the sorted folder names of ``train``. Every image is decoded with Pillow as RGB
+(as torchvision's ImageFolder does: grey images too, so torchvision's models take them) and
+brought to ``image_size`` (default: the first image's shorter side), then scaled to [-1, 1].
+Training samples get the standard augmentation for their size: up to 64 pixels CIFAR's (a
+random crop after padding by an eighth, a horizontal flip), above it ImageNet's (a random
+resized crop, a flip); test samples are resized and centre-cropped.
 
 The sets list their files as torchvision's ``datasets.ImageFolder`` does (``classes``,
 ``samples``, ``targets``; the test set takes the training set's class indices even where it
@@ -34,7 +34,6 @@ from psops_mpi.factories import torchvision_or_none
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
               ".pgm")
 SMALL = 64  # up to this size: CIFAR's augmentation; above it: ImageNet's
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def find_images(root: Path) -> tuple[list[str], list[tuple[str, int]], Path]:
@@ -80,27 +79,24 @@ def check_headers(paths: Sequence[str]) -> None:
                              f"({' '.join(str(exc).split())})") from None
 
 
-def decoder(mode: str) -> Callable[[str], Any]:
-    """Read one file as a Pillow image in ``mode``; a file that does not decode is named."""
+def load_rgb(path: str) -> Any:
+    """One file as an RGB Pillow image; a file that does not decode is named."""
     from PIL import Image
 
-    def load(path: str) -> Any:
-        try:
-            with Image.open(path) as image:
-                return image.convert(mode)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"imagefolder: cannot decode {path} "
-                             f"({' '.join(str(exc).split())})") from None
-
-    return load
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"imagefolder: cannot decode {path} "
+                         f"({' '.join(str(exc).split())})") from None
 
 
-def first_image(path: str) -> tuple[str, int]:
-    """(mode, shorter side) of the first training image: what every image becomes."""
+def shorter_side(path: str) -> int:
+    """The first training image's shorter side: the default size of every image."""
     from PIL import Image
 
     with Image.open(path) as image:
-        return ("L" if image.mode in GREY_MODES else "RGB"), min(image.size)
+        return min(image.size)
 
 
 # ---- the recipe on Pillow and torch alone
@@ -123,8 +119,7 @@ def _centre_crop(image: Any, size: int) -> Any:
 
 
 def _to_tensor(image: Any) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)
-    array = array[:, :, None] if array.ndim == 2 else array
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
@@ -187,7 +182,7 @@ class ImageFiles(Dataset):
 
 # ---- the recipe with torchvision
 
-def torchvision_transform(tv: Any, size: int, channels: int, train: bool) -> Any:
+def torchvision_transform(tv: Any, size: int, train: bool) -> Any:
     v2 = tv.transforms.v2
     if size <= SMALL:
         steps = [v2.Resize(size), v2.CenterCrop(size)]
@@ -198,7 +193,7 @@ def torchvision_transform(tv: Any, size: int, channels: int, train: bool) -> Any
     else:
         steps = [v2.Resize(round(size * 8 / 7)), v2.CenterCrop(size)]
     return v2.Compose([v2.PILToTensor(), *steps, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize([0.5] * channels, [0.5] * channels)])
+                       v2.Normalize([0.5] * 3, [0.5] * 3)])
 
 
 def image_folder(data_dir: str | None, image_size: int, rank: int,
@@ -211,11 +206,9 @@ def image_folder(data_dir: str | None, image_size: int, rank: int,
     classes, train_samples, test_dir = find_images(Path(data_dir).expanduser())
     test_samples = list_samples(test_dir, classes)
     check_headers([p for p, _ in (train_samples + test_samples)[rank::world_size]])
-    mode, shorter = first_image(train_samples[0][0])
-    size = image_size or shorter
-    load, channels = decoder(mode), 1 if mode == "L" else 3
+    size = image_size or shorter_side(train_samples[0][0])
     tv = torchvision_or_none()
     transform = ((lambda train: plain_transform(size, train)) if tv is None
-                 else (lambda train: torchvision_transform(tv, size, channels, train)))
-    return (ImageFiles(classes, train_samples, load, transform(True)),
-            ImageFiles(classes, test_samples, load, transform(False)))
+                 else (lambda train: torchvision_transform(tv, size, train)))
+    return (ImageFiles(classes, train_samples, load_rgb, transform(True)),
+            ImageFiles(classes, test_samples, load_rgb, transform(False)))

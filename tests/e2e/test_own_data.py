@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from psops_mpi.checkpoint import complete_checkpoints
+from psops_mpi.factories import torchvision_or_none
+from psops_mpi.world import data_workers
 from tests.e2e.test_checkpoint_resume import resume_matches_uninterrupted
 from tests.helpers.formats import FASHION_MNIST, write_fashion_pngs
 from tests.helpers.launch import REPO, job_command, launch, run_bounded
@@ -96,7 +98,8 @@ def test_a_folder_of_real_pngs_trains_and_a_file_that_does_not_decode_is_named(
     assert res.returncode == 0, res.stderr
     final = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
     assert final["test_acc"] > 0.3  # chance is 0.1; 600 images, 4 epochs
-    assert final["config"]["data_workers"] == 0  # 2 ranks on this 2-core machine: none
+    # the default, resolved: 2 ranks on a 2-core machine get none
+    assert final["config"]["data_workers"] == data_workers(None, local_size=2)
 
     bad = root / "train" / "class-3" / "broken.png"
     bad.write_bytes(b"not an image at all")
@@ -153,3 +156,16 @@ def test_the_example_trains_through_the_command_line(tmp_path: Path) -> None:
     assert "examples.own_data:fashion_shards: a map-style set read by a DataLoader" in res.stdout
     final = json.loads(metrics.read_text().splitlines()[-1])
     assert final["steps"] == 150 and final["test_acc"] > 0.6  # chance is 0.1
+
+
+@needs_fashion
+@pytest.mark.skipif(torchvision_or_none() is None,
+                    reason="torchvision does not import beside this torch build")
+def test_a_torchvision_model_by_name_trains_on_a_folder(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    write_fashion_pngs(root, per_class=20, test_per_class=5)
+    res = launch(["--dataset", "imagefolder", "--data-dir", str(root), "--model",
+                  "torchvision:resnet18", "--image-size", "32", "--epochs", "1",
+                  "--batch-size", "16"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    assert "model torchvision:resnet18 with 11,181,642 parameters" in res.stdout

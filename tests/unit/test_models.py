@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from psops_mpi.errors import UsageError
+from psops_mpi.factories import torchvision_or_none
 from psops_mpi.models import (
     DEFAULT_MODELS,
     MODELS,
@@ -253,13 +254,15 @@ def speed(model: torch.nn.Module, channels_last: str, input_shape: tuple[int, ..
     ("lenet", (1, 28, 28), "cpu", False),  # one channel: the same layout either way
     ("mlp", (3, 32, 32), "cpu", False),  # no convolution to gain
     ("cnn1d", (1, 40), "cpu", False),  # not an image
-    ("resnet20", (3, 32, 32), "cuda", False),  # not measured on GPUs yet
+    pytest.param("resnet20", (3, 32, 32), "cuda", True,  # faster on an H200 too
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                          reason="needs a CUDA device")),
 ])
 def test_channels_last_auto(name: str, shape: tuple[int, ...], device: str, want: bool) -> None:
-    model = build_model(name, shape, 10)
+    model = build_model(name, shape, 10).to(device)
     assert speed(model, "auto", shape, device) is want
     assert bool(model._forward_pre_hooks) is want
-    assert speed(build_model(name, shape, 10), "off", shape, device) is False
+    assert speed(build_model(name, shape, 10).to(device), "off", shape, device) is False
 
 
 def test_a_model_that_fails_on_channels_last_batches_is_left_contiguous_or_refused(
@@ -331,3 +334,10 @@ def test_compile_is_in_place_and_keeps_the_names_checkpoints_store() -> None:
     speed(model, "off", (3, 32, 32), compile_model=True)  # compiles lazily: costs nothing yet
     assert list(model.state_dict()) == names
     assert getattr(model, "_compiled_call_impl", None) is not None
+
+
+@pytest.mark.skipif(torchvision_or_none() is not None, reason="torchvision imports here")
+def test_a_torchvision_model_without_torchvision_is_one_line() -> None:
+    with pytest.raises(UsageError, match="model 'torchvision:resnet18' needs torchvision, which "
+                                         "does not import here"):
+        build_model("torchvision:resnet18", (3, 32, 32), 10)
