@@ -195,8 +195,8 @@ class TrainConfig:
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Batches in channels-last memory format at the model's entrance (images only; the
     weights keep theirs). auto: on for a model with 2-D convolutions that accepts such
-    batches, on images of more than one channel, where it measured faster on CPUs and on an
-    H200 (see "Slurm and GPUs")."""
+    batches, on images of more than one channel, on CPUs and at fp32 on GPUs, where it
+    measured faster (not under bf16 on an H200; see "Slurm and GPUs")."""
     compile: bool = False
     """torch.compile the model; its first steps wait for the compiler (about a minute for
     ResNet-20 on 2 CPU cores, cached for later runs)."""

@@ -388,7 +388,8 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bool,
-                         input_shape: tuple[int, ...], device: torch.device) -> bool:
+                         input_shape: tuple[int, ...], device: torch.device,
+                         precision: str = "fp32") -> bool:
     """``--channels-last`` and ``--compile`` on the model (on ``device`` already); returns
     whether its batches go channels-last (what ``auto`` became).
 
@@ -396,9 +397,10 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
     convolution then runs in that format, converting its (small) weight on the way. The
     weights keep their layout, as they are views of the synchroniser's flat buffer, whose
     order the checkpoints store. ``auto`` turns it on for a model with 2-D convolutions on
-    images of more than one channel: psops_mpi trained ResNet-20 1.16x and 1.20x faster so
-    on a CPU (``bench/results/gpu_bench_cpu*.json``) and faster in every repeat on an H200
-    (``bench/results/gpu/``; see the README). Compile:
+    images of more than one channel, on CPUs and, at fp32, on GPUs: psops_mpi trained
+    ResNet-20 1.16x and 1.20x faster so on a CPU (``bench/results/gpu_bench_cpu*.json``) and
+    1.20x faster (median, 5 of 6 repeats) at fp32 on an H200, while under bf16 it was no
+    faster there (1.0x, 3 of 6; ``bench/results/gpu/``; see the README). Compile:
     ``nn.Module.compile``, in place, so the parameter names (and checkpoints) stay as they
     are.
 
@@ -407,7 +409,8 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
             fails on a channels-last batch (one that reshapes with ``.view``, say), or compile
             where torch.compile could not build its kernels.
     """
-    use_channels_last = _use_channels_last(model, channels_last, input_shape, device)
+    use_channels_last = _use_channels_last(model, channels_last, input_shape, device,
+                                           precision)
     if compile_model:
         missing = compile_missing(device)
         if missing:
@@ -421,12 +424,13 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
 
 
 def _use_channels_last(model: nn.Module, setting: str, input_shape: tuple[int, ...],
-                       device: torch.device) -> bool:
+                       device: torch.device, precision: str) -> bool:
     if setting == "off":
         return False
     if setting == "auto" and not (
             len(input_shape) == 3 and input_shape[0] > 1
-            and any(isinstance(m, nn.Conv2d) for m in model.modules())):
+            and any(isinstance(m, nn.Conv2d) for m in model.modules())
+            and (device.type == "cpu" or precision == "fp32")):
         return False
     if len(input_shape) != 3:
         raise UsageError(f"--channels-last on needs images (samples of shape C x H x W); "

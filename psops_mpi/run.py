@@ -70,7 +70,8 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
     model = models.build_model(config.model, batches.input_shape, batches.num_classes,
                                config.dataset, task).to(world.device)
     channels_last = models.apply_speed_settings(model, config.channels_last, config.compile,
-                                                batches.input_shape, world.device)
+                                                batches.input_shape, world.device,
+                                                config.precision)
     config.channels_last = "on" if channels_last else "off"  # auto, resolved for the results
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
