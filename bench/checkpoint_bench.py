@@ -87,7 +87,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     argv = ["--model", "checkpoint_bench:wide_mlp", "--epochs", "1", "--quiet"]
     run = build_run(argv, comm, node_local(comm))
-    state = LoopState(run.batches.steps_per_epoch, run.world.device)
+    state = LoopState(run.steps_per_epoch, run.world.device)
     epoch_s = slowest(comm, lambda: train(run, state, checkpointer(run, state)))
 
     run.config.checkpoint_dir = str(root)

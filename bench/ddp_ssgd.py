@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sync = DDPSync(built["model"], built["optimizer"], comm)
         built["model"] = DistributedDataParallel(built["model"])  # broadcasts rank 0's weights
         run = Run(**built, sync=sync)
-        state = LoopState(run.batches.steps_per_epoch, run.world.device)
+        state = LoopState(run.steps_per_epoch, run.world.device)
         run.metrics.write("start", impl=IMPL, config=run.config.to_dict(),
                           world_size=comm.Get_size(), num_params=sync.flat.numel,
                           environment=environment())

@@ -152,7 +152,7 @@ def psops_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
         if args.device == "cuda":
             argv.append("--allow-gpu-sharing")  # as the plain side: ranks may share a GPU
         run = build_run(argv, comm, node_local(comm))
-        state = LoopState(run.batches.steps_per_epoch, run.world.device)
+        state = LoopState(run.steps_per_epoch, run.world.device)
         train(run, state, checkpointer(run, state))
         run.metrics.close()
         epochs = []

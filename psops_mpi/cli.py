@@ -44,8 +44,10 @@ class Setting:
     kind: type
     choices: tuple[str, ...] | None
     default: Any
-    metavar: str | None
+    metavar: str | tuple[str, ...] | None
     doc: str
+    nargs: int | None = None
+    """Values the flag takes (a ``tuple[...]`` field); None: one."""
 
     @property
     def flag(self) -> str:
@@ -55,6 +57,8 @@ class Setting:
     def shown_default(self) -> str:
         if self.default is None or self.default is False:
             return "none" if self.default is None else "off"
+        if isinstance(self.default, tuple):
+            return " ".join(map(str, self.default))
         return str(self.default)
 
 
@@ -72,13 +76,17 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _plain_type(kind: Any) -> tuple[type, tuple[str, ...] | None]:
-    """(argparse type, choices) of a field annotation: X | None -> X; Literal -> str."""
+def _plain_type(kind: Any) -> tuple[type, tuple[str, ...] | None, int | None]:
+    """(argparse type, choices, nargs) of a field annotation: X | None -> X; Literal -> str;
+    tuple[X, X] -> X twice."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     if typing.get_origin(kind) is Literal:
-        return str, typing.get_args(kind)
-    return kind, None
+        return str, typing.get_args(kind), None
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return args[0], None, len(args)
+    return kind, None, None
 
 
 @functools.cache
@@ -90,9 +98,9 @@ def settings(cls: type = TrainConfig) -> tuple[Setting, ...]:
         if dataclasses.is_dataclass(hints[f.name]):
             out.extend(settings(hints[f.name]))
             continue
-        kind, choices = _plain_type(hints[f.name])
+        kind, choices, nargs = _plain_type(hints[f.name])
         out.append(Setting(f.name, kind, choices, getattr(defaults, f.name),
-                           f.metadata.get("metavar"), docs[f.name]))
+                           f.metadata.get("metavar"), docs[f.name], nargs))
     return tuple(out)
 
 
@@ -129,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(s.flag, action="store_true", help=help_text)
         else:
             parser.add_argument(s.flag, type=s.kind, choices=s.choices, metavar=s.metavar,
-                                help=help_text)
+                                nargs=s.nargs, help=help_text)
     return parser
 
 
@@ -142,9 +150,12 @@ def flag_table() -> str:
         shown = s.flag
         if s.choices:
             shown += " {" + ",".join(s.choices) + "}"
+        elif isinstance(s.metavar, tuple):
+            shown += " " + " ".join(s.metavar)
         elif s.kind is not bool:
             shown += " " + (s.metavar or s.name.upper())
-        default = s.shown_default if s.shown_default in ("none", "off") else f"`{s.default}`"
+        default = (s.shown_default if s.shown_default in ("none", "off")
+                   else f"`{s.shown_default}`")
         rows.append(f"| `{shown}` | {default} | {s.doc.replace('|', '/')} |")
     return "\n".join(rows)
 

@@ -144,12 +144,12 @@ class TrainConfig:
     sync_every: int = field(default=8, metadata={"metavar": "N"})
     """Local steps per round (PSO-PS, PA, SlowMo; SSGD synchronises every step)."""
     dataset: str = field(default="mnist1d", metadata={"metavar": "NAME"})
-    """A built-in set (mnist1d, mnist, fashion-mnist, cifar10, synthetic; see Data),
-    imagefolder (class folders under --data-dir) or package.module:function (your own; see
-    "Your own data")."""
+    """A built-in set (mnist1d, mnist, fashion-mnist, cifar10, synthetic, fortunes; see
+    Data), imagefolder (class folders under --data-dir) or package.module:function (your
+    own; see "Your own data")."""
     data_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
-    """Folder holding the dataset files (mnist, fashion-mnist, cifar10, imagefolder; given to
-    your own dataset's function)."""
+    """Folder holding the dataset files (mnist, fashion-mnist, cifar10, fortunes,
+    imagefolder; given to your own dataset's function)."""
     data_workers: int | None = field(default=None, metadata={"metavar": "N"})
     """DataLoader worker processes per rank for imagefolder and your own datasets (0: read
     in the training process; none: one less than each rank's share of the cores, at most
@@ -164,13 +164,33 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"metavar": "N"})
     """Mini-batch size per rank."""
     lr: float = 0.1
-    """Peak learning rate of the local SGD optimizer."""
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    """Cosine decay of the learning rate to 0 over the run, or constant."""
+    """Peak learning rate of the local optimizer."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """The local optimizer: SGD with momentum and L2 weight decay on every parameter, or
+    AdamW with decoupled weight decay on the weights of two or more dimensions (none on
+    biases and normalisation weights)."""
+    warmup_steps: int = field(default=0, metadata={"metavar": "K"})
+    """Raise the learning rate linearly from lr/K to lr over the first K optimizer steps,
+    then follow --lr-schedule over the rest (0: no warmup)."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """After the warmup: cosine or linear decay of the learning rate to 0 at the end of the
+    run, or constant."""
     momentum: float = field(default=0.9, metadata={"metavar": "M"})
     """SGD momentum."""
-    weight_decay: float = field(default=5e-4, metadata={"metavar": "WD"})
-    """SGD weight decay (L2)."""
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"metavar": ("B1", "B2")})
+    """AdamW's decay rates of its first and second moment estimates."""
+    eps: float = field(default=1e-8, metadata={"metavar": "E"})
+    """AdamW's term added to the denominator."""
+    weight_decay: float | None = field(default=None, metadata={"metavar": "WD"})
+    """Weight decay: L2 under SGD, decoupled under AdamW; none: 5e-4 for SGD, 0.01 for
+    AdamW."""
+    clip_grad_norm: float = field(default=0.0, metadata={"metavar": "C"})
+    """Clip the gradient to a 2-norm of at most C before the local step: this rank's
+    gradient (PA, SlowMo, PSO-PS), the averaged one (SSGD); after unscaling under fp16; the
+    epoch's mean norm is reported as grad_norm (0: off)."""
+    grad_accum_steps: int = field(default=1, metadata={"metavar": "A"})
+    """Micro-batches of --batch-size per optimizer step (SSGD averages once per step); steps,
+    rounds, --sync-every, warmup and checkpoints count optimizer steps."""
     reset_momentum: bool = False
     """Clear the local optimizer's state (momentum) after every round (PSO-PS, SlowMo)."""
     seed: int = field(default=0, metadata={"metavar": "S"})
@@ -256,7 +276,18 @@ class TrainConfig:
         _non_negative("--stall-abort-s", self.stall_abort_s)
         _positive("--lr", self.lr)
         _non_negative("--momentum", self.momentum)
-        _non_negative("--weight-decay", self.weight_decay)
+        if self.weight_decay is not None:
+            _non_negative("--weight-decay", self.weight_decay)
+        if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2 and all(
+                isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            shown = (" ".join(map(str, self.betas)) if isinstance(self.betas, (list, tuple))
+                     else repr(self.betas))
+            raise UsageError(f"--betas must be two numbers in [0, 1), got {shown}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))  # a list from TOML
+        _positive("--eps", self.eps)
+        _non_negative("--clip-grad-norm", self.clip_grad_norm)
+        _integer("--warmup-steps", self.warmup_steps, 0)
+        _integer("--grad-accum-steps", self.grad_accum_steps, 1)
         _non_negative("--checkpoint-every-min", self.checkpoint_every_min)
         _positive("--outer-lr", self.outer_lr)
         _non_negative("--outer-momentum", self.outer_momentum)

@@ -11,11 +11,11 @@ printed line.
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,9 +24,10 @@ from torch import nn
 
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.config import TrainConfig
-from psops_mpi.data import BatchSource
+from psops_mpi.data import Batch, BatchSource
 from psops_mpi.metrics import MetricsWriter, Progress
 from psops_mpi.precision import Precision
+from psops_mpi.recipe import clip_gradients, learning_rate
 from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, StopRequest
 from psops_mpi.sync import ResizePlan, Synchronizer
@@ -53,6 +54,11 @@ class Run:
     metrics: MetricsWriter
     precision: Precision
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the batch source's batches, --grad-accum-steps each."""
+        return self.batches.steps_per_epoch // self.config.grad_accum_steps
+
 
 @dataclass
 class LoopState:
@@ -65,6 +71,8 @@ class LoopState:
     a step.
     """
 
+    optional_state_keys: ClassVar[tuple[str, ...]] = ("norm_sums",)  # new since 0.2.0
+
     steps_per_epoch: int
     device: torch.device
     step: int = 0
@@ -72,12 +80,15 @@ class LoopState:
     step_in_epoch: int = 0
     evaluated: bool = False
     epoch_sums: torch.Tensor = field(init=False)
+    norm_sums: torch.Tensor = field(init=False)
+    """--clip-grad-norm: this epoch's sum of gradient norms, clipped steps, steps."""
     resumed_from: tuple[int, int] | None = field(default=None, init=False)
     """(step in epoch, steps per epoch) as the checkpoint had them, when resumed."""
     _started: float = field(default_factory=time.perf_counter, init=False)
 
     def __post_init__(self) -> None:
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.norm_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     @property
     def elapsed_s(self) -> float:
@@ -89,9 +100,22 @@ class LoopState:
         """Epochs done, the current one's fraction included."""
         return self.epoch + self.step_in_epoch / self.steps_per_epoch
 
-    def count(self, task: Task, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
-        """One step done: add its batch to the epoch's sums."""
-        task.count(self.epoch_sums, loss, out, y)
+    def count_norm(self, norm: torch.Tensor, max_norm: float) -> None:
+        """Add a step's gradient norm before clipping, and whether it was clipped."""
+        self.norm_sums[0] += norm
+        self.norm_sums[1] += norm > max_norm
+        self.norm_sums[2] += 1
+
+    def norm_figures(self, comm: MPI.Comm) -> dict[str, float]:
+        """The epoch's mean gradient norm and clipped steps over all ranks (``{}`` when no
+        norm was taken: clipping is off)."""
+        sums = reduce_sum(self.norm_sums.cpu().numpy(), comm)
+        if not sums[2]:
+            return {}
+        return {"grad_norm": sums[0] / sums[2], "clipped_steps": int(sums[1])}
+
+    def advance(self) -> None:
+        """One optimizer step done (its batches counted already)."""
         self.step += 1
         self.step_in_epoch += 1
         self.evaluated = False
@@ -100,12 +124,14 @@ class LoopState:
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_sums.zero_()
+        self.norm_sums.zero_()
         self.evaluated = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "evaluated": self.evaluated,
-                "elapsed_s": self.elapsed_s, "epoch_sums": self.epoch_sums}
+                "elapsed_s": self.elapsed_s, "epoch_sums": self.epoch_sums,
+                "norm_sums": self.norm_sums}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where the checkpoint stopped; with another number of steps per epoch (a
@@ -120,11 +146,14 @@ class LoopState:
         self.evaluated = bool(state["evaluated"])
         self._started = time.perf_counter() - float(state["elapsed_s"])
         self.epoch_sums.copy_(torch.as_tensor(np.array(state["epoch_sums"])))
+        if "norm_sums" in state:  # absent from checkpoints of psops_mpi 0.2.0
+            self.norm_sums.copy_(torch.as_tensor(np.array(state["norm_sums"])))
 
     def on_resize(self, plan: ResizePlan, rank: int) -> None:
         """A rank that joins anew has trained no sample of this epoch yet."""
         if plan.sources[rank] is None:
             self.epoch_sums.zero_()
+            self.norm_sums.zero_()
 
 
 @torch.no_grad()
@@ -151,37 +180,51 @@ def reduce_sum(values: np.ndarray | list[float], comm: MPI.Comm) -> np.ndarray:
     return out
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    if config.lr_schedule == "constant":
-        return config.lr
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
-
-
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run."""
     steps = steps_per_epoch * config.epochs
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-def train_step(run: Run, state: LoopState, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-    """One step of this rank: local SGD plus whatever the synchroniser does around it."""
+def train_step(run: Run, state: LoopState, batches: Sequence[Batch], lr: float) -> None:
+    """One optimizer step of this rank on ``--grad-accum-steps`` micro-batches: the local
+    step plus whatever the synchroniser does around it."""
     model, optimizer, sync, precision = run.model, run.optimizer, run.sync, run.precision
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with precision.autocast():
-        out = model(x)
-        loss = run.task.loss(out, y)
     # Fresh gradients: autograd hands its results over as they are. Gradients kept as views
     # of the flat buffer would cost a zeroing and an accumulating kernel per parameter and
     # step (10% of ResNet-20's step on an H200); SSGD gathers them into its buffer in one copy.
     optimizer.zero_grad(set_to_none=True)
-    precision.backward(loss)
+    losses = []
+    for x, y in batches:
+        with precision.autocast():
+            out = model(x)
+            loss = run.task.loss(out, y)
+        # A micro-batches of B sum to the gradient of one batch of A x B
+        precision.backward(loss / len(batches) if len(batches) > 1 else loss)
+        run.task.count(state.epoch_sums, loss, out, y)
+        losses.append(loss.detach())
     precision.unscale_(optimizer)  # fp16: the synchroniser sees true gradients
     # False: every rank skips this step (non-finite gradient). A synchroniser written before
     # after_backward() returned anything returns None: its steps are taken.
     take = sync.after_backward() is not False
+    if run.config.clip_grad_norm > 0:  # the local gradient, or SSGD's averaged one
+        state.count_norm(clip_gradients(optimizer, run.config.clip_grad_norm),
+                         run.config.clip_grad_norm)
     precision.step(optimizer, take)  # fp16: also skipped on overflow
-    sync.after_step(loss)
-    state.count(run.task, loss, out, y)
+    sync.after_step(losses[0] if len(losses) == 1 else torch.stack(losses).mean())
+    state.advance()
+
+
+def optimizer_steps(micro_batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
+    """The micro-batches in groups of ``size``, one per optimizer step; a group cut short by
+    the end of the epoch is dropped."""
+    while True:
+        group = list(itertools.islice(micro_batches, size))
+        if len(group) < size:
+            return
+        yield group
 
 
 class StopPoll:
@@ -269,18 +312,20 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
     try:
         while True:
             stepped = False
-            for x, y in run.batches.epoch(state.epoch, state.step_in_epoch):
+            accum = cfg.grad_accum_steps
+            micro = run.batches.epoch(state.epoch, state.step_in_epoch * accum)
+            for batches in optimizer_steps(micro, accum):
                 if state.step >= last:  # also when resumed from the end of the run
                     break
                 stepped = True
-                train_step(run, state, x, y, learning_rate(cfg, state.step, last))
+                train_step(run, state, batches, learning_rate(cfg, state.step, last))
                 if state.step < last:  # the last step's checkpoint is the final one
                     after_step(state.step, poll, checkpoints)
                 if progress.shown and (state.step % LOG_EVERY == 0 or state.step == last):
                     figures = run.task.figures(state.epoch_sums.cpu().numpy())
                     progress.update(state.step - progress.bar.n, **figures,
-                                    samples_s=state.step * len(y) * world.world_size
-                                    / state.elapsed_s)
+                                    samples_s=state.step * cfg.batch_size * accum
+                                    * world.world_size / state.elapsed_s)
             repeat = reported and not stepped
             reported = False
             record, counted = end_of_epoch(run, state, report=not repeat)
@@ -330,7 +375,9 @@ def end_of_epoch(run: Run, state: LoopState,
         "wall_s": wall, "rounds": metrics.rounds,
         "comm_bytes_per_rank": int(totals[0] / run.world.world_size),
         "comm_s": totals[1] / run.world.world_size,
-        "samples_per_s": metrics.steps * run.config.batch_size * run.world.world_size / wall,
+        "samples_per_s": metrics.steps * run.config.batch_size * run.config.grad_accum_steps
+        * run.world.world_size / wall,
+        **state.norm_figures(comm),
         **metrics.values,
         **{k: int(total) for k, total in zip(summed, totals[2:], strict=True)},  # all ranks
         **metrics.shared_counts,  # the same on every rank: once

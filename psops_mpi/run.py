@@ -13,13 +13,13 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from psops_mpi import data, models
+from psops_mpi import data, models, recipe
 from psops_mpi.checkpoint.parts import ModelPart, OptimizerPart, RNGPart, Stateful
 from psops_mpi.checkpoint.resume import Loaded, resume
 from psops_mpi.checkpoint.saver import Checkpointer
 from psops_mpi.checkpoint.store import complete_checkpoints
 from psops_mpi.cli import parse_config
-from psops_mpi.config import IDENTITY_SETTINGS, LAUNCH_SETTINGS
+from psops_mpi.config import IDENTITY_SETTINGS, LAUNCH_SETTINGS, TrainConfig
 from psops_mpi.errors import (
     EXIT_CHECKPOINT,
     EXIT_NONFINITE,
@@ -27,7 +27,7 @@ from psops_mpi.errors import (
     EXIT_STOPPED,
     UsageError,
 )
-from psops_mpi.loop import LoopState, Run
+from psops_mpi.loop import LoopState, Run, total_steps
 from psops_mpi.metrics import (
     MetricsWriter,
     check_tensorboard,
@@ -73,12 +73,27 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
                                                 batches.input_shape, world.device,
                                                 config.precision)
     config.channels_last = "on" if channels_last else "off"  # auto, resolved for the results
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = recipe.make_optimizer(model, config)
+    config.weight_decay = recipe.weight_decay(config)  # none, resolved for the results
     metrics = MetricsWriter(config.metrics_out if world.is_root else None,
                             config.tensorboard if world.is_root else None)
     return {"config": config, "world": world, "batches": batches, "task": task,
             "model": model, "optimizer": optimizer, "metrics": metrics, "precision": precision}
+
+
+def check_steps(config: TrainConfig, batches: data.BatchSource) -> None:
+    """What the run's length allows: an optimizer step in every epoch, and a warmup that
+    ends before the run does."""
+    accum = config.grad_accum_steps
+    if batches.steps_per_epoch < accum:
+        raise UsageError(f"--grad-accum-steps {accum} needs {accum} batches per optimizer "
+                         f"step; an epoch has {batches.steps_per_epoch} batches of "
+                         f"{config.batch_size} per rank, no optimizer step: use fewer "
+                         "accumulation steps or a smaller --batch-size")
+    steps = total_steps(config, batches.steps_per_epoch // accum)
+    if config.warmup_steps >= steps:
+        raise UsageError(f"--warmup-steps {config.warmup_steps} is not shorter than the run "
+                         f"({steps} optimizer steps): use a shorter warmup")
 
 
 def holdout_loss(model: nn.Module, task: Task, x: torch.Tensor,
@@ -94,7 +109,8 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
     config, model, batches = built["config"], built["model"], built["batches"]
     infos = comm.allgather(batches.shard_info()) if comm.Get_size() > 1 else [
         batches.shard_info()]
-    agree(comm, lambda: batches.agree_shards(infos), "the agreement on the steps of an epoch")
+    agree(comm, lambda: (batches.agree_shards(infos), check_steps(config, batches)),
+          "the agreement on the steps of an epoch")
     StallWatch.of(comm).configure(config.stall_report_s, config.stall_abort_s)
     world = built["world"]
     if world.world_size > 1:  # every node's note, for rank 0's one line at start
@@ -119,7 +135,8 @@ def checkpointer(run: Run, state: LoopState) -> Checkpointer:
     cfg = run.config
     parts: dict[str, Stateful] = {
         "model": ModelPart(run.model, run.sync.flat, run.sync.buffers),
-        "optimizer": OptimizerPart(run.optimizer), "sync": run.sync, "loop": state,
+        "optimizer": OptimizerPart(run.optimizer, run.sync.flat.params), "sync": run.sync,
+        "loop": state,
         "rng": RNGPart(run.world.device), "precision": run.precision, "data": run.batches}
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     return Checkpointer(root, run.world.comm, parts, lambda: metadata(run, state, parts),
@@ -230,13 +247,15 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def describe(run: Run) -> str:
     cfg, world = run.config, run.world
     rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
+    batch = (f"{cfg.grad_accum_steps} x {cfg.batch_size}" if cfg.grad_accum_steps > 1
+             else str(cfg.batch_size))
     mixed = "" if cfg.precision == "fp32" else f" in {cfg.precision} (autocast)"
     speed = ("channels-last, " if cfg.channels_last == "on" else "") + (
         "compiled, " if cfg.compile else "")
     return (f"psops_mpi: {cfg.algo} ({rule}) on {cfg.dataset}, model {cfg.model} with "
             f"{run.sync.flat.numel:,} parameters, {world.world_size} rank(s) on "
-            f"{world.device.type}{mixed}, {speed}{run.batches.steps_per_epoch} steps/epoch of "
-            f"{cfg.batch_size} per rank")
+            f"{world.device.type}{mixed}, {speed}{run.steps_per_epoch} steps/epoch of {batch} "
+            "per rank")
 
 
 def announce(run: Run, loaded: Loaded | None) -> None:

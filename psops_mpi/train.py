@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     run = None
     try:
         run = build_run(argv, comm, node_local(comm))
-        state = LoopState(run.batches.steps_per_epoch, run.world.device)
+        state = LoopState(run.steps_per_epoch, run.world.device)
         checkpoints = checkpointer(run, state)
         announce(run, resume_run(run, state, checkpoints))
         return finish(run, train(run, state, checkpoints, stop))

@@ -143,12 +143,16 @@ class ModelPart:
 
 
 class OptimizerPart:
-    """A torch optimizer's per-parameter state (SGD: the momentum buffers), by parameter index.
-    Hyperparameters are not saved: they come from the config (the loop sets the rate)."""
+    """A torch optimizer's per-parameter state (SGD: the momentum buffers; AdamW: the step
+    count and both moments), by parameter index: the model's order when ``params`` gives it
+    (AdamW's groups list the parameters in another), else the groups'. Hyperparameters are
+    not saved: they come from the config (the loop sets the rate)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 params: list[torch.Tensor] | None = None) -> None:
         self.optimizer = optimizer
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.params = params if params is not None else [
+            p for group in optimizer.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"class": type(self.optimizer).__name__}
@@ -181,7 +185,9 @@ class OptimizerPart:
                 continue
             param = self.params[int(index)]
             self.optimizer.state[param] = {
-                key: (torch.from_numpy(np.array(value)).to(param.device)
+                key: (torch.from_numpy(np.array(value)).to(
+                    # Adam's step count stays on the CPU, as torch's own loading keeps it
+                    "cpu" if key == "step" else param.device)
                       if isinstance(value, np.ndarray) else value)
                 for key, value in entries.items()}
 

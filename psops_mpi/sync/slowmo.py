@@ -1,18 +1,22 @@
 """SlowMo (Wang et al., ICLR 2020): periodic averaging, then a slow (outer) momentum step.
 
 Every ``sync_every`` steps, with ``a`` the weights every rank started the period from (the
-anchor), ``m`` the mean of the ranks' weights (one Allreduce: PA's bytes) and ``lr`` the local
-learning rate of the period's last step:
+anchor), ``m`` the mean of the ranks' weights (one Allreduce: PA's bytes) and ``lr`` the mean
+local learning rate of the period's steps:
 
     d = (a - m) / lr                     the period's pseudo-gradient
     u = beta * u + d                     slow momentum
     a = a - alpha * lr * u               heavy ball, or with Nesterov:
     a = a - alpha * lr * (d + beta * u)  (DiLoCo's outer Nesterov)
 
-and every rank continues from the new anchor. Dividing by ``lr`` keeps ``u`` in gradient units
-while a schedule changes the rate, as the paper does. alpha = 1 with beta = 0 is PA exactly
-(the new weights are computed as ``m + (1 - alpha) * lr * d - alpha * lr * beta * u``, so that
-case adds zeros to the mean).
+and every rank continues from the new anchor. Dividing by ``lr`` keeps ``u`` in the units of
+a step per unit rate while a schedule changes the rate, as the paper does: gradients under
+SGD, and under AdamW its normalised update (``m / (sqrt(v) + eps)`` plus the decay), whose
+displacement over a period is also the rate times that. The mean rate of the period, not its
+last step's (the paper's rate is constant within a period): during a warmup the rate grows
+within a period, and dividing by its last value would shrink ``d`` (by half in a period at
+the warmup's start). alpha = 1 with beta = 0 is PA exactly (the new weights are computed as
+``m + (1 - alpha) * lr * d - alpha * lr * beta * u``, so that case adds zeros to the mean).
 
 A rank whose weights are not finite is left out of the mean (a flag in a slot after the
 weights, in the same Allreduce) and continues from the new anchor like every rank, with fresh
@@ -55,10 +59,15 @@ class SlowMoSync(FlatSynchronizer):
         data = self.flat.data
         self.anchor = flat_buffer(data.numel(), data.dtype, data.device).copy_(data)
         self.momentum = flat_buffer(data.numel(), data.dtype, data.device)
+        self.lr_sum = 0.0  # the local learning rates of this period's steps, summed
+
+    def _observe(self, loss: torch.Tensor | None) -> None:
+        self.lr_sum += float(self.optimizer.param_groups[0]["lr"])  # a Python float: no sync
 
     def _round(self) -> None:
         x, alpha, beta = self.flat.data, self.outer_lr, self.outer_momentum
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = self.lr_sum / max(self.steps_since_round, 1)
+        self.lr_sum = 0.0
         finite = all_finite(x)
         any_finite = self.exchange.allreduce_finite_mean_(self.flat.packed, finite) > 0
         if not finite:
@@ -82,10 +91,16 @@ class SlowMoSync(FlatSynchronizer):
         if self.reset_momentum:
             self.optimizer.state.clear()
 
+    optional_state_keys = (*FlatSynchronizer.optional_state_keys, "lr_sum")
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "anchor": self.anchor, "momentum": self.momentum}
+        return {**super().state_dict(), "anchor": self.anchor, "momentum": self.momentum,
+                "lr_sum": self.lr_sum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         load_into(self.anchor, state["anchor"])
         load_into(self.momentum, state["momentum"])
+        # Checkpoints of psops_mpi 0.2.0 lack it: the rate then was the same for the period.
+        self.lr_sum = float(state.get("lr_sum", self.steps_since_round
+                                      * self.optimizer.param_groups[0]["lr"]))

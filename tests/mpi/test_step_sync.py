@@ -56,7 +56,7 @@ def cuda_sync_errors(device: torch.device) -> Iterator[None]:
 def test_local_steps_never_wait_for_the_device(algo: str, precision: str) -> None:
     run = build_run(["--algo", algo, "--precision", precision, "--sync-every",
                      str(SYNC_EVERY), "--quiet"], COMM, node_local(COMM))
-    state = LoopState(run.batches.steps_per_epoch, run.world.device)
+    state = LoopState(run.steps_per_epoch, run.world.device)
     checkpoints = checkpointer(run, state)
     poll = StopPoll(COMM, StopRequest(), checkpoints.clock_due)
     batches = run.batches.epoch(0)  # the epoch's shuffle: once, before the first batch
@@ -64,7 +64,7 @@ def test_local_steps_never_wait_for_the_device(algo: str, precision: str) -> Non
     def steps(count: int) -> None:  # the loop's own: the next batch, the step, the agreement
         for _ in range(count):
             x, y = next(batches)
-            train_step(run, state, x, y, lr=0.05)
+            train_step(run, state, [(x, y)], lr=0.05)
             after_step(state.step, poll, checkpoints)
 
     steps(3)  # warm-up; the first round is at step 50

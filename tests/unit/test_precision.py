@@ -10,6 +10,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from psops_mpi.config import TrainConfig
 from psops_mpi.errors import UsageError
 from psops_mpi.loop import LoopState, train_step
 from psops_mpi.precision import Precision, check_supported
@@ -41,7 +42,7 @@ def _run(algo: str, precision: Precision, max_nonfinite: int = 10) -> SimpleName
     else:
         sync = PASync(model, opt, MPI.COMM_SELF, 4, max_nonfinite=max_nonfinite)
     return SimpleNamespace(model=model, optimizer=opt, sync=sync, precision=precision,
-                           task=Classification())
+                           task=Classification(), config=TrainConfig())
 
 
 def _set_scale(precision: Precision, scale: float, growth_tracker: int = 0) -> None:
@@ -73,7 +74,7 @@ def test_bf16_autocasts_activations_and_keeps_weights_and_gradients_fp32() -> No
     x, y = _batch()
     with precision.autocast():
         assert run.model(x).dtype == torch.bfloat16
-    train_step(run, LoopState(10, CPU), x, y, lr=0.1)
+    train_step(run, LoopState(10, CPU), [(x, y)], lr=0.1)
     assert not precision.scaled and precision.counts() == {} and precision.state_dict() == {}
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
     assert run.sync.flat.data.dtype == run.sync.flat.grad.dtype == torch.float32
@@ -88,12 +89,12 @@ def test_fp16_overflow_is_skipped_and_counted_and_the_scale_backs_off() -> None:
     run = _run("pa", precision, max_nonfinite=1)
     state, x, y = LoopState(1000, CPU), *_batch()
     start = run.sync.flat.data.clone()
-    train_step(run, state, x, y, lr=0.1)
+    train_step(run, state, [(x, y)], lr=0.1)
     assert torch.equal(run.sync.flat.data, start) and not run.optimizer.state
     assert precision.scale() == 2.0 ** 99 and precision.counts() == {"scaler_skips": 1}
     assert _growth_tracker(precision) == 0
     for _ in range(120):
-        train_step(run, state, x, y, lr=0.1)
+        train_step(run, state, [(x, y)], lr=0.1)
     skips = precision.counts()["scaler_skips"]
     assert 70 < skips < 100 and precision.scale() < 2.0 ** 30  # it found a scale that fits
     assert not torch.equal(run.sync.flat.data, start) and torch.isfinite(run.sync.flat.data).all()
@@ -107,7 +108,7 @@ def test_ssgd_fp16_overflow_does_not_count_towards_the_limit() -> None:
     run = _run("ssgd", precision, max_nonfinite=1)
     state, x, y = LoopState(1000, CPU), *_batch()
     for _ in range(40):
-        train_step(run, state, x, y, lr=0.1)
+        train_step(run, state, [(x, y)], lr=0.1)
     metrics = run.sync.metrics()
     assert 20 <= metrics.shared_counts["skipped_steps"] < 40
     assert run.sync.consecutive_skipped == 0 and precision.scale() < 2.0 ** 20
@@ -120,24 +121,24 @@ def test_ssgd_fp16_real_nan_stops_once_the_scale_is_one() -> None:
     _set_scale(precision, 4.0, growth_tracker=7)
     run = _run("ssgd", precision, max_nonfinite=2)
     state, (x, y) = LoopState(1000, CPU), _batch(nan=True)
-    train_step(run, state, x, y, lr=0.1)
+    train_step(run, state, [(x, y)], lr=0.1)
     # Backed off as the scaler's own skip would: half the scale, growth counter reset.
     assert precision.scale() == 2.0 and _growth_tracker(precision) == 0
     for _ in range(2):
-        train_step(run, state, x, y, lr=0.1)
+        train_step(run, state, [(x, y)], lr=0.1)
     assert precision.scale() == 0.5 and run.sync.consecutive_skipped == 1
     assert precision.counts() == {"scaler_skips": 0}  # SSGD's skips are the sync's
     with pytest.raises(NonFiniteStop) as info:
-        train_step(run, state, x, y, lr=0.1)
+        train_step(run, state, [(x, y)], lr=0.1)
     assert info.value.step == 4 and info.value.at_limit
 
 
 def test_fp32_ssgd_nan_counts_at_once() -> None:
     run = _run("ssgd", Precision("fp32", CPU), max_nonfinite=2)
     state, (x, y) = LoopState(1000, CPU), _batch(nan=True)
-    train_step(run, state, x, y, lr=0.1)
+    train_step(run, state, [(x, y)], lr=0.1)
     with pytest.raises(NonFiniteStop):
-        train_step(run, state, x, y, lr=0.1)
+        train_step(run, state, [(x, y)], lr=0.1)
 
 
 def test_scaler_state_round_trips_and_other_states_start_it_afresh() -> None:
@@ -145,7 +146,7 @@ def test_scaler_state_round_trips_and_other_states_start_it_afresh() -> None:
     _set_scale(trained, 2.0 ** 100)
     run = _run("pa", trained)
     for _ in range(3):
-        train_step(run, LoopState(10, CPU), *_batch(), lr=0.1)
+        train_step(run, LoopState(10, CPU), [_batch()], lr=0.1)
     saved = trained.state_dict()
     assert saved["scaler"]["scale"] == 2.0 ** 97 and saved["skips"] == 3
     resumed = Precision("fp16", CPU)
