@@ -152,8 +152,8 @@ class TrainConfig:
     imagefolder; given to your own dataset's function)."""
     data_workers: int | None = field(default=None, metadata={"metavar": "N"})
     """DataLoader worker processes per rank for imagefolder and your own datasets (0: read
-    in the training process; none: one less than each rank's share of the cores, at most
-    4); the built-in sets are on the device already."""
+    in the training process; none: one less than each rank's share of the cores, at most 4,
+    and 0 for a rank of one or two cores); the built-in sets are on the device already."""
     image_size: int = field(default=0, metadata={"metavar": "N"})
     """imagefolder: the side images are brought to (0: the first training image's shorter
     side)."""

@@ -221,12 +221,14 @@ def core_share(local_size: int) -> int:
 
 def data_workers(requested: int | None, local_size: int) -> int:
     """DataLoader workers per rank: the requested count, else one less than this rank's
-    cores (the training process keeps one), at most 4. On a 2-core machine with 2 ranks
-    that is none: there a worker's batches cost more to pass between processes than they
-    save (``bench/data_bench.py``)."""
+    cores (the training process keeps one), at most 4, and none for a rank of one or two
+    cores: there the workers share the training process's cores, and passing their batches
+    between processes cost more than they saved (``bench/data_bench.py``: at 1 and 2 ranks
+    on a 2-core machine, 0 workers beat 1 and 2; on 16 cores, 4 beat 0)."""
     if requested is not None:
         return requested
-    return min(4, core_share(local_size) - 1)
+    cores = core_share(local_size)
+    return 0 if cores <= 2 else min(4, cores - 1)
 
 
 def node_local(comm: MPI.Comm) -> NodeLocal:
