@@ -173,6 +173,7 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
     from psops_mpi import data, models
     from psops_mpi.config import TrainConfig
     from psops_mpi.precision import DTYPES
+    from psops_mpi.recipe import make_optimizer
     from psops_mpi.world import choose_gpu, node_local
 
     comm = MPI.COMM_WORLD
@@ -190,9 +191,8 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
         torch._dynamo.reset()  # each repeat compiles afresh, never past the recompile limit
     forward: Callable[[torch.Tensor], torch.Tensor] = (
         torch.compile(model) if variant == "compile" else model)
-    sgd = TrainConfig()  # psops_mpi's default SGD settings, as the psops_mpi side uses them
-    optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum,
-                                weight_decay=sgd.weight_decay)
+    # psops_mpi's default recipe (SGD, its settings), as the psops_mpi side builds it
+    optimizer = make_optimizer(model, TrainConfig())
     dtype = DTYPES[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 

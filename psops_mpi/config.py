@@ -6,6 +6,7 @@ fields (:mod:`psops_mpi.cli`); a field typed ``Literal[...]`` lists its own choi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -303,5 +304,6 @@ class TrainConfig:
             raise UsageError("--resume must be 'auto', 'none' or a checkpoint folder")
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain JSON-ready values (stored with every result)."""
-        return dataclasses.asdict(self)
+        """The resolved config as plain JSON-ready values (stored with every result): as a
+        checkpoint's metadata gives it back, so the two compare (``betas`` as a list)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))

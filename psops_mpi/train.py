@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException as exc:
         abort_on_error(comm, exc)
+    finally:
+        if run is not None:
+            run.batches.close()  # DataLoader workers end now, not at the interpreter's exit
 
 
 if __name__ == "__main__":

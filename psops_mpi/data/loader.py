@@ -139,9 +139,23 @@ def collate(samples: Sequence[tuple[torch.Tensor, torch.Tensor, int]], name: str
                              f"(inputs {tuple(xs[0].shape)} and {tuple(x.shape)}, targets "
                              f"{tuple(ys[0].shape)} and {tuple(y.shape)}): every sample must "
                              "have the same shape")
-    x, y = torch.stack(xs), torch.stack(ys)
+    x, y = stack(xs), stack(ys)
     check_targets(y, indices, name, task, num_classes)
     return x, y
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a DataLoader worker straight into shared memory, as PyTorch's own
+    collate does: the batch then crosses to the training process with no copy of its own
+    and no private buffer the size of a batch per step (a worker under a memory limit ran
+    out of it)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(),
+                                                 device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 def check_targets(y: torch.Tensor, indices: Sequence[int], name: str, task: str,
@@ -317,7 +331,9 @@ class LoaderBatches(BatchSource):
                              f"rank {self.rank}, fewer than the {self.steps_per_epoch} its "
                              "length promised") from None
         except Exception as exc:
-            raise loader_error(exc, self.rank, epoch, step, batches) from None
+            error = loader_error(exc, self.rank, epoch, step, batches)
+            stop_workers(batches)
+            raise error from None
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
@@ -339,7 +355,9 @@ class LoaderBatches(BatchSource):
             except StopIteration:
                 return
             except Exception as exc:
-                raise loader_error(exc, self.rank, TEST_EPOCH, step, batches) from None
+                error = loader_error(exc, self.rank, TEST_EPOCH, step, batches)
+                stop_workers(batches)
+                raise error from None
             yield self._to_device(x), self._to_device(y)
 
     def holdout(self, size: int, seed: int) -> Batch:
@@ -357,7 +375,9 @@ class LoaderBatches(BatchSource):
         return x.to(self.device), y.to(self.device)
 
     def close(self) -> None:
-        self._train_loader = None  # its persistent workers end with it
+        if self._train_loader is not None:
+            stop_workers(getattr(self._train_loader, "_iterator", None))
+            self._train_loader = None
 
 
 def loader_error(exc: BaseException, rank: int, epoch: int, step: int,
@@ -379,6 +399,15 @@ def loader_error(exc: BaseException, rank: int, epoch: int, step: int,
     detail = last if "Original Traceback" in text else " ".join(text.split())
     return RuntimeError(f"reading {where} on rank {rank} failed: {type(exc).__name__}: "
                         f"{detail}")
+
+
+def stop_workers(batches: object) -> None:
+    """End a loader iterator's worker processes now. Left to the garbage collector, an
+    iterator abandoned mid-epoch (an error, the end of the run) can keep its caller waiting
+    seconds per worker for them to exit."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def dead_workers(batches: object) -> str:

@@ -1,7 +1,8 @@
-"""A user's own data through ``python -m psops_mpi.train`` under a real ``mpiexec``: exact
-resume with DataLoader workers, another world size, an iterable set's uneven shards, a set
-larger than the memory the ranks may use, a folder of real PNGs, the example, and the
-ways it can go wrong (each one line; a dead worker ends the job)."""
+"""A user's own data through ``python -m psops_mpi.train`` under a real ``mpiexec``: an
+iterable set's uneven shards, a set larger than the memory the ranks may use, a folder of
+real PNGs, the example, and the ways it can go wrong (each one line; a dead worker ends the
+job). Exact resume with DataLoader workers, and at another world size:
+tests/e2e/test_recipe_cli.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import pytest
 from psops_mpi.checkpoint import complete_checkpoints
 from psops_mpi.factories import torchvision_or_none
 from psops_mpi.world import data_workers
-from tests.e2e.test_checkpoint_resume import resume_matches_uninterrupted
 from tests.helpers.formats import FASHION_MNIST, write_fashion_pngs
 from tests.helpers.launch import REPO, job_command, launch, run_bounded
 from tests.helpers.user_data import write_disk_samples
@@ -30,25 +30,6 @@ needs_fashion = pytest.mark.skipif(not FASHION_MNIST.is_dir(),
 
 def errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("psops_mpi: error:")]
-
-
-def test_a_run_killed_mid_epoch_resumes_bit_identically_with_workers(tmp_path: Path) -> None:
-    """16 steps an epoch at 2 ranks; resumed from step 7 (mid-epoch, mid-period) with two
-    workers per rank reading samples whose noise is drawn as they are read."""
-    args = [*BLOBS, "--algo", "pso-ps", "--sync-every", "4", "--epochs", "3",
-            "--data-workers", "2"]
-    resume_matches_uninterrupted(tmp_path, args, every=7, resume_at=7, final=48)
-
-
-def test_at_another_world_size_it_continues_at_the_same_fraction(tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    args = [*BLOBS, "--algo", "pa", "--epochs", "2", "--checkpoint-dir", str(ckpt),
-            "--data-workers", "0"]
-    res = launch([*args, "--checkpoint-every", "8", "--max-steps", "8"], ranks=2)
-    assert res.returncode == 0, res.stderr
-    res = launch([a for a in args if a != "--quiet"], ranks=1)
-    assert res.returncode == 0, res.stderr
-    assert "data order continues in epoch 1 at step 16 of 32 (the same fraction)" in res.stdout
 
 
 def test_an_iterable_set_with_uneven_shards_agrees_on_its_steps(tmp_path: Path) -> None:

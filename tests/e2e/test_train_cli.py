@@ -201,7 +201,8 @@ def test_fitness_holdout_from_the_command_line(tmp_path: Path) -> None:
 
 BAD_INPUTS = {
     "unknown algo": (["--algo", "sgd"], "invalid choice: 'sgd'"),
-    "unknown dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    "unknown dataset": (["--dataset", "imagenet"],
+                        "unknown dataset 'imagenet'; choose one of: mnist1d"),
     "unknown model": (["--model", "vgg99"], "unknown model 'vgg99'"),
     "model that does not import": (["--model", "nosuchpkg.mod:make"], "cannot import module"),
     "zero sync period": (["--sync-every", "0"], "--sync-every must be a positive integer"),

@@ -6,6 +6,7 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -275,7 +276,18 @@ def view_flatten_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
     return model
 
 
+class _Pooled(nn.Module):
+    """uint8 or float (C, H, W) images, average-pooled to 8x8, then one linear layer."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels * 64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if not x.is_floating_point() else x
+        return self.linear(F.adaptive_avg_pool2d(x, 8).flatten(1))
+
+
 def pooled(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Average-pools (C, H, W) images to 8x8, then one linear layer: cheap on large images."""
-    return nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(),
-                         nn.Linear(input_shape[0] * 64, num_classes))
+    """Cheap on large images: see _Pooled."""
+    return _Pooled(input_shape[0], num_classes)

@@ -131,7 +131,8 @@ def test_every_dataset_has_its_documented_default() -> None:
     assert set(AUTO) == set(DATASETS)
     readme = (REPO_ROOT / "README.md").read_text()
     assert ("`--model auto` picks `cnn1d` for mnist1d, `lenet` for (fashion-)mnist, `resnet20` "
-            "for cifar10,\n`mlp` for synthetic, `gpt` for fortunes.") in readme
+            "for cifar10\nand imagefolder, `mlp` for synthetic, `gpt` for fortunes.") in readme
+    assert DEFAULT_MODELS["imagefolder"] == "resnet20"
 
 
 @pytest.mark.parametrize("dataset", sorted(AUTO))

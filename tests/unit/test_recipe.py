@@ -5,6 +5,7 @@ happens to the optimizer's state at a round and at a restart."""
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from psops_mpi.errors import UsageError
 from psops_mpi.loop import LoopState, optimizer_steps, train_step
 from psops_mpi.precision import Precision
 from psops_mpi.recipe import learning_rate, make_optimizer, parameter_groups
+from psops_mpi.run import check_steps
 from psops_mpi.sync import PASync, PSOSync, SlowMoSync, SSGDSync
 from psops_mpi.tasks import Classification
 
@@ -188,3 +190,19 @@ def test_bad_recipe_settings_are_one_line(argv: list[str], message: str) -> None
     with pytest.raises(UsageError) as caught:
         parse_config(argv)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"warmup_steps": 62}, "--warmup-steps 62 is not shorter than the run (62 optimizer steps)"),
+    ({"warmup_steps": 10, "max_steps": 10}, "not shorter than the run (10 optimizer steps)"),
+    ({"grad_accum_steps": 100}, "--grad-accum-steps 100 needs 100 batches per optimizer step; "
+                                "an epoch has 62 batches of 32 per rank, no optimizer step"),
+])
+def test_a_run_too_short_for_its_recipe_is_one_line(settings: dict, message: str) -> None:
+    """Checked on every rank once the steps of an epoch are known (build_run agrees on it):
+    62 batches an epoch here, one epoch."""
+    batches = SimpleNamespace(steps_per_epoch=62)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        check_steps(TrainConfig(epochs=1, **settings), batches)
+    check_steps(TrainConfig(epochs=1, warmup_steps=61), batches)
+    check_steps(TrainConfig(epochs=1, grad_accum_steps=62), batches)
