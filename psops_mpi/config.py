@@ -20,7 +20,8 @@ IDENTITY_SETTINGS = ("algo", "dataset", "model")
 LAUNCH_SETTINGS = frozenset({
     "resume", "resume_strict", "checkpoint_dir", "metrics_out", "tensorboard", "quiet",
     "threads", "device", "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite",
-    "stall_report_s", "stall_abort_s", "channels_last", "compile", "data_workers"})
+    "stall_report_s", "stall_abort_s", "channels_last", "compile", "data_workers",
+    "stop_timeout_s"})
 
 
 # The built-in sets, held whole on the device; beside them --dataset takes imagefolder and
@@ -260,6 +261,11 @@ class TrainConfig:
     names the ranks that have not arrived, and again every S seconds (0: off)."""
     stall_abort_s: float = field(default=0.0, metadata={"metavar": "S"})
     """End the job (exit code 5) when ranks have waited S seconds for others (0: never)."""
+    stop_timeout_s: float = field(default=60.0, metadata={"metavar": "S"})
+    """After a stop signal (SIGTERM, SIGUSR1, SIGINT), end the job at once with exit code
+    128+N if its ranks have not stopped within S seconds (a rank stuck in user code cannot
+    answer); the checkpoint of an agreed stop gets S seconds more. A second signal ends the
+    job at once (0: no bound)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.pso, dict):
@@ -275,6 +281,7 @@ class TrainConfig:
         _integer("--max-nonfinite", self.max_nonfinite, 1)
         _non_negative("--stall-report-s", self.stall_report_s)
         _non_negative("--stall-abort-s", self.stall_abort_s)
+        _non_negative("--stop-timeout-s", self.stop_timeout_s)
         _positive("--lr", self.lr)
         _non_negative("--momentum", self.momentum)
         if self.weight_decay is not None:

@@ -348,6 +348,7 @@ def after_step(step: int, poll: StopPoll, checkpoints: Checkpointer) -> None:
     if not signum:
         checkpoints.after_step(step, timed)
         return
+    poll.stop.agreed()  # the stop's checkpoint gets a bound of its own
     held = checkpoints.at_stop(step)
     error = None if held or checkpoints.root is None else checkpoints.last_error
     raise Stopped(signum, step, held, error)

@@ -317,10 +317,24 @@ def finish(run: Run, final: dict[str, Any]) -> int:
 
 def newest_checkpoint(run: Run) -> str:
     """Where the run can be resumed from, in words, for the lines below."""
-    root = run.config.checkpoint_dir
+    return newest_in(run.config.checkpoint_dir)
+
+
+def newest_in(root: str | None) -> str:
+    """Where a run writing checkpoints into ``root`` can be resumed from, in words."""
     complete = complete_checkpoints(Path(root)) if root else []
     return (f"the newest complete checkpoint is {complete[-1][1]}" if complete
             else "there is no checkpoint" if not root else "there is no complete checkpoint")
+
+
+def relaunch_note(root: str | None) -> str:
+    """What the same command would continue from, for a stop that ends the job at once."""
+    complete = complete_checkpoints(Path(root)) if root else []
+    if complete:
+        return f"the same command continues from {complete[-1][1]}"
+    if root:
+        return f"no complete checkpoint in {root}: the same command starts afresh"
+    return "no --checkpoint-dir: this run cannot be continued"
 
 
 def stopped_by_signal(run: Run, stopped: Stopped) -> int:

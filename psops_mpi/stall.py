@@ -12,13 +12,18 @@ the barrier costs one small message latency (a few microseconds on one node, mea
 ``bench/exchange_bench.py``).
 
 Who is missing: a rank that has waited ``NOTICE_S`` sends rank 0 a tiny message naming the
-wait (every wait has a number, the same on every rank), and rank 0 answers it. After
+wait (every wait has a number, the same on every rank), and rank 0 answers it. These
+messages travel on a private duplicate of the communicator, made when the watch is, so they
+can never match a library user's own receives on it. After
 ``report_s`` rank 0 prints the ranks it has not heard from, and again every ``report_s``
 while the wait lasts; if rank 0 is the one missing, rank 1 says so (it got no answer). With
-``abort_s`` set, the wait ends the job with one line and :data:`EXIT_STALLED`.
+``abort_s`` set, the wait ends the job with one line and :data:`EXIT_STALLED`. What rank 0
+(or rank 1) knows of the current wait is also what a stop that times out reports
+(:meth:`StallWatch.stop_view`, for :mod:`psops_mpi.stop`).
 
-Nothing here runs at import; one watch per communicator (:meth:`StallWatch.of`), shared by
-everything that waits on it, so that the wait numbers match across ranks. A notice can still be
+Nothing here runs at import; one watch per communicator (:meth:`StallWatch.of`, a
+collective the first time: every rank makes it at the same point), shared by everything that
+waits on it, so that the wait numbers match across ranks. A notice can still be
 in flight when its wait ends, and MPICH ends a job whose ranks finalize with messages nobody
 received with exit code 9: before MPI is finalized, :meth:`StallWatch.close` (run at exit for
 every watch) receives every notice and answer still due, counted on both sides.
@@ -83,6 +88,13 @@ class StallWatch:
         self.report_s, self.abort_s = report_s, abort_s
         self.stream = stream
         self.count = 0  # waits so far; the same on every rank, so it names a wait
+        # the notices' own communicator: a user's receives on comm can never take them
+        self.notices = comm.Dup() if self.world_size > 1 else comm
+        # what this rank knows of its current wait, for a stop that times out
+        self.waiting_at: Where | None = None
+        self.last_done: Where | None = None
+        self.heard: set[int] = set()
+        self.answered = False
         self._sends: list[tuple[MPI.Request, np.ndarray]] = []
         # notices and answers sent to / received from each rank, for close()
         self._sent = np.zeros(self.world_size, dtype=np.int64)
@@ -110,19 +122,20 @@ class StallWatch:
         """Receive every notice and answer other ranks sent this one and nobody received yet,
         and complete this rank's own sends. Collective: every rank of the communicator calls
         it (at exit, as MPI_Finalize is)."""
-        if self.world_size == 1 or MPI.Is_finalized() or self.comm == MPI.COMM_NULL:
+        if self.world_size == 1 or MPI.Is_finalized() or self.notices == MPI.COMM_NULL:
             return  # (no rank skips on counts of its own: another may owe it messages)
         due = np.zeros_like(self._sent)
-        self.comm.Alltoall(self._sent, due)
+        self.notices.Alltoall(self._sent, due)
         payload = np.zeros(1, dtype=np.int64)
         for source in range(self.world_size):
             tag = ANSWER_TAG if source == 0 else NOTICE_TAG
             for _ in range(int(due[source] - self._received[source])):
-                self.comm.Recv(payload, source=source, tag=tag)
+                self.notices.Recv(payload, source=source, tag=tag)
         MPI.Request.Waitall([req for req, _ in self._sends])
         self._sends.clear()
         self._sent[:] = 0
         self._received[:] = 0
+        self.notices.Free()
 
     def configure(self, report_s: float, abort_s: float) -> None:
         """Set the limits (every rank the same: the run's settings)."""
@@ -130,7 +143,9 @@ class StallWatch:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1 and (self.report_s > 0 or self.abort_s > 0)
+        """Every wait of more than one rank is watched: reports and the abort limit may be
+        off, but a stop that times out still asks who is missing."""
+        return self.world_size > 1
 
     def arrive(self, where: Where) -> None:
         """Return once every rank has called ``arrive`` for the same wait (a barrier).
@@ -149,31 +164,35 @@ class StallWatch:
         started = time.monotonic()
         while time.monotonic() - started < SPIN_S:
             if request.Test():
+                self.last_done = where
                 return
             os.sched_yield()
         self._slow_wait(request, where, started)
 
     def _slow_wait(self, request: MPI.Request, where: Where, started: float) -> None:
-        notice_s = min(1.0, (self.report_s or self.abort_s) / 4)
+        limit = self.report_s or self.abort_s
+        notice_s = min(1.0, limit / 4) if limit else 1.0
         next_report = self.report_s or float("inf")
-        heard: set[int] = set()  # rank 0: who has told us it waits here
-        answered = noticed = reported = False
+        self.heard = set()  # rank 0: who has told us it waits here
+        self.answered = noticed = reported = False
+        self.waiting_at = where
         elapsed = 0.0
         while not request.Test():
             elapsed = time.monotonic() - started
             if self.rank == 0:
-                heard |= self._take_notices()
+                self.heard |= self._take_notices()
             else:
                 if not noticed and elapsed >= notice_s:
                     self._send(0, NOTICE_TAG)
                     noticed = True
-                answered = self._take_answer() or answered
+                self.answered = self._take_answer() or self.answered
             if elapsed >= next_report:
-                reported = self._report(elapsed, where, heard, answered) or reported
+                reported = self._report(elapsed, where, self.heard, self.answered) or reported
                 next_report += self.report_s
             if self.abort_s and elapsed >= self.abort_s:
-                self._abort(elapsed, where, heard, answered)
+                self._abort(elapsed, where, self.heard, self.answered)
             time.sleep(min(MAX_SLEEP_S, elapsed / 32))  # at most ~3% late
+        self.waiting_at, self.last_done = None, where
         self._finish_sends()
         if reported:
             self._print(f"psops_mpi: every rank arrived at {_text(where)} after "
@@ -184,7 +203,7 @@ class StallWatch:
     def _send(self, dest: int, tag: int) -> None:
         payload = np.array([self.count], dtype=np.int64)
         self._sent[dest] += 1
-        self._sends.append((self.comm.Isend(payload, dest=dest, tag=tag), payload))
+        self._sends.append((self.notices.Isend(payload, dest=dest, tag=tag), payload))
 
     def _finish_sends(self) -> None:
         self._sends = [(req, buf) for req, buf in self._sends if not req.Test()]
@@ -195,9 +214,9 @@ class StallWatch:
         arrived: set[int] = set()
         status = MPI.Status()
         payload = np.zeros(1, dtype=np.int64)
-        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=NOTICE_TAG, status=status):
+        while self.notices.Iprobe(source=MPI.ANY_SOURCE, tag=NOTICE_TAG, status=status):
             source = status.Get_source()
-            self.comm.Recv(payload, source=source, tag=NOTICE_TAG)
+            self.notices.Recv(payload, source=source, tag=NOTICE_TAG)
             self._received[source] += 1
             if int(payload[0]) == self.count:
                 arrived.add(source)
@@ -207,11 +226,30 @@ class StallWatch:
     def _take_answer(self) -> bool:
         payload = np.zeros(1, dtype=np.int64)
         answered = False
-        while self.comm.Iprobe(source=0, tag=ANSWER_TAG):
-            self.comm.Recv(payload, source=0, tag=ANSWER_TAG)
+        while self.notices.Iprobe(source=0, tag=ANSWER_TAG):
+            self.notices.Recv(payload, source=0, tag=ANSWER_TAG)
             self._received[0] += 1
             answered = answered or int(payload[0]) == self.count
         return answered
+
+    def stop_view(self) -> tuple[str, str]:
+        """For a stop that did not end in time (:mod:`psops_mpi.stop`, from its thread):
+        when this rank should say so (``now``, ``later``: if the job still runs after a
+        grace time, ``never``) and who is missing and where. Rank 0 says it at once when it is
+        waiting (it knows who has not arrived); rank 1 when rank 0 has not answered its
+        notice; rank 0 not waiting (busy, or the one waited for) only if nobody did."""
+        where = self.waiting_at
+        if self.world_size == 1:
+            return "now", ""
+        if where is None:
+            return ("later" if self.rank == 0 else "never"), ""
+        seen = f"; last seen at {_text(self.last_done)}" if self.last_done else ""
+        if self.rank == 0:
+            return "now", (f"rank(s) {_ranks(self.missing(self.heard))} did not answer "
+                           f"(waited for at {_text(where)}{seen})")
+        if self.rank == 1 and not self.answered:
+            return "now", f"rank 0 did not answer (waited for at {_text(where)}{seen})"
+        return "never", ""
 
     def missing(self, heard: set[int]) -> list[int]:
         """Rank 0's view: the ranks that have not told it they wait (itself excluded)."""

@@ -5,24 +5,29 @@
 
 build (parse, check, data, model, synchroniser) -> resume -> train loop -> final metrics.
 Any exception on any rank ends the whole job with one line naming the rank (MPI_Abort).
-SIGTERM and SIGUSR1 stop every rank at one step after a checkpoint; the exit codes are in
-:mod:`psops_mpi.errors`.
+SIGTERM, SIGUSR1 and SIGINT stop every rank at one step after a checkpoint, or end the job
+when the ranks cannot agree within ``--stop-timeout-s`` or a second signal comes; the exit
+codes are in :mod:`psops_mpi.errors`.
 """
 
 from __future__ import annotations
 
 from mpi4py import MPI
 
+from psops_mpi.cli import parse_config
+from psops_mpi.errors import UsageError
 from psops_mpi.loop import LoopState, train
 from psops_mpi.run import (
     announce,
     build_run,
     checkpointer,
     finish,
+    relaunch_note,
     resume_run,
     stopped_by_nonfinite,
     stopped_by_signal,
 )
+from psops_mpi.stall import StallWatch
 from psops_mpi.stop import Stopped, StopRequest
 from psops_mpi.sync import NonFiniteStop
 from psops_mpi.world import abort_on_error, node_local
@@ -31,8 +36,7 @@ from psops_mpi.world import abort_on_error, node_local
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m psops_mpi.train`` and ``psops-train``; the exit code."""
     comm = MPI.COMM_WORLD
-    stop = StopRequest()
-    stop.install()  # from now on a stop signal is noted, and acted on at the next agreement
+    stop = bounded_stop(argv, StallWatch.of(comm))  # every rank makes the watch here, at once
     run = None
     try:
         run = build_run(argv, comm, node_local(comm))
@@ -51,8 +55,25 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         abort_on_error(comm, exc)
     finally:
+        stop.finished()
         if run is not None:
             run.batches.close()  # DataLoader workers end now, not at the interpreter's exit
+
+
+def bounded_stop(argv: list[str] | None, watch: StallWatch) -> StopRequest:
+    """From now on a stop signal is noted and acted on at the next agreement, within
+    ``--stop-timeout-s`` (bad settings are reported by the run's own checks, later)."""
+    try:
+        config = parse_config(argv)
+    except UsageError:
+        config = None
+    stop = StopRequest(config.stop_timeout_s if config else StopRequest().timeout_s,
+                       rank=watch.rank)
+    root = config.checkpoint_dir if config else None
+    stop.explain = watch.stop_view
+    stop.resume_note = lambda: relaunch_note(root)
+    stop.install()
+    return stop
 
 
 if __name__ == "__main__":

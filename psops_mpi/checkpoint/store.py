@@ -90,7 +90,8 @@ def write_atomic_text(path: Path, text: str) -> None:
 # ---- shards
 
 def _pause_for_test(step: int, folder: Path, rank: int) -> None:
-    if os.environ.get(PAUSE_ENV) == str(step):
+    """Tests: every rank (``STEP``) or one (``STEP@RANK``) sleeps inside the write."""
+    if os.environ.get(PAUSE_ENV) in (str(step), f"{step}@{rank}"):
         (folder / f"paused-rank-{rank}").touch()
         time.sleep(3600)
 

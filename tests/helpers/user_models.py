@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -233,9 +235,17 @@ def slow_with_pid(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return _Faulty(tiny_mlp(input_shape, num_classes), _slow_with_pid)
 
 
+def _mark_stuck() -> None:
+    """Tell a test that this rank is now stuck: the file PSOPS_TEST_STUCK_MARK names."""
+    mark = os.environ.get("PSOPS_TEST_STUCK_MARK")
+    if mark:
+        Path(mark).touch()
+
+
 def _sleep_on_rank_one(seconds: float, rank: int = 1):
     def fault(call: int) -> None:
         if call == 6 and _world_rank() == rank:
+            _mark_stuck()
             time.sleep(seconds)
 
     return fault
@@ -254,6 +264,15 @@ def sleeps_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Mod
 def hangs_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Rank 1 hangs in its 6th training batch (for ten minutes: a job must not wait it out)."""
     return _Faulty(tiny_mlp(input_shape, num_classes), _sleep_on_rank_one(600))
+
+
+def factory_hangs_on_rank_one(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Rank 1 hangs in the model factory itself (a hung import, a file system that does not
+    answer), for ten minutes."""
+    if _world_rank() == 1:
+        _mark_stuck()
+        time.sleep(600)
+    return tiny_mlp(input_shape, num_classes)
 
 
 class _ViewFlatten(nn.Module):

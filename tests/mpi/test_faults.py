@@ -208,6 +208,29 @@ def test_rank_one_says_when_rank_zero_is_the_one_missing(watch: StallWatch) -> N
     COMM.Barrier()
 
 
+def test_the_watch_notices_never_reach_a_users_own_receive(watch: StallWatch) -> None:
+    """Rank 0 has a receive of any source and any tag posted on the communicator, as a
+    library user's code might, while the last rank arrives late and the others send their
+    notices: none of them matches it (they travel on the watch's own duplicate); the user's
+    own message then does."""
+    watch.configure(report_s=0.4, abort_s=0)
+    buf = np.zeros(1, dtype=np.int64)
+    request = COMM.Irecv(buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG) if RANK == 0 else None
+    if RANK == LAST:
+        time.sleep(1.2)
+    watch.arrive("a wait with notices")
+    if RANK == 0:
+        assert request is not None and not request.Test()  # no notice took it
+    COMM.Barrier()
+    if RANK == LAST:
+        COMM.Send(np.array([4711], dtype=np.int64), dest=0, tag=3)
+    if RANK == 0:
+        assert request is not None
+        request.Wait()
+        assert int(buf[0]) == 4711
+    COMM.Barrier()
+
+
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step() -> None:
     """Only the last rank got the signal, at its step 5; every rank learns it at the same
     agreement, within one interval (here at most 3 steps)."""
