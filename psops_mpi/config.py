@@ -35,12 +35,18 @@ PSO_PRESETS: dict[str, dict[str, Any]] = {
     # The swarm moves as one from its centre, inertia as slow momentum, pulled to the best
     # particle. w and c2 chosen on MNIST-1D at 4 ranks, sync every 4, 16 and 64 (bench/results/
     # rules/README.md): the best PSO-PS setting there, above PA at every period.
-    "centre": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.1, "c3": 0.0,
+    "centre": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.1, "c3": 0.0, "rho": 1.0,
                "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
+    # EASGD's elastic swarm (Zhang, Choromanska, LeCun 2015): the centre moves by the slow
+    # momentum step on the swarm's mean, each particle only part of the way towards it, so
+    # the particles stay distinct; the centre is the answer. No pull to the best particle:
+    # one Allreduce of the weights a round, PA's bytes.
+    "elastic": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.0, "c3": 0.0, "rho": 0.5,
+                "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
     # Ye et al.'s rule: each particle moves on its own towards the round's best particle, and
     # the best particle is the answer; coefficients chosen on MNIST-1D (bench/results/
     # coef_scan.md). The default of psops_mpi 0.1.
-    "paper": {"rule": "particle", "w": 0.5, "c1": 0.0, "c2": 1.0, "c3": 0.0,
+    "paper": {"rule": "particle", "w": 0.5, "c1": 0.0, "c2": 1.0, "c3": 0.0, "rho": 1.0,
               "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
 }
 
@@ -80,9 +86,10 @@ def check_choices(obj: object) -> None:
 class PSOConfig:
     """Coefficients of the particle-swarm step applied at every PSO-PS round."""
 
-    pso_preset: Literal["centre", "paper"] = "centre"
+    pso_preset: Literal["centre", "elastic", "paper"] = "centre"
     """Named PSO-PS settings that the PSO flags given beside it override: centre (the swarm
-    moves as one) or paper (each particle moves on its own, Ye et al.'s rule, the default of
+    moves as one), elastic (the centre moves, each particle part of the way: EASGD's
+    elastic pull) or paper (each particle moves on its own, Ye et al.'s rule, the default of
     psops_mpi 0.1); see "PSO-PS presets"."""
     w: float = 0.4
     """PSO inertia: the share of the previous velocity a particle keeps."""
@@ -94,6 +101,9 @@ class PSOConfig:
     c3: float = 0.0
     """After the move, pull each particle this share of the way to the swarm's mean (see
     bench/results/mean_pull.md); 1 puts every particle at the mean."""
+    rho: float = 1.0
+    """Centre rule: the share of the way each particle moves to the new centre at a round
+    (EASGD's elastic pull; 1: every particle at the centre, which is the answer)."""
     vmax: float | None = field(default=None, metadata={"metavar": "V"})
     """Clamp every velocity component to [-vmax, vmax]; none: no clamp."""
     fitness: Literal["train", "holdout"] = "train"
@@ -134,6 +144,11 @@ class PSOConfig:
         if self.rule == "centre" and (self.c1 > 0 or self.c3 > 0):
             raise UsageError("--rule centre moves the swarm as one: it takes no --c1 (personal "
                              "bests) and no --c3 (every particle is at the centre already)")
+        if not (isinstance(self.rho, (int, float)) and 0 < self.rho <= 1):
+            raise UsageError(f"--rho must be in (0, 1], got {self.rho!r}")
+        if self.rho < 1 and self.rule != "centre":
+            raise UsageError("--rho pulls particles towards the centre of --rule centre; the "
+                             "particle rule has no centre")
 
 
 @dataclass(kw_only=True)

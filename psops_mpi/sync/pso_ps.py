@@ -8,10 +8,15 @@ by ``rule``:
 - ``particle`` (the paper's): PSO move of x_k, v_k in place (a particle whose fitness is NaN or
   inf restarts at the global best instead), then with c3 > 0 a pull towards the mean,
   x_k += c3 (m - x_k);
-- ``centre``: the swarm moves as one. From the point a every particle started the period at,
-  v = w v + (m - a) + c2 r2 (g - m) and every particle goes to a + v: periodic averaging with
-  inertia w as a slow momentum (SlowMo with alpha 1, beta w, when c2 = 0), pulled towards the
-  round's best particle. r2 is drawn the same on every rank;
+- ``centre``: the swarm moves as one. From the centre a of the last round,
+  v = w v + (m - a) + c2 r2 (g - m) and the centre moves to c = a + v: periodic averaging
+  with inertia w as a slow momentum (SlowMo with alpha 1, beta w, when c2 = 0), pulled
+  towards the round's best particle. r2 is drawn the same on every rank. Each particle then
+  moves the share rho of the way to the centre, x_k += rho (c - x_k): with rho = 1 (the
+  ``centre`` preset) every particle sits at the centre; below 1 (``elastic``: EASGD's
+  elastic pull, Zhang et al. 2015) the particles stay distinct around it, and the centre is
+  the answer. With c2 = 0 the best particle is not needed: a round is one Allreduce of the
+  weights (PA's bytes) and a MINLOC of the fitness (``exchange mean``);
 
 -> average BatchNorm buffers. Evaluation and export use the global best g, or the swarm's mean
 (``answer``).
@@ -86,14 +91,21 @@ class PSOSync(FlatSynchronizer):
         self._mean_buf = (flat_buffer(n + 1, dtype, device)
                           if self._gathered is None and (centre or self.config.c3 > 0) else None)
         self.anchor = flat_buffer(n, dtype, device).copy_(self.flat.data) if centre else None
+        # the elastic swarm: each particle's own position while the centre is computed
+        self._own = flat_buffer(n, dtype, device) if self.config.rho < 1 else None
         self.last_fitness = math.inf
 
     def _chosen_exchange(self) -> str:
-        """allgather or best, as configured or, for auto, as the cost model prefers."""
+        """allgather or best, as configured or, for auto, as the cost model prefers; mean
+        when the rule needs no best particle (the centre rule with c2 = 0)."""
         if not self.exchange_kind:
             cfg = self.config
-            self.exchange_kind = cfg.exchange if cfg.exchange != "auto" else choose_exchange(
-                self.world_size, self.flat.numel, needs_mean=cfg.rule == "centre" or cfg.c3 > 0)
+            if cfg.rule == "centre" and cfg.c2 == 0:
+                self.exchange_kind = "mean"
+            else:
+                self.exchange_kind = cfg.exchange if cfg.exchange != "auto" else choose_exchange(
+                    self.world_size, self.flat.numel,
+                    needs_mean=cfg.rule == "centre" or cfg.c3 > 0)
         return self.exchange_kind
 
     def _largest_message(self) -> int:
@@ -107,9 +119,12 @@ class PSOSync(FlatSynchronizer):
     def describe(self) -> str:
         if self.world_size == 1:
             return self._one_particle_note()
-        how = ("every rank receives every particle" if self.exchange_kind == "allgather"
-               else "MINLOC and a broadcast of the best particle")
-        auto = " (auto: the cheaper for this swarm)" if self.config.exchange == "auto" else ""
+        how = {"allgather": "every rank receives every particle",
+               "best": "MINLOC and a broadcast of the best particle",
+               "mean": "one Allreduce of the weights (no best particle needed)"
+               }[self.exchange_kind]
+        auto = (" (auto: the cheaper for this swarm)"
+                if self.config.exchange == "auto" and self.exchange_kind != "mean" else "")
         return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
                 f"{self.exchange_kind}{auto}: {how}")
 
@@ -147,7 +162,7 @@ class PSOSync(FlatSynchronizer):
             mean = self._mean_of_rows()
         else:
             mean = self._allreduce_mean(finite) if self._mean_buf is not None else None
-            any_finite = self._exchange_best()
+            any_finite = self._exchange_best(send=self.exchange_kind != "mean")
         self._count_sync(any_finite)
         diverged = not finite and (self.swarm.gbest_owner >= 0 or self.anchor is not None)
         if self.anchor is not None:
@@ -166,9 +181,12 @@ class PSOSync(FlatSynchronizer):
         self._loss_sum.zero_()
 
     def _move_centre(self, mean: torch.Tensor | None) -> None:
-        """The swarm moves as one (see the module docstring): x = a + v for every particle."""
-        x, anchor, swarm = self.flat.data, self.anchor, self.swarm
+        """The centre moves (see the module docstring) to c = a + v; each particle the share
+        rho of the way to it (a particle that diverged: all the way)."""
+        x, anchor, swarm, own = self.flat.data, self.anchor, self.swarm, self._own
         assert anchor is not None
+        if own is not None:
+            own.copy_(x)
         if mean is None:  # no particle with a finite fitness: stay where the period began
             x.copy_(anchor)
             swarm.round += 1
@@ -181,6 +199,8 @@ class PSOSync(FlatSynchronizer):
             swarm.round += 1
         swarm.v.copy_(x).sub_(anchor)  # v = x - a = w v + (m - a) + c2 r2 (g - m)
         anchor.copy_(x)
+        if own is not None and math.isfinite(self.last_fitness):
+            torch.lerp(own, anchor, self.config.rho, out=x)  # x_k + rho (c - x_k)
 
     def _exchange_allgather(self) -> bool:
         """Every particle to every rank; True if some particle's fitness is finite."""
@@ -213,16 +233,17 @@ class PSOSync(FlatSynchronizer):
         count = self.exchange.allreduce_finite_mean_(buf, finite)
         return buf[:n] if count > 0 else None
 
-    def _exchange_best(self) -> bool:
-        """MINLOC of the fitness, then the best particle from its owner; True if some
-        particle's fitness is finite."""
+    def _exchange_best(self, send: bool = True) -> bool:
+        """MINLOC of the fitness, then (``send``) the best particle from its owner; True if
+        some particle's fitness is finite."""
         local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
         best, owner = self.exchange.minloc(local)
         # Every rank holds the same (best, owner), so all take the same branch.
         if self.swarm.accepts_global(best):
-            if self.rank == owner:
-                self.swarm.gbest.copy_(self.flat.data)
-            self.exchange.bcast_(self.swarm.gbest, root=owner)
+            if send:
+                if self.rank == owner:
+                    self.swarm.gbest.copy_(self.flat.data)
+                self.exchange.bcast_(self.swarm.gbest, root=owner)
             self.swarm.set_global(self.swarm.gbest, best, owner)
         return math.isfinite(best)
 
@@ -242,8 +263,8 @@ class PSOSync(FlatSynchronizer):
             self.flat.data.copy_(saved)
 
     def _answer(self) -> torch.Tensor | None:
-        if self.anchor is not None:  # after a round every particle sits at the centre
-            return None
+        if self.anchor is not None:  # the centre: where every particle sits when rho is 1
+            return self.anchor if self._own is not None else None
         if self.config.answer == "mean":
             mean = self.flat.data.clone()
             self.exchange.allreduce_mean_(mean)
@@ -253,6 +274,8 @@ class PSOSync(FlatSynchronizer):
 
     def consensus_source(self) -> tuple[int, str | None]:
         owner = self.swarm.gbest_owner
+        if self._own is not None:
+            return 0, "anchor"
         if self.anchor is not None or (self.config.answer == "gbest" and owner < 0):
             return 0, None
         if self.config.answer == "mean":
@@ -340,10 +363,13 @@ class PSOSync(FlatSynchronizer):
             self._start_new_particle()
 
     def _start_new_particle(self) -> None:
-        """A particle added by a resize: at the global best, at rest; its fitness in progress
-        counts the global best's for the steps of this period already taken."""
+        """A particle added by a resize: at the centre (the centre rule) or the global best,
+        at rest; its fitness in progress counts the global best's for the steps of this
+        period already taken."""
         swarm = self.swarm
-        if swarm.gbest_owner >= 0:  # before the first round there is no global best yet
+        if self.anchor is not None:
+            self.flat.data.copy_(self.anchor)
+        elif swarm.gbest_owner >= 0:  # before the first round there is no global best yet
             self.flat.data.copy_(swarm.gbest)
         swarm.v.zero_()
         swarm.pbest.copy_(self.flat.data)

@@ -3,6 +3,8 @@ SlowMo, and the swarm's mean as its answer."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from mpi4py import MPI
@@ -13,6 +15,7 @@ from tests.helpers.training import local_step
 
 pytestmark = pytest.mark.mpi(min_size=2)
 COMM = MPI.COMM_WORLD
+NO_SYNC = SimpleNamespace(after_backward=lambda: True, after_step=lambda loss: False)
 
 
 def mlp(seed: int = 3) -> nn.Module:
@@ -88,3 +91,40 @@ def test_mean_answer_evaluates_the_mean_of_the_particles() -> None:
     assert all(torch.equal(p, inside[0]) for p in inside)
     assert torch.equal(sync.flat.data, mine)  # the particle itself is back
     assert sync.consensus_source() == (-1, None)
+
+
+def test_the_elastic_swarm_moves_each_particle_part_of_the_way_to_the_centre() -> None:
+    """rho 0.5: after a round each particle is halfway between where its period left it and
+    the centre, which moved as the centre rule moves it (here SlowMo's step on the mean);
+    the particles stay distinct, the answer is the centre, and a round costs PA's bytes."""
+    rho, w = 0.5, 0.4
+    centre_only = train_swarm(rule="centre", w=w, c2=0.0, steps=6)  # two rounds, rho 1
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sync = PSOSync(model, opt, COMM, sync_every=3, seed=5, rule="centre", w=w, c2=0.0, rho=rho)
+    before = None
+    for step in range(6):
+        if step == 5:  # the second round's last step: note where the particle stands
+            local_step(model, opt, NO_SYNC, step)
+            before = sync.flat.data.clone()
+            mean = torch.stack(gathered(before)).mean(0)
+            velocity = sync.swarm.v.clone()
+            sync.after_step(torch.tensor(1.0))
+            continue
+        local_step(model, opt, sync, step)
+    assert before is not None and sync.rounds == 2 and sync.exchange_kind == "mean"
+    centre = mean + w * velocity
+    torch.testing.assert_close(sync.anchor, centre, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sync.flat.data, before + rho * (centre - before), rtol=1e-5,
+                               atol=1e-6)
+    positions = gathered(sync.flat.data)
+    assert not all(torch.equal(p, positions[0]) for p in positions)  # distinct particles
+    with sync.consensus():
+        assert torch.equal(sync.flat.data, sync.anchor)  # the centre is the answer
+    assert sync.consensus_source() == (0, "anchor")
+    n, p = sync.flat.numel, COMM.Get_size()
+    per_round = 16 + int(2 * (p - 1) / p * 4 * (n + 1))  # MINLOC and PA's allreduce
+    assert sync.exchange.bytes_sent == sync.rounds * per_round
+    # rho 1 is the centre rule exactly: every particle at the same centre
+    assert all(torch.equal(q, gathered(centre_only.flat.data)[0])
+               for q in gathered(centre_only.flat.data))

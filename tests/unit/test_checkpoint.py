@@ -3,6 +3,7 @@ are refused with one clear error, checkpoints are found by progress, resizes are
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -150,6 +151,7 @@ def state_of(sync) -> list[torch.Tensor]:
     tensors += [s["momentum_buffer"].clone() for s in sync.optimizer.state.values()]
     if isinstance(sync, PSOSync):
         tensors += [sync.swarm.v.clone(), sync.swarm.pbest.clone(), sync.swarm.gbest.clone()]
+        tensors += [sync.anchor.clone()] if sync.anchor is not None else []
     return tensors
 
 
@@ -174,7 +176,10 @@ def loop_at(step: int, sums: list[float] | None = None) -> LoopState:
     return loop
 
 
-@pytest.mark.parametrize("kind", [PSOSync, PASync])
+ELASTIC = functools.partial(PSOSync, pso_preset="elastic", rule="centre", c2=0.0, rho=0.5)
+
+
+@pytest.mark.parametrize("kind", [PSOSync, PASync, ELASTIC])
 def test_state_restores_exactly_and_training_continues_identically(tmp_path: Path,
                                                                    kind: type) -> None:
     original = trained_sync(kind, seed=0, steps=7)  # 7: mid-period, momentum and swarm set
