@@ -36,18 +36,27 @@ PSO_PRESETS: dict[str, dict[str, Any]] = {
     # particle. w and c2 chosen on MNIST-1D at 4 ranks, sync every 4, 16 and 64 (bench/results/
     # rules/README.md): the best PSO-PS setting there, above PA at every period.
     "centre": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.1, "c3": 0.0, "rho": 1.0,
-               "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
+               "lr_spread": 1.0, "answer": "gbest", "fitness": "train",
+               "gbest_memory": "round"},
     # EASGD's elastic swarm (Zhang, Choromanska, LeCun 2015): the centre moves by the slow
     # momentum step on the swarm's mean, each particle only part of the way towards it, so
     # the particles stay distinct; the centre is the answer. No pull to the best particle:
     # one Allreduce of the weights a round, PA's bytes.
     "elastic": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.0, "c3": 0.0, "rho": 0.5,
-                "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
+                "lr_spread": 1.0, "answer": "gbest", "fitness": "train",
+                "gbest_memory": "round"},
+    # The centre rule whose particles also search the learning rate: each trains with its own
+    # multiplier of the schedule's rate, started over [1/3, 3] and moved towards the best
+    # by a PSO step on its logarithm once an epoch (psops_mpi.swarm.RateSearch).
+    "search": {"rule": "centre", "w": 0.4, "c1": 0.0, "c2": 0.1, "c3": 0.0, "rho": 1.0,
+               "lr_spread": 3.0, "answer": "gbest", "fitness": "train",
+               "gbest_memory": "round"},
     # Ye et al.'s rule: each particle moves on its own towards the round's best particle, and
     # the best particle is the answer; coefficients chosen on MNIST-1D (bench/results/
     # coef_scan.md). The default of psops_mpi 0.1.
     "paper": {"rule": "particle", "w": 0.5, "c1": 0.0, "c2": 1.0, "c3": 0.0, "rho": 1.0,
-              "answer": "gbest", "fitness": "train", "gbest_memory": "round"},
+              "lr_spread": 1.0, "answer": "gbest", "fitness": "train",
+              "gbest_memory": "round"},
 }
 
 
@@ -86,11 +95,12 @@ def check_choices(obj: object) -> None:
 class PSOConfig:
     """Coefficients of the particle-swarm step applied at every PSO-PS round."""
 
-    pso_preset: Literal["centre", "elastic", "paper"] = "centre"
+    pso_preset: Literal["centre", "elastic", "search", "paper"] = "centre"
     """Named PSO-PS settings that the PSO flags given beside it override: centre (the swarm
     moves as one), elastic (the centre moves, each particle part of the way: EASGD's
-    elastic pull) or paper (each particle moves on its own, Ye et al.'s rule, the default of
-    psops_mpi 0.1); see "PSO-PS presets"."""
+    elastic pull), search (centre, and the particles search the learning rate) or paper
+    (each particle moves on its own, Ye et al.'s rule, the default of psops_mpi 0.1); see
+    "PSO-PS presets"."""
     w: float = 0.4
     """PSO inertia: the share of the previous velocity a particle keeps."""
     c1: float = 0.0
@@ -104,6 +114,14 @@ class PSOConfig:
     rho: float = 1.0
     """Centre rule: the share of the way each particle moves to the new centre at a round
     (EASGD's elastic pull; 1: every particle at the centre, which is the answer)."""
+    lr_spread: float = field(default=1.0, metadata={"metavar": "S"})
+    """Learning-rate search: particles train with multipliers of the schedule's rate spread
+    log-evenly over [1/S, S], moved towards the best one (by the holdout loss of each
+    particle's own weights, averaged over --lr-period rounds) by a PSO step on their
+    logarithms, within [1/S^2, S^2] (1: off)."""
+    lr_period: int = field(default=0, metadata={"metavar": "R"})
+    """Learning-rate search: rounds between two steps of the multipliers (0: an epoch's
+    worth)."""
     vmax: float | None = field(default=None, metadata={"metavar": "V"})
     """Clamp every velocity component to [-vmax, vmax]; none: no clamp."""
     fitness: Literal["train", "holdout"] = "train"
@@ -144,6 +162,11 @@ class PSOConfig:
         if self.rule == "centre" and (self.c1 > 0 or self.c3 > 0):
             raise UsageError("--rule centre moves the swarm as one: it takes no --c1 (personal "
                              "bests) and no --c3 (every particle is at the centre already)")
+        if not (isinstance(self.lr_spread, (int, float)) and math.isfinite(self.lr_spread)
+                and self.lr_spread >= 1):
+            raise UsageError(f"--lr-spread must be a number >= 1 (1: no search), got "
+                             f"{self.lr_spread!r}")
+        _integer("--lr-period", self.lr_period, 0)
         if not (isinstance(self.rho, (int, float)) and 0 < self.rho <= 1):
             raise UsageError(f"--rho must be in (0, 1], got {self.rho!r}")
         if self.rho < 1 and self.rule != "centre":

@@ -183,6 +183,16 @@ class Exchange:
             self.comm.Allreduce([send, MPI.DOUBLE_INT], [recv, MPI.DOUBLE_INT], op=MPI.MINLOC)
         return float(recv["v"][0]), int(recv["r"][0])
 
+    def allgather_scalar(self, value: float) -> np.ndarray:
+        """Every rank's ``value`` (a float64 per rank, in rank order: one small Allgather)."""
+        send = np.array([value], dtype=np.float64)
+        if self.world_size == 1:
+            return send
+        recv = np.empty(self.world_size, dtype=np.float64)
+        with self._timed(send.nbytes * (self.world_size - 1)):
+            self.comm.Allgather(send, recv)
+        return recv
+
     def counters(self) -> dict[str, float]:
         """Bytes sent, seconds in MPI and number of collectives so far on this rank."""
         return {"comm_bytes": self.bytes_sent, "comm_s": self.seconds, "comm_calls": self.calls}

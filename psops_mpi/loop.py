@@ -318,7 +318,8 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
                 if state.step >= last:  # also when resumed from the end of the run
                     break
                 stepped = True
-                train_step(run, state, batches, learning_rate(cfg, state.step, last))
+                rate = learning_rate(cfg, state.step, last) * run.sync.lr_scale()
+                train_step(run, state, batches, rate)
                 if state.step < last:  # the last step's checkpoint is the final one
                     after_step(state.step, poll, checkpoints)
                 if progress.shown and (state.step % LOG_EVERY == 0 or state.step == last):

@@ -117,14 +117,16 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
         notes = dict.fromkeys(n for n in comm.allgather(world.gpu_sharing) if n)
         world.gpu_sharing = "; ".join(notes)
     fitness_fn = None
-    if config.pso.fitness == "holdout":
+    if config.algo == "pso-ps" and (config.pso.fitness == "holdout" or config.pso.lr_spread > 1):
         holdout = agree(comm, lambda: batches.holdout(HOLDOUT_SIZE, config.seed),
                         "the holdout batch")
         fitness_fn = lambda: holdout_loss(model, built["task"], *holdout)  # noqa: E731
     precision = built["precision"]
+    steps = batches.steps_per_epoch // config.grad_accum_steps
     sync = make_sync(config, model, built["optimizer"], comm, fitness_fn,
                      cuda_aware=built["world"].cuda_aware.direct,
-                     loss_scale=precision.scale if precision.scaled else None)
+                     loss_scale=precision.scale if precision.scaled else None,
+                     rounds_per_epoch=max(1, steps // config.sync_every))
     return Run(**built, sync=sync)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from psops_mpi.config import PSOConfig
@@ -174,3 +175,117 @@ class Swarm:
         self.pbest_fitness = float(state["pbest_fitness"])
         self.gbest_fitness = float(state["gbest_fitness"])
         self.gbest_owner = int(state["gbest_owner"])
+
+
+class RateSearch:
+    """The swarm's search of the learning rate: one multiplier of the schedule's rate per
+    particle, moved by a PSO step on its logarithm. Every rank holds every particle's
+    multiplier and computes the same step from the same gathered scores, so a round costs
+    P scalars (the scores) and nothing else.
+
+    A particle's score is its loss on the holdout batch (the same on every rank), measured
+    on its own weights after its period, before the round. Every ``period`` rounds (an
+    epoch's worth or more) the scores are averaged over those rounds, and each log
+    multiplier h_k moves: v_k = w v_k + c r_k (h_lead - h_k) + sigma n_k, h_k = clamp(h_k +
+    v_k) to [-log bound, log bound], with r_k ~ U[0, 1) and n_k ~ N(0, 1) drawn from (seed,
+    step) alike on every rank.
+
+    Against short-horizon bias (Wu et al., ICLR 2018: a greedy comparison over a short
+    horizon favours small learning rates) three guards: a multiplier is judged on the mean of
+    its scores over a whole period of at least an epoch, never on one round; the leader is,
+    among the particles within ``tie`` (relative) of the best mean score, the one with the
+    largest multiplier, so near-ties tip towards the larger rate; and the noise keeps the
+    multipliers spread, so the swarm can move back up when the run rewards it. The other
+    way, a particle that blows up at its rate (:meth:`outliers`) halves its multiplier at
+    once and is restarted from the others' mean.
+
+    Args:
+        world_size: the particles.
+        spread: multipliers start spread log-evenly over [1/spread, spread] (particle 0 the
+            smallest); the bound is spread squared.
+        period: rounds between two steps of the multipliers.
+        seed: key of the draws.
+    """
+
+    W, C, SIGMA, TIE = 0.5, 1.0, 0.1, 0.01
+    KAPPA = 2.0  # a score this many times the best marks a particle that is blowing up
+
+    def __init__(self, world_size: int, spread: float, period: int, seed: int) -> None:
+        span = math.log(spread)
+        self.bound = 2 * span
+        self.h = (np.linspace(-span, span, world_size) if world_size > 1
+                  else np.zeros(1))
+        self.v = np.zeros(world_size)
+        self.score_sum = np.zeros(world_size)
+        self.rounds = 0  # since the last step of the multipliers
+        self.steps = 0  # steps of the multipliers so far
+        self.period, self.seed = max(1, period), seed
+        self.leader = -1
+
+    def multiplier(self, rank: int) -> float:
+        return float(math.exp(self.h[rank]))
+
+    def outliers(self, scores: np.ndarray) -> np.ndarray:
+        """The particles that diverged or are blowing up at their rate: a score that is not
+        finite, or more than ``KAPPA`` times the best. The synchroniser leaves them out of
+        the swarm's mean, as it does diverged ones, so that they cannot carry the others
+        away."""
+        scores = np.asarray(scores, dtype=np.float64)
+        finite = np.isfinite(scores)
+        if not finite.any():
+            return ~finite
+        return ~finite | (scores > self.KAPPA * max(scores[finite].min(), 0.0))
+
+    def observe(self, scores: np.ndarray) -> bool:
+        """Add one round's scores; True when the multipliers moved. An outlier's multiplier
+        halves at once, at rest, so that a particle restarted from the others does not blow
+        up again at the same rate; a non-finite score counts as the worst finite one (1e30
+        if none is)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        finite = np.isfinite(scores)
+        worst = scores[finite].max() if finite.any() else 1e30
+        self.score_sum += np.where(finite, scores, worst)
+        out = self.outliers(scores)
+        if out.any():
+            self.h = np.where(out, np.maximum(self.h - math.log(2), -self.bound), self.h)
+            self.v = np.where(out, 0.0, self.v)
+        self.rounds += 1
+        if self.rounds < self.period:
+            return False
+        self.step(self.score_sum / self.rounds)
+        self.score_sum[:] = 0.0
+        self.rounds = 0
+        return True
+
+    def step(self, means: np.ndarray) -> None:
+        """One PSO step of every log multiplier towards the leader's."""
+        best = means.min()
+        near = np.flatnonzero(means <= best + self.TIE * abs(best))
+        self.leader = int(near[np.argmax(self.h[near])])
+        rng = np.random.default_rng([self.seed & _MASK64, self.steps])
+        r = rng.random(len(self.h))
+        noise = rng.standard_normal(len(self.h))
+        self.v = self.W * self.v + self.C * r * (self.h[self.leader] - self.h) + self.SIGMA * noise
+        self.h = np.clip(self.h + self.v, -self.bound, self.bound)
+        self.steps += 1
+
+    def resize(self, sources: list[int | None]) -> None:
+        """A job of ``len(sources)`` particles: each continues its old particle's
+        multiplier, a new one starts at the leader's (the middle's before any step), at rest."""
+        start = self.leader if self.leader >= 0 else len(self.h) // 2
+        self.h = np.array([self.h[s if s is not None else start] for s in sources])
+        self.v = np.array([self.v[s] if s is not None else 0.0 for s in sources])
+        self.score_sum = np.zeros(len(sources))
+        self.rounds = 0
+        self.leader = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_multiplier": self.h, "velocity": self.v, "score_sum": self.score_sum,
+                "rounds": self.rounds, "steps": self.steps, "leader": self.leader}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.h = np.array(state["log_multiplier"], dtype=np.float64)
+        self.v = np.array(state["velocity"], dtype=np.float64)
+        self.score_sum = np.array(state["score_sum"], dtype=np.float64)
+        self.rounds, self.steps = int(state["rounds"]), int(state["steps"])
+        self.leader = int(state["leader"])

@@ -23,10 +23,11 @@ __all__ = ["FlatSynchronizer", "NonFiniteStop", "PASync", "PSOSync", "ResizePlan
 
 def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
               comm: MPI.Comm, fitness_fn: Callable[[], torch.Tensor] | None = None,
-              cuda_aware: bool = False,
-              loss_scale: Callable[[], float] | None = None) -> Synchronizer:
+              cuda_aware: bool = False, loss_scale: Callable[[], float] | None = None,
+              rounds_per_epoch: int = 1) -> Synchronizer:
     """The synchroniser ``config.algo`` names, set up from the config; ``loss_scale``: fp16's
-    current loss scale (see :class:`SSGDSync`)."""
+    current loss scale (see :class:`SSGDSync`); ``rounds_per_epoch``: PSO-PS's default
+    period of its learning-rate search."""
     limit = config.max_nonfinite
     if config.algo == "ssgd":
         return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit,
@@ -42,4 +43,4 @@ def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
     return PSOSync(model, optimizer, comm, config.sync_every, config=config.pso,
                    seed=config.seed, fitness_fn=fitness_fn,
                    reset_momentum=config.reset_momentum, cuda_aware=cuda_aware,
-                   max_nonfinite=limit)
+                   max_nonfinite=limit, rounds_per_epoch=rounds_per_epoch)

@@ -139,6 +139,11 @@ class Synchronizer(ABC):
         rank -1: the mean over all ranks."""
         return 0, None
 
+    def lr_scale(self) -> float:
+        """This rank's multiplier of the schedule's learning rate (1 but for a swarm that
+        searches the rate)."""
+        return 1.0
+
     # ---- metrics
 
     def describe(self) -> str:

@@ -21,6 +21,11 @@ by ``rule``:
 -> average BatchNorm buffers. Evaluation and export use the global best g, or the swarm's mean
 (``answer``).
 
+With ``lr_spread`` > 1 the particles also search the learning rate
+(:class:`~psops_mpi.swarm.RateSearch`): before the exchange, each particle's loss on the
+holdout batch (its own weights, after its period) goes to every rank in one small Allgather
+of P scalars, and every ``lr_period`` rounds the multipliers move towards the best one.
+
 At another world size (a resume): fewer ranks keep the particles with the best personal
 fitness; more ranks start each new particle at the global best, at rest, with fresh momentum.
 """
@@ -39,7 +44,7 @@ from torch import nn
 from psops_mpi.config import PSOConfig
 from psops_mpi.costmodel import choose_exchange
 from psops_mpi.flat import flat_buffer, load_into
-from psops_mpi.swarm import Swarm, select_best
+from psops_mpi.swarm import RateSearch, Swarm, select_best
 from psops_mpi.sync.base import ResizePlan, SyncMetrics
 from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
 
@@ -52,9 +57,11 @@ class PSOSync(FlatSynchronizer):
         config: PSO coefficients and options (default :class:`PSOConfig`); keyword overrides
             such as ``w=0.6`` may be given instead.
         seed: key of the swarm's random draws (with round and rank).
-        fitness_fn: returns the loss that is this particle's fitness, for
-            ``config.fitness == 'holdout'``; by default the mean training loss passed to
-            :meth:`after_step` since the last round.
+        fitness_fn: returns this particle's loss on the holdout batch: its fitness for
+            ``config.fitness == 'holdout'`` (by default the fitness is the mean training loss
+            passed to :meth:`after_step` since the last round), and the score of its learning
+            rate when it searches the rate.
+        rounds_per_epoch: rounds in an epoch (the learning-rate search's default period).
         reset_momentum: clear the local optimizer's state (momentum) after every round.
         max_nonfinite: as :class:`FlatSynchronizer`; a round is skipped when no particle has
             a finite fitness.
@@ -62,20 +69,27 @@ class PSOSync(FlatSynchronizer):
 
     extra_slots = 1
     nonfinite = "no particle had a finite fitness"
+    # the search's state, absent from runs without it (and from psops_mpi 0.2.0's)
+    optional_state_keys = (*FlatSynchronizer.optional_state_keys, "rate")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  comm: MPI.Comm | None = None, sync_every: int = 8, *,
                  config: PSOConfig | None = None, seed: int = 0,
                  fitness_fn: Callable[[], torch.Tensor] | None = None,
                  reset_momentum: bool = False, cuda_aware: bool = False,
-                 max_nonfinite: int = MAX_NONFINITE, **overrides: object) -> None:
+                 max_nonfinite: int = MAX_NONFINITE, rounds_per_epoch: int = 1,
+                 **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,
                          max_nonfinite=max_nonfinite)
-        if self.config.fitness == "holdout" and fitness_fn is None:
-            raise ValueError("fitness 'holdout' needs a fitness_fn that returns the loss")
+        if (self.config.fitness == "holdout" or self.config.lr_spread > 1) and fitness_fn is None:
+            raise ValueError("fitness 'holdout' and the learning-rate search need a fitness_fn "
+                             "that returns the holdout loss")
+        self.rate = (RateSearch(self.world_size, self.config.lr_spread,
+                                self.config.lr_period or rounds_per_epoch, seed)
+                     if self.config.lr_spread > 1 else None)
         self.fitness_fn = fitness_fn
         self.reset_momentum = reset_momentum
         self.swarm = Swarm(self.flat.data, self.config, seed, self.rank)
@@ -125,8 +139,13 @@ class PSOSync(FlatSynchronizer):
                }[self.exchange_kind]
         auto = (" (auto: the cheaper for this swarm)"
                 if self.config.exchange == "auto" and self.exchange_kind != "mean" else "")
+        search = ""
+        if self.rate is not None:
+            s = self.config.lr_spread
+            search = (f"; the particles search the learning rate: multipliers from "
+                      f"{1 / s:.3g} to {s:g}, moved every {self.rate.period} round(s)")
         return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
-                f"{self.exchange_kind}{auto}: {how}")
+                f"{self.exchange_kind}{auto}: {how}{search}")
 
     def _one_particle_note(self) -> str:
         """What a swarm of one is: its own global best, so no particle learns from another."""
@@ -151,10 +170,21 @@ class PSOSync(FlatSynchronizer):
             return self.fitness_fn().detach().to(self._loss_sum.dtype)  # type: ignore[misc]
         return self._loss_sum / max(self.steps_since_round, 1)
 
+    def lr_scale(self) -> float:
+        return self.rate.multiplier(self.rank) if self.rate is not None else 1.0
+
     def _round(self) -> None:
         fitness = self._fitness()
         self._fitness_slot.copy_(fitness)
         self.last_fitness = float(fitness)  # one host sync per round, not per step
+        if self.rate is not None:  # the same holdout batch, this particle's own weights
+            score = (self.last_fitness if self.config.fitness == "holdout"
+                     else float(self.fitness_fn()))  # type: ignore[misc]
+            scores = self.exchange.allgather_scalar(score)
+            if self.rate.outliers(scores)[self.rank]:  # blowing up: out of the mean, as a
+                self.last_fitness = math.inf  # diverged particle, and restarted
+                self._fitness_slot.fill_(math.inf)
+            self.rate.observe(scores)
         self.swarm.offer_personal(self.last_fitness)
         finite = math.isfinite(self.last_fitness)
         if self._gathered is not None:
@@ -285,6 +315,9 @@ class PSOSync(FlatSynchronizer):
     def metrics(self) -> SyncMetrics:
         base = super().metrics()  # restarts: diverged particles restarted at g
         base.values["gbest_fitness"] = self.swarm.gbest_fitness
+        if self.rate is not None:  # every particle's multiplier, the same on every rank
+            base.values.update({f"lr_mult_r{k}": self.rate.multiplier(k)
+                                for k in range(self.world_size)})
         return base
 
     def summary(self) -> dict[str, Any]:
@@ -323,6 +356,8 @@ class PSOSync(FlatSynchronizer):
                  "last_fitness": self.last_fitness, "swarm": self.swarm.state_dict()}
         if self.anchor is not None:
             state["anchor"] = self.anchor
+        if self.rate is not None:
+            state["rate"] = self.rate.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -332,6 +367,8 @@ class PSOSync(FlatSynchronizer):
         self.swarm.load_state_dict(state["swarm"])
         if self.anchor is not None:
             load_into(self.anchor, state["anchor"])
+        if self.rate is not None and "rate" in state:  # else: a run that searched nothing
+            self.rate.load_state_dict(state["rate"])
 
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:
@@ -356,6 +393,8 @@ class PSOSync(FlatSynchronizer):
 
     def on_resize(self, plan: ResizePlan) -> None:
         super().on_resize(plan)
+        if self.rate is not None:  # every rank holds every multiplier: re-index them
+            self.rate.resize(plan.sources)
         owner = self.swarm.gbest_owner  # an old rank number: keep it on the same particle
         if owner >= 0:  # (0 when that particle was dropped: the global best is still known)
             self.swarm.gbest_owner = plan.sources.index(owner) if owner in plan.sources else 0

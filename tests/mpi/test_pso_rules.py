@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
@@ -128,3 +129,33 @@ def test_the_elastic_swarm_moves_each_particle_part_of_the_way_to_the_centre() -
     # rho 1 is the centre rule exactly: every particle at the same centre
     assert all(torch.equal(q, gathered(centre_only.flat.data)[0])
                for q in gathered(centre_only.flat.data))
+
+
+def test_the_learning_rate_search_agrees_on_every_multiplier_for_p_scalars_a_round() -> None:
+    """Each particle scores its own weights on the same holdout batch before the round;
+    every rank then holds the same multipliers, each rank trains with its own, and the
+    search costs one float64 per rank per round beyond the exchange."""
+    gen = torch.Generator().manual_seed(9)
+    hx, hy = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    holdout = lambda: F.cross_entropy(model(hx), hy).detach()  # noqa: E731
+    plain = train_swarm(rule="centre", c2=0.0, steps=12)
+    sync = PSOSync(model, opt, COMM, sync_every=3, seed=5, rule="centre", c2=0.0,
+                   lr_spread=3.0, lr_period=2, fitness_fn=holdout)
+    scales = []
+    for step in range(12):
+        scales.append(sync.lr_scale())
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * sync.lr_scale()
+        local_step(model, opt, sync, step)
+    assert sync.rounds == 4 and sync.rate is not None and sync.rate.steps == 2
+    everyone = COMM.allgather(sync.rate.h.tolist())
+    assert all(h == everyone[0] for h in everyone)
+    assert scales[0] == pytest.approx(3.0 ** (2 * COMM.Get_rank() / (COMM.Get_size() - 1) - 1))
+    assert sync.lr_scale() == sync.rate.multiplier(COMM.Get_rank()) != scales[0]
+    extra = 8 * (COMM.Get_size() - 1) * sync.rounds
+    assert sync.exchange.bytes_sent == plain.exchange.bytes_sent + extra
+    values = sync.metrics().values
+    assert [values[f"lr_mult_r{k}"] for k in range(COMM.Get_size())] == pytest.approx(
+        [sync.rate.multiplier(k) for k in range(COMM.Get_size())])

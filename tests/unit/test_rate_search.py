@@ -1,0 +1,99 @@
+"""The swarm's learning-rate search as pure math (psops_mpi.swarm.RateSearch): where the
+multipliers start, how they move, the guard against short-horizon bias, the bounds, and a
+resize."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from psops_mpi.swarm import RateSearch
+
+
+def test_multipliers_start_spread_log_evenly_over_the_range() -> None:
+    search = RateSearch(5, spread=3.0, period=2, seed=0)
+    assert [search.multiplier(k) for k in range(5)] == pytest.approx(
+        [1 / 3, 3 ** -0.5, 1.0, 3 ** 0.5, 3.0])
+    assert RateSearch(1, spread=3.0, period=2, seed=0).multiplier(0) == 1.0
+
+
+def test_they_move_once_a_period_towards_the_best_mean_score() -> None:
+    search = RateSearch(4, spread=4.0, period=3, seed=1)
+    before = search.h.copy()
+    scores = np.array([1.0, 0.5, 0.8, 0.9])  # particle 1 is best
+    assert not search.observe(scores) and not search.observe(scores)
+    assert np.array_equal(search.h, before)  # not within the period
+    assert search.observe(scores)
+    assert search.leader == 1 and search.steps == 1
+    distance_before = np.abs(before - before[1])
+    distance_after = np.abs(search.h - search.h[1])
+    assert distance_after.sum() < distance_before.sum()  # drawn together, with noise
+
+
+def test_near_ties_go_to_the_larger_rate() -> None:
+    """Against short-horizon bias: within 1% of the best mean score, the largest
+    multiplier leads."""
+    search = RateSearch(3, spread=3.0, period=1, seed=2)
+    search.observe(np.array([1.000, 1.005, 1.2]))  # particle 0 best, particle 1 within 1%
+    assert search.leader == 1
+    search = RateSearch(3, spread=3.0, period=1, seed=2)
+    search.observe(np.array([1.000, 1.05, 1.2]))  # no longer a tie
+    assert search.leader == 0
+
+
+def test_a_particle_that_diverges_halves_its_rate_at_once() -> None:
+    search = RateSearch(3, spread=2.0, period=5, seed=3)
+    before = search.multiplier(2)
+    search.observe(np.array([1.0, 1.5, math.inf]))
+    assert search.multiplier(2) == pytest.approx(before / 2) and search.v[2] == 0.0
+    assert search.multiplier(0) == pytest.approx(0.5) and search.steps == 0  # others wait
+
+
+def test_a_non_finite_score_counts_as_the_worst_and_the_bound_holds() -> None:
+    search = RateSearch(3, spread=2.0, period=1, seed=3)
+    for _ in range(50):
+        search.observe(np.array([3.0, 2.0, 1.0]))  # the largest rate always best
+    assert search.leader == 2
+    assert math.exp(search.bound) == pytest.approx(4.0)  # spread squared
+    assert all(0.25 - 1e-9 <= search.multiplier(k) <= 4.0 + 1e-9 for k in range(3))
+    assert search.multiplier(0) > 1.0  # from 1/2, drawn up towards the leader
+
+
+def test_every_rank_computes_the_same_step_from_the_same_scores() -> None:
+    a, b = RateSearch(6, 3.0, 2, seed=7), RateSearch(6, 3.0, 2, seed=7)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        scores = rng.random(6)
+        a.observe(scores)
+        b.observe(scores)
+    assert np.array_equal(a.h, b.h) and np.array_equal(a.v, b.v)
+    c = RateSearch(6, 3.0, 2, seed=7)
+    c.load_state_dict({k: (np.array(v) if isinstance(v, np.ndarray) else v)
+                       for k, v in a.state_dict().items()})
+    scores = rng.random(6)
+    a.observe(scores), a.observe(scores)
+    c.observe(scores), c.observe(scores)
+    assert np.array_equal(a.h, c.h)  # a restored search goes on identically
+
+
+def test_a_resize_keeps_each_particles_multiplier_and_starts_new_ones_at_the_leaders() -> None:
+    search = RateSearch(3, 3.0, 1, seed=4)
+    search.observe(np.array([0.5, 1.0, 2.0]))
+    leader, h = search.leader, search.h.copy()
+    search.resize([2, 0, None, None])
+    assert search.h.tolist() == [h[2], h[0], h[leader], h[leader]]
+    assert search.v[2:].tolist() == [0.0, 0.0] and search.rounds == 0
+
+
+def test_a_particle_blowing_up_is_an_outlier_and_halves_its_rate() -> None:
+    """More than twice the best score: left out of the mean (by the synchroniser) and its
+    multiplier halved at once, as a diverged one's."""
+    search = RateSearch(3, spread=2.0, period=5, seed=5)
+    scores = np.array([0.4, 0.9, 0.7])
+    assert search.outliers(scores).tolist() == [False, True, False]
+    before = search.multiplier(1)
+    search.observe(scores)
+    assert search.multiplier(1) == pytest.approx(before / 2)
+    assert search.outliers(np.array([math.nan, math.nan])).tolist() == [True, True]
