@@ -94,7 +94,15 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "slowmo": ("slowmo", "", ()),
     "pso-paper": ("pso-ps", "paper", ("--pso-preset", "paper")),
     "pso": ("pso-ps", "centre", ("--pso-preset", "centre")),
+    "pso-search": ("pso-ps", "search", ("--pso-preset", "search")),
+    "elastic": ("pso-ps", "elastic", ("--pso-preset", "elastic")),
+    "elastic-0.25": ("pso-ps", "elastic rho=0.25", ("--pso-preset", "elastic", "--rho", "0.25")),
 }
+# The swarm's own grid (--groups search): at 8 ranks, --sync-every 16, from four learning
+# rates, the averaging peers beside the PSO-PS default, its learning-rate search and the
+# elastic swarm.
+SEARCH_METHODS = ("pa", "slowmo", "pso", "pso-search", "elastic", "elastic-0.25")
+SEARCH_RANKS, SEARCH_SYNC, SEARCH_LRS = 8, 16, ("0.01", "0.03", "0.1", "0.3")
 ACCURACY_METHODS = ("ssgd", "pa", "slowmo", "pso-paper", "pso")
 # The PSO-PS variants explored on MNIST-1D (bench/results/rules), in the accuracy grid there.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -120,12 +128,14 @@ class Spec:
     max_steps: int = 0
     variant: str = ""  # PSO-PS: its preset, and the options changed from it
     extra: tuple[str, ...] = ()  # the flags of that change
+    flags: tuple[str, ...] = ()  # training flags of the whole sweep (--flags), or the grid's
 
     @property
     def key(self) -> str:
         algo = f"{self.algo}[{self.variant}]" if self.variant else self.algo
+        flags = f"/f{' '.join(self.flags)}" if self.flags else ""
         return (f"{self.link}/{self.dataset}/{self.model}/e{self.epochs}/p{self.ranks}/"
-                f"{algo}/n{self.sync_every}/s{self.seed}/m{self.max_steps}")
+                f"{algo}/n{self.sync_every}/s{self.seed}/m{self.max_steps}{flags}")
 
     def train_args(self) -> list[str]:
         args = ["--dataset", self.dataset, "--model", self.model, "--epochs", str(self.epochs),
@@ -134,7 +144,7 @@ class Spec:
             args += ["--algo", self.algo, "--sync-every", str(self.sync_every)]
         if self.max_steps:
             args += ["--max-steps", str(self.max_steps)]
-        return [*args, *self.extra]
+        return [*args, *self.extra, *self.flags]
 
 
 @dataclass
@@ -179,8 +189,16 @@ def build_plan(args: argparse.Namespace) -> list[list[Spec]]:
 
 
 def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namespace) -> None:
-    common = {"seed": seed, "max_steps": args.max_steps}
+    common = {"seed": seed, "max_steps": args.max_steps, "flags": tuple(args.flags.split())}
     groups = args.groups.split(",")
+    if "search" in groups:
+        for dataset, (model, epochs) in ACCURACY_SETUPS.items():
+            for lr in SEARCH_LRS:
+                for run in method_runs(tuple(m for m in methods if m in SEARCH_METHODS),
+                                       (SEARCH_SYNC,)):
+                    plan.add(group="search", link="shm", dataset=dataset, model=model,
+                             epochs=epochs, ranks=SEARCH_RANKS, **run,
+                             **{**common, "flags": (*common["flags"], "--lr", lr)})
     if "accuracy" in groups:
         for dataset, (model, epochs) in ACCURACY_SETUPS.items():
             runs = method_runs(tuple(m for m in methods if m in ACCURACY_METHODS),
@@ -189,6 +207,8 @@ def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namesp
                 runs += variant_runs(SYNC_PERIODS)
             for ranks in ACCURACY_RANKS:
                 for run in runs:
+                    if not in_cells(args.cells, ranks, run["sync_every"]):
+                        continue
                     plan.add(group="accuracy", link="shm", dataset=dataset, model=model,
                              epochs=epochs, ranks=ranks, **run, **common)
     if "link" in groups:
@@ -206,6 +226,15 @@ def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namesp
                 for run in runs:
                     plan.add(group="scaling", link=link, dataset=dataset, model=model,
                              epochs=epochs, ranks=ranks, **run, **common)
+
+
+def in_cells(cells: str | None, ranks: int, sync_every: int) -> bool:
+    """Whether an accuracy run belongs to ``--cells`` (RANKS/SYNC pairs; SSGD, which has no
+    period, at any of their rank counts); every run without the option."""
+    if not cells:
+        return True
+    pairs = [tuple(map(int, c.split("/"))) for c in cells.split(",")]
+    return any(r == ranks and (n == sync_every or sync_every == 1) for r, n in pairs)
 
 
 def _quick(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namespace) -> None:
@@ -332,6 +361,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated world sizes that replace every run's own (scaling "
                         "jobs: e.g. the ranks of 1, 2 and 4 nodes)")
     p.add_argument("--max-steps", type=int, default=0, help="cap every run (tests)")
+    p.add_argument("--cells", default=None,
+                   help="accuracy grid: only these RANKS/SYNC cells, e.g. 4/64,8/16")
+    p.add_argument("--flags", default="",
+                   help="training flags added to every run (part of its key), e.g. "
+                        "'--warmup-steps 200'")
     p.add_argument("--launcher", choices=("mpiexec", "srun"), default="mpiexec")
     p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi value (pmi2 for MPICH)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
