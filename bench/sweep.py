@@ -271,6 +271,7 @@ def summarise(spec: Spec, events: list[dict]) -> dict:
     comm_s = final.get("comm_s")
     return {
         "test_acc": final["test_acc"], "test_loss": final["test_loss"],
+        "ensemble_acc": final.get("ensemble_acc"),
         "train_loss": final.get("train_loss"), "wall_s": wall,
         "epochs_run": len(epochs), "s_per_epoch": wall / max(len(epochs), 1),
         "samples_per_s": final["samples_per_s"], "steps": final["steps"],

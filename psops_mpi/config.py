@@ -21,7 +21,7 @@ LAUNCH_SETTINGS = frozenset({
     "resume", "resume_strict", "checkpoint_dir", "metrics_out", "tensorboard", "quiet",
     "threads", "device", "cuda_aware", "allow_gpu_sharing", "data_dir", "max_nonfinite",
     "stall_report_s", "stall_abort_s", "channels_last", "compile", "data_workers",
-    "stop_timeout_s"})
+    "stop_timeout_s", "ensemble_eval"})
 
 
 # The built-in sets, held whole on the device; beside them --dataset takes imagefolder and
@@ -263,6 +263,10 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"metavar": "N"})
     """CPU threads per rank; 0: OMP_NUM_THREADS, or the node's cores shared evenly among its
     ranks."""
+    ensemble_eval: bool = False
+    """At the end, also evaluate the ranks' final models together (their predictions
+    averaged over the whole test set, which every rank evaluates): ensemble_acc in the
+    final metrics; for classifiers."""
     metrics_out: str | None = field(default=None, metadata={"metavar": "PATH"})
     """JSON-lines metrics (one line per start, epoch and final), written by rank 0."""
     tensorboard: str | None = field(default=None, metadata={"metavar": "DIR"})

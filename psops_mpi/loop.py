@@ -172,6 +172,24 @@ def evaluate(model: nn.Module, batches: BatchSource, task: Task,
     return task.figures(reduce_sum(totals_np, comm))
 
 
+@torch.no_grad()
+def ensemble_accuracy(model: nn.Module, batches: BatchSource, comm: MPI.Comm) -> float:
+    """The accuracy of the ranks' own models together: their softmax outputs averaged over
+    the whole test set, which every rank evaluates with its own weights (a classifier's;
+    the ceiling any merge of PSO-PS's distinct particles could reach)."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in batches.test_batches(whole=True):
+        probs.append(torch.softmax(model(x).float(), dim=1).double().cpu())
+        labels.append(y.cpu())
+    model.train()
+    summed = torch.cat(probs).numpy()
+    StallWatch.of(comm).arrive("the ensemble's evaluation")
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, summed)
+    return float((summed.argmax(1) == torch.cat(labels).numpy()).mean())
+
+
 def reduce_sum(values: np.ndarray | list[float], comm: MPI.Comm) -> np.ndarray:
     """Sum a few float64 numbers over ranks (metrics only: not counted as training traffic)."""
     out = np.array(values, dtype=np.float64)
@@ -337,6 +355,8 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
             state.next_epoch()
     finally:
         progress.close()
+    if cfg.ensemble_eval and run.task.name == "classification":
+        record["ensemble_acc"] = ensemble_accuracy(run.model, run.batches, world.comm)
     saved = checkpoints.final(state.step)
     return {**record, "steps": state.step, "checkpoint_s": checkpoints.seconds,
             "checkpoint_error": None if saved else checkpoints.last_error}

@@ -119,8 +119,8 @@ class ShardedBatches(BatchSource):
         check_start_step(start_step, self.steps_per_epoch)
         return self._batches(epoch, start_step)
 
-    def test_batches(self) -> Iterator[Batch]:
-        x, y = eval_shard(self.dataset, self.rank, self.world_size)
+    def test_batches(self, whole: bool = False) -> Iterator[Batch]:
+        x, y = eval_shard(self.dataset, 0 if whole else self.rank, 1 if whole else self.world_size)
         for start in range(0, len(x), EVAL_BATCH):
             yield x[start:start + EVAL_BATCH], y[start:start + EVAL_BATCH]
 

@@ -340,12 +340,16 @@ class LoaderBatches(BatchSource):
 
     # ---- evaluation and the holdout batch
 
-    def test_batches(self) -> Iterator[Batch]:
+    def test_batches(self, whole: bool = False) -> Iterator[Batch]:
         if isinstance(self.test, IterableDataset):
+            if whole:
+                raise UsageError(f"{self.name}: each rank reads its own part of an iterable "
+                                 "test set; the whole of it is nowhere")
             loader = self._loader(WorkerSplit(self.test, self.name + " (test)", self.seed),
                                   batch_size=self.batch_size)
         else:
-            part = part_of(len(self.test), self.rank, self.world_size)  # type: ignore[arg-type]
+            ranks = (0, 1) if whole else (self.rank, self.world_size)
+            part = part_of(len(self.test), *ranks)  # type: ignore[arg-type]
             loader = self._loader(KeyedSamples(self.test, self.seed, self.name + " (test)"),
                                   batch_sampler=chunks(part, self.batch_size, TEST_EPOCH))
         batches = iter(loader)

@@ -49,8 +49,10 @@ class BatchSource(ABC):
         """This rank's batches of ``epoch`` from ``start_step`` on, on its device."""
 
     @abstractmethod
-    def test_batches(self) -> Iterator[Batch]:
-        """This rank's part of the test set, on its device; the parts cover it once."""
+    def test_batches(self, whole: bool = False) -> Iterator[Batch]:
+        """This rank's part of the test set, on its device; the parts cover it once. With
+        ``whole``, all of it, in the same order on every rank (UsageError for a set that
+        each rank holds a part of only)."""
 
     @abstractmethod
     def holdout(self, size: int, seed: int) -> Batch:

@@ -29,3 +29,18 @@ def test_the_search_resumes_exactly_and_its_multipliers_are_in_the_metrics(
               if e["event"] == "epoch"]
     assert epochs and all(f"lr_mult_r{k}" in epochs[-1] for k in range(3))
     assert len({round(epochs[-1][f"lr_mult_r{k}"], 9) for k in range(3)}) > 1  # still a search
+
+
+def test_the_ensemble_of_identical_models_is_the_model_and_of_distinct_ones_is_reported(
+        tmp_path: Path) -> None:
+    """PA ends with one model on every rank: the ensemble's accuracy is the model's. The
+    elastic swarm's particles stay distinct: their ensemble is measured beside its centre."""
+    for algo, extra in (("pa", []), ("pso-ps", ["--pso-preset", "elastic", "--rho", "0.25"])):
+        metrics = tmp_path / f"{algo}.jsonl"
+        res = launch(["--dataset", "synthetic", "--algo", algo, *extra, "--epochs", "1",
+                      "--ensemble-eval", "--quiet", "--metrics-out", str(metrics)], ranks=2)
+        assert res.returncode == 0, res.stderr
+        final = json.loads(metrics.read_text().splitlines()[-1])
+        assert 0.0 <= final["ensemble_acc"] <= 1.0
+        if algo == "pa":
+            assert final["ensemble_acc"] == final["test_acc"]
