@@ -227,7 +227,7 @@ def plain_side(args: argparse.Namespace, variant: str = "") -> tuple[int, float]
         _sync(device)
         comm.Barrier()  # the ranks' windows coincide, as psops_mpi's rounds keep them
         ends.append(time.perf_counter())
-    return (args.epochs - 1) * batches.steps_per_epoch * args.batch_size, ends[-1] - ends[0]
+    return (args.epochs - 1) * batches.batches_per_epoch * args.batch_size, ends[-1] - ends[0]
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -57,7 +57,7 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: the batch source's batches, --grad-accum-steps each."""
-        return self.batches.steps_per_epoch // self.config.grad_accum_steps
+        return self.batches.batches_per_epoch // self.config.grad_accum_steps
 
 
 @dataclass
@@ -101,10 +101,12 @@ class LoopState:
         return self.epoch + self.step_in_epoch / self.steps_per_epoch
 
     def count_norm(self, norm: torch.Tensor, max_norm: float) -> None:
-        """Add a step's gradient norm before clipping, and whether it was clipped."""
-        self.norm_sums[0] += norm
-        self.norm_sums[1] += norm > max_norm
-        self.norm_sums[2] += 1
+        """Add a step's gradient norm before clipping, and whether it was clipped; a norm
+        that is not finite (a step about to be skipped) is left out, on the device."""
+        ok = torch.isfinite(norm)
+        self.norm_sums[0] += torch.where(ok, norm, 0.0)
+        self.norm_sums[1] += ok & (norm > max_norm)
+        self.norm_sums[2] += ok
 
     def norm_figures(self, comm: MPI.Comm) -> dict[str, float]:
         """The epoch's mean gradient norm and clipped steps over all ranks (``{}`` when no
@@ -173,14 +175,15 @@ def evaluate(model: nn.Module, batches: BatchSource, task: Task,
 
 
 @torch.no_grad()
-def ensemble_accuracy(model: nn.Module, batches: BatchSource, comm: MPI.Comm) -> float:
-    """The accuracy of the ranks' own models together: their softmax outputs averaged over
-    the whole test set, which every rank evaluates with its own weights (a classifier's;
-    the ceiling any merge of PSO-PS's distinct particles could reach)."""
+def ensemble_accuracy(model: nn.Module, batches: BatchSource, task: Task,
+                      comm: MPI.Comm) -> float:
+    """The accuracy of the ranks' own models together: their predicted probabilities
+    summed over the whole test set, which every rank evaluates with its own weights (the
+    ceiling any merge of PSO-PS's distinct particles could reach)."""
     model.eval()
     probs, labels = [], []
     for x, y in batches.test_batches(whole=True):
-        probs.append(torch.softmax(model(x).float(), dim=1).double().cpu())
+        probs.append(task.probabilities(model(x)).double().cpu())
         labels.append(y.cpu())
     model.train()
     summed = torch.cat(probs).numpy()
@@ -227,7 +230,7 @@ def train_step(run: Run, state: LoopState, batches: Sequence[Batch], lr: float) 
     # False: every rank skips this step (non-finite gradient). A synchroniser written before
     # after_backward() returned anything returns None: its steps are taken.
     take = sync.after_backward() is not False
-    if run.config.clip_grad_norm > 0:  # the local gradient, or SSGD's averaged one
+    if run.config.clip_grad_norm > 0 and take:  # the local gradient, or SSGD's averaged one
         state.count_norm(clip_gradients(optimizer, run.config.clip_grad_norm),
                          run.config.clip_grad_norm)
     precision.step(optimizer, take)  # fp16: also skipped on overflow
@@ -355,9 +358,9 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
             state.next_epoch()
     finally:
         progress.close()
-    if cfg.ensemble_eval and run.task.name == "classification":
-        record["ensemble_acc"] = ensemble_accuracy(run.model, run.batches, world.comm)
     saved = checkpoints.final(state.step)
+    if cfg.ensemble_eval:  # checked at the start: a classifier, a test set every rank has
+        record["ensemble_acc"] = ensemble_accuracy(run.model, run.batches, run.task, world.comm)
     return {**record, "steps": state.step, "checkpoint_s": checkpoints.seconds,
             "checkpoint_error": None if saved else checkpoints.last_error}
 

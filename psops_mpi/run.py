@@ -66,6 +66,11 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
                                seed=config.seed, device=world.device,
                                workers=config.data_workers or 0, image_size=config.image_size)
     task = make_task(batches.task)
+    if config.ensemble_eval and not (task.ensembles and batches.whole_test):
+        why = (f"is a {task.name} task" if not task.ensembles
+               else "has a test set each rank reads a part of")
+        raise UsageError(f"--ensemble-eval averages classifiers' predictions over the whole "
+                         f"test set; {config.dataset} {why}")
     torch.manual_seed(config.seed)
     model = models.build_model(config.model, batches.input_shape, batches.num_classes,
                                config.dataset, task).to(world.device)
@@ -85,12 +90,12 @@ def check_steps(config: TrainConfig, batches: data.BatchSource) -> None:
     """What the run's length allows: an optimizer step in every epoch, and a warmup that
     ends before the run does."""
     accum = config.grad_accum_steps
-    if batches.steps_per_epoch < accum:
+    if batches.batches_per_epoch < accum:
         raise UsageError(f"--grad-accum-steps {accum} needs {accum} batches per optimizer "
-                         f"step; an epoch has {batches.steps_per_epoch} batches of "
+                         f"step; an epoch has {batches.batches_per_epoch} batches of "
                          f"{config.batch_size} per rank, no optimizer step: use fewer "
                          "accumulation steps or a smaller --batch-size")
-    steps = total_steps(config, batches.steps_per_epoch // accum)
+    steps = total_steps(config, batches.batches_per_epoch // accum)
     if config.warmup_steps >= steps:
         raise UsageError(f"--warmup-steps {config.warmup_steps} is not shorter than the run "
                          f"({steps} optimizer steps): use a shorter warmup")
@@ -122,7 +127,7 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
                         "the holdout batch")
         fitness_fn = lambda: holdout_loss(model, built["task"], *holdout)  # noqa: E731
     precision = built["precision"]
-    steps = batches.steps_per_epoch // config.grad_accum_steps
+    steps = batches.batches_per_epoch // config.grad_accum_steps
     sync = make_sync(config, model, built["optimizer"], comm, fitness_fn,
                      cuda_aware=built["world"].cuda_aware.direct,
                      loss_scale=precision.scale if precision.scaled else None,
@@ -324,19 +329,24 @@ def newest_checkpoint(run: Run) -> str:
 
 def newest_in(root: str | None) -> str:
     """Where a run writing checkpoints into ``root`` can be resumed from, in words."""
-    complete = complete_checkpoints(Path(root)) if root else []
-    return (f"the newest complete checkpoint is {complete[-1][1]}" if complete
+    newest = newest_complete(root)
+    return (f"the newest complete checkpoint is {newest}" if newest
             else "there is no checkpoint" if not root else "there is no complete checkpoint")
 
 
 def relaunch_note(root: str | None) -> str:
     """What the same command would continue from, for a stop that ends the job at once."""
-    complete = complete_checkpoints(Path(root)) if root else []
-    if complete:
-        return f"the same command continues from {complete[-1][1]}"
+    newest = newest_complete(root)
+    if newest:
+        return f"the same command continues from {newest}"
     if root:
         return f"no complete checkpoint in {root}: the same command starts afresh"
     return "no --checkpoint-dir: this run cannot be continued"
+
+
+def newest_complete(root: str | None) -> Path | None:
+    complete = complete_checkpoints(Path(root)) if root else []
+    return complete[-1][1] if complete else None
 
 
 def stopped_by_signal(run: Run, stopped: Stopped) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 from mpi4py import MPI
 
 from psops_mpi.errors import EXIT_STALLED
+from psops_mpi.stop import StopRequest
 
 REPORT_S = 120.0  # default: a first report after two minutes (Horovod's stall check: 60 s)
 NOTICE_TAG, ANSWER_TAG = 0x5053, 0x5054  # point-to-point tags of the notices ("PS")
@@ -143,9 +144,11 @@ class StallWatch:
 
     @property
     def enabled(self) -> bool:
-        """Every wait of more than one rank is watched: reports and the abort limit may be
-        off, but a stop that times out still asks who is missing."""
-        return self.world_size > 1
+        """Waits are watched when the ranks may report or abort on them, or once a stop
+        signal arrived (a stop that times out asks who is missing)."""
+        stop = StopRequest.active
+        return self.world_size > 1 and (self.report_s > 0 or self.abort_s > 0 or (
+            stop is not None and stop.requested))
 
     def arrive(self, where: Where) -> None:
         """Return once every rank has called ``arrive`` for the same wait (a barrier).

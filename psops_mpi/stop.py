@@ -59,7 +59,6 @@ class StopRequest:
         self.signum = 0
         self.rank = rank
         self.timeout_s = timeout_s
-        self.signals = 0
         self.explain: Callable[[], tuple[str, str]] = lambda: ("now", "")
         self.resume_note: Callable[[], str] = lambda: ""
         self.end: Callable[[int], None] = _exit_now
@@ -86,7 +85,8 @@ class StopRequest:
 
     def finished(self) -> None:
         """The run ended on its own (a graceful stop included): nothing is left to bound."""
-        self._finished.set()
+        with self._lock:
+            self._finished.set()
 
     def agreed(self) -> None:
         """Every rank agreed to stop: the checkpoint of the stop gets a bound of its own."""
@@ -106,19 +106,20 @@ class StopRequest:
             with self._lock:
                 deadline = self._deadline
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not _readable(read, timeout):
-                if deadline is not None:
-                    self._give_up(f"the ranks did not stop within {self.timeout_s:g} s "
-                                  "(--stop-timeout-s)")
+            if _readable(read, timeout):
+                for signum in os.read(read, 64):
+                    if signum in STOP_SIGNALS:
+                        self._count(signum)
                 continue
-            for signum in os.read(read, 64):
-                if signum in STOP_SIGNALS:
-                    self._count(signum)
+            with self._lock:  # agreed() may have moved the deadline while we waited
+                due = self._deadline is not None and time.monotonic() >= self._deadline
+            if due:
+                self._give_up(f"the ranks did not stop within {self.timeout_s:g} s "
+                              "(--stop-timeout-s)")
 
     def _count(self, signum: int) -> None:
         """The watch thread's view of one stop signal: the first starts the bound, a second
         (not the launcher's echo of the first, which comes within milliseconds) ends now."""
-        self.signals += 1
         now = time.monotonic()
         if self._first_at is None:
             self._first_at = now
@@ -130,32 +131,32 @@ class StopRequest:
                           report_anyway=True)
 
     def _give_up(self, why: str, report_anyway: bool = False) -> None:
-        """End the job: the line on the rank that can tell who is missing (any rank for a
-        second signal), then exit code 128+N."""
+        """End the job: the line on the rank that can tell who is missing (for a second
+        signal: rank 0, or another if rank 0 has not ended the job by then), then exit code
+        128+N. Nothing here touches a file system, which may be the one that hangs."""
+        when, missing = self.explain()
+        if report_anyway:
+            when = "now" if self.rank == 0 else "later"
+        if when != "now":
+            time.sleep(REPORT_GRACE_S)  # the rank that can tell goes first
         with self._lock:
-            if self._finished.is_set():
+            if self._finished.is_set():  # the run ended well meanwhile
                 return
             code = 128 + self.signum
-            when, missing = self.explain()
-            if report_anyway:  # a second signal: rank 0 says it, another only if it alone got it
-                when = "now" if self.rank == 0 else "later"
-            if when != "now":
-                time.sleep(REPORT_GRACE_S)  # the rank that can tell goes first
             if when != "never":
+                note = self.resume_note()
                 parts = [f"psops_mpi: error: stopped by {signal_name(self.signum)}: {why}",
                          *([missing] if missing else []), "no new checkpoint was written",
-                         *([self.resume_note()] if self.resume_note() else [])]
+                         *([note] if note else [])]
                 print("; ".join(parts) + f" (exit code {code})", file=sys.stderr, flush=True)
             self.end(code)
+            self._finished.set()  # (the end does not return, but where a test replaces it)
 
 
 def _readable(fd: int, timeout: float | None) -> bool:
     import select
 
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-    except InterruptedError:
-        return False
+    ready, _, _ = select.select([fd], [], [], timeout)  # retried on EINTR (PEP 475)
     return bool(ready)
 
 
@@ -165,7 +166,10 @@ def _exit_now(code: int) -> None:
     try:
         from mpi4py import MPI
 
-        if MPI.Is_initialized() and not MPI.Is_finalized():
+        # MPI_Abort from this thread needs MPI_THREAD_MULTIPLE (mpi4py's default); without
+        # it, this process ends alone and the launcher ends the others.
+        if (MPI.Is_initialized() and not MPI.Is_finalized()
+                and MPI.Query_thread() == MPI.THREAD_MULTIPLE):
             time.sleep(0.5)  # let the launcher forward the line before it tears the job down
             MPI.COMM_WORLD.Abort(code)
     finally:

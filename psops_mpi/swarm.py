@@ -208,7 +208,7 @@ class RateSearch:
     """
 
     W, C, SIGMA, TIE = 0.5, 1.0, 0.1, 0.01
-    KAPPA = 2.0  # a score this many times the best marks a particle that is blowing up
+    KAPPA, MARGIN = 2.0, 1.0  # blowing up: twice the best score and a nat above it
 
     def __init__(self, world_size: int, spread: float, period: int, seed: int) -> None:
         span = math.log(spread)
@@ -227,20 +227,22 @@ class RateSearch:
 
     def outliers(self, scores: np.ndarray) -> np.ndarray:
         """The particles that diverged or are blowing up at their rate: a score that is not
-        finite, or more than ``KAPPA`` times the best. The synchroniser leaves them out of
-        the swarm's mean, as it does diverged ones, so that they cannot carry the others
-        away."""
+        finite, or more than ``KAPPA`` times the best and ``MARGIN`` above it (late in a
+        run, when losses are small, twice the best alone is no sign of trouble). The
+        synchroniser leaves them out of the swarm's mean, as it does diverged ones, so that
+        they cannot carry the others away."""
         scores = np.asarray(scores, dtype=np.float64)
         finite = np.isfinite(scores)
         if not finite.any():
             return ~finite
-        return ~finite | (scores > self.KAPPA * max(scores[finite].min(), 0.0))
+        best = scores[finite].min()
+        return ~finite | (scores > max(self.KAPPA * best, best + self.MARGIN))
 
-    def observe(self, scores: np.ndarray) -> bool:
-        """Add one round's scores; True when the multipliers moved. An outlier's multiplier
+    def observe(self, scores: np.ndarray) -> np.ndarray:
+        """Add one round's scores; the outliers (:meth:`outliers`). An outlier's multiplier
         halves at once, at rest, so that a particle restarted from the others does not blow
         up again at the same rate; a non-finite score counts as the worst finite one (1e30
-        if none is)."""
+        if none is). Every ``period`` rounds the multipliers take a step."""
         scores = np.asarray(scores, dtype=np.float64)
         finite = np.isfinite(scores)
         worst = scores[finite].max() if finite.any() else 1e30
@@ -250,12 +252,11 @@ class RateSearch:
             self.h = np.where(out, np.maximum(self.h - math.log(2), -self.bound), self.h)
             self.v = np.where(out, 0.0, self.v)
         self.rounds += 1
-        if self.rounds < self.period:
-            return False
-        self.step(self.score_sum / self.rounds)
-        self.score_sum[:] = 0.0
-        self.rounds = 0
-        return True
+        if self.rounds >= self.period:
+            self.step(self.score_sum / self.rounds)
+            self.score_sum[:] = 0.0
+            self.rounds = 0
+        return out
 
     def step(self, means: np.ndarray) -> None:
         """One PSO step of every log multiplier towards the leader's."""

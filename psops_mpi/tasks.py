@@ -24,6 +24,12 @@ class Task(ABC):
     name: ClassVar[str]
     metric: ClassVar[str]
     """The figure reported beside the loss (``acc``, ``ppl``)."""
+    ensembles: ClassVar[bool] = False
+    """Whether models' predictions can be averaged into one (:meth:`probabilities`)."""
+
+    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        """A batch's predicted class probabilities (tasks that ``ensembles``)."""
+        raise NotImplementedError(f"the {self.name} task has no ensemble")
 
     @abstractmethod
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,10 @@ class Classification(Task):
 
     name = "classification"
     metric = "acc"
+    ensembles = True
+
+    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(out.float(), dim=1)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y)

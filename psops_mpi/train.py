@@ -28,7 +28,7 @@ from psops_mpi.run import (
     stopped_by_signal,
 )
 from psops_mpi.stall import StallWatch
-from psops_mpi.stop import Stopped, StopRequest
+from psops_mpi.stop import STOP_TIMEOUT_S, Stopped, StopRequest
 from psops_mpi.sync import NonFiniteStop
 from psops_mpi.world import abort_on_error, node_local
 
@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         run = build_run(argv, comm, node_local(comm))
         state = LoopState(run.steps_per_epoch, run.world.device)
         checkpoints = checkpointer(run, state)
+        before = stop.resume_note()  # what a relaunch continues from, known without I/O:
+        stop.resume_note = lambda: (  # the checkpoint this run last wrote, or that
+            f"the same command continues from {checkpoints.last_saved}"
+            if checkpoints.last_saved else before)
         announce(run, resume_run(run, state, checkpoints))
         return finish(run, train(run, state, checkpoints, stop))
     except Stopped as stopped:  # raised on every rank at the same step
@@ -67,11 +71,10 @@ def bounded_stop(argv: list[str] | None, watch: StallWatch) -> StopRequest:
         config = parse_config(argv)
     except UsageError:
         config = None
-    stop = StopRequest(config.stop_timeout_s if config else StopRequest().timeout_s,
-                       rank=watch.rank)
-    root = config.checkpoint_dir if config else None
+    stop = StopRequest(config.stop_timeout_s if config else STOP_TIMEOUT_S, rank=watch.rank)
+    note = relaunch_note(config.checkpoint_dir if config else None)  # here: no I/O later
     stop.explain = watch.stop_view
-    stop.resume_note = lambda: relaunch_note(root)
+    stop.resume_note = lambda: note
     stop.install()
     return stop
 

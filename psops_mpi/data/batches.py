@@ -80,7 +80,7 @@ class ShardedBatches(BatchSource):
         batch_size: samples per batch on this rank.
         seed: the data order's seed (the same on every rank).
 
-    Every rank gets ``steps_per_epoch`` batches per epoch, the same number everywhere (rounds
+    Every rank gets ``batches_per_epoch`` batches per epoch, the same number everywhere (rounds
     are collectives); ``epoch(e)`` yields them as (inputs, labels) on the dataset's device.
     """
 
@@ -102,7 +102,7 @@ class ShardedBatches(BatchSource):
         self.name, self.input_shape = dataset.name, dataset.input_shape
         self.num_classes, self.task = dataset.num_classes, dataset.task
         # Ranks run collectives in lock step, so every rank must run this many steps.
-        self.steps_per_epoch = self.shard_len // batch_size
+        self.batches_per_epoch = self.shard_len // batch_size
 
     @property
     def num_train(self) -> int:
@@ -116,7 +116,7 @@ class ShardedBatches(BatchSource):
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield (x, y) batches of ``epoch`` from ``start_step`` on (to resume mid-epoch)."""
-        check_start_step(start_step, self.steps_per_epoch)
+        check_start_step(start_step, self.batches_per_epoch)
         return self._batches(epoch, start_step)
 
     def test_batches(self, whole: bool = False) -> Iterator[Batch]:
@@ -141,7 +141,7 @@ class ShardedBatches(BatchSource):
         device = self.dataset.x_train.device
         generator = torch.Generator(device=device)
         generator.manual_seed(derive_seed("augment", self.seed, self.rank, epoch))
-        shape = (self.steps_per_epoch, self.batch_size)
+        shape = (self.batches_per_epoch, self.batch_size)
         offsets = torch.randint(0, 2 * _PAD + 1, (shape[0], 2, shape[1]), generator=generator,
                                 device=device)
         flips = torch.rand(shape, generator=generator, device=device) < 0.5
@@ -154,7 +154,7 @@ class ShardedBatches(BatchSource):
             raise UsageError(f"augmentation expects (N, C, H, W) images, got shape "
                              f"{tuple(ds.x_train.shape)}")
         offsets, flips = self.augment_draws(epoch) if ds.augment else (None, None)
-        for step in range(start_step, self.steps_per_epoch):
+        for step in range(start_step, self.batches_per_epoch):
             batch = idx[step * bs:(step + 1) * bs]
             x = ds.x_train.index_select(0, batch)
             if offsets is not None and flips is not None:

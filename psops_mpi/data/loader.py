@@ -6,11 +6,15 @@ one shuffle shared by every rank, cut into disjoint equal shards (the remainder 
 ``DistributedSampler(drop_last=True)`` does), so every rank runs the same number of steps.
 Each sample is read with the random generators (torch, numpy, ``random``) seeded from (seed,
 epoch, index), so its augmentation does not depend on which worker reads it or when: a run
-resumed mid-epoch, with workers, reads exactly what the interrupted one would have.
+resumed mid-epoch, with workers, reads exactly what the interrupted one would have. A set
+that reads a batch at once (``__getitems__``, as ``Subset`` has) is seeded once per batch,
+from its first sample's key: its draws then depend on the batch size and the world size
+too.
 
 An iterable set shards itself (its factory is told the rank and the world size) and tells
 its length; the ranks agree on the smallest number of full batches, and what the others
-hold beyond it is dropped and said. The DataLoader's workers take every W-th sample each.
+hold beyond it is dropped and said. The DataLoader's workers take every W-th batch each,
+so the batches do not depend on the worker count.
 
 Samples are ``(input, target)`` pairs of tensors, numpy arrays or numbers; floating inputs
 become float32. A batch whose samples differ in shape, or whose labels lie outside the
@@ -37,6 +41,7 @@ from psops_mpi.errors import UsageError
 Key = tuple[int, int]  # (epoch, index): an index with what seeds its sample's randomness
 TEST_EPOCH = -1  # the epoch part of a test sample's key
 HOLDOUT_EPOCH = -2
+CHECK_EPOCH = -3  # the batch read before training, to check it
 
 
 def seed_generators(seed: int) -> None:
@@ -108,25 +113,36 @@ class KeyedSamples(Dataset):
 
 
 class WorkerSplit(IterableDataset):
-    """An iterable set's samples, numbered, every W-th one to DataLoader worker w; each
-    drawn with the generators seeded from (seed, its number), so that what it draws does
-    not depend on the worker count either."""
+    """An iterable set's samples, numbered, in batches: batch b goes whole to DataLoader
+    worker b mod W, so the batches and their order are the same for any worker count. Each
+    sample is drawn with the generators seeded from (seed, its number), so what it draws does
+    not depend on the workers either; the dataset's own ``iter()`` is seeded too."""
 
-    def __init__(self, dataset: Iterable, name: str, seed: int) -> None:
+    def __init__(self, dataset: Iterable, name: str, seed: int, batch_size: int,
+                 drop_last: bool) -> None:
         self.dataset, self.name, self.seed = dataset, name, seed
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        samples = iter(self.dataset)
+        with kept_generators() if info is None else contextlib.nullcontext():
+            seed_generators(derive_seed("iter", self.seed))
+            samples = iter(self.dataset)
+        batch: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         for index in itertools.count():
             with kept_generators() if info is None else contextlib.nullcontext():
                 seed_generators(derive_seed("sample", self.seed, index))
                 sample = next(samples, None)
             if sample is None:
-                return
-            if index % workers == worker:
-                yield (*as_pair(sample, f"sample {index} of {self.name}"), index)
+                break
+            if (index // self.batch_size) % workers == worker:
+                batch.append((*as_pair(sample, f"sample {index} of {self.name}"), index))
+                if len(batch) == self.batch_size:
+                    yield from batch
+                    batch = []
+        if batch and not self.drop_last:
+            yield from batch
 
 
 def collate(samples: Sequence[tuple[torch.Tensor, torch.Tensor, int]], name: str, task: str,
@@ -217,14 +233,6 @@ def part_of(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-def full_batches(num_samples: int, batch_size: int, workers: int) -> int:
-    """Full batches an iterable set of ``num_samples`` gives when ``workers`` workers take
-    every W-th sample each and batch their own (``drop_last``)."""
-    workers = max(workers, 1)
-    return sum(((num_samples - w + workers - 1) // workers) // batch_size
-               for w in range(workers))
-
-
 class LoaderBatches(BatchSource):
     """A training and a test set (torch datasets) behind DataLoaders; see the module
     docstring.
@@ -237,7 +245,7 @@ class LoaderBatches(BatchSource):
         device: where batches go (pinned host memory and copies that do not block on CUDA).
         workers: DataLoader worker processes (0: read in the training process).
 
-    An iterable set's ``steps_per_epoch`` is settled by :meth:`agree_shards` from every
+    An iterable set's ``batches_per_epoch`` is settled by :meth:`agree_shards` from every
     rank's length.
     """
 
@@ -252,13 +260,13 @@ class LoaderBatches(BatchSource):
         self.dropped = 0
         self._collate = functools.partial(collate, name=name, task=task, num_classes=num_classes)
         if self.iterable:
-            self.steps_per_epoch, self._num_train = 0, len(train)  # type: ignore[arg-type]
+            self.batches_per_epoch, self._num_train = 0, len(train)  # type: ignore[arg-type]
             self._shards: EpochShards | None = None
             self._train_loader: DataLoader | None = None
         else:
             self._num_train = len(train)  # type: ignore[arg-type]
             self._shards = EpochShards(self._num_train, rank, world_size, batch_size, seed)
-            self.steps_per_epoch = self._shards.steps
+            self.batches_per_epoch = self._shards.steps
             self._train_loader = self._loader(KeyedSamples(train, seed, name),
                                               batch_sampler=self._shards, persistent=True)
 
@@ -275,6 +283,10 @@ class LoaderBatches(BatchSource):
                           persistent_workers=persistent and self.workers > 0,
                           prefetch_factor=4 if self.workers else None, **kwargs)
 
+    @property
+    def whole_test(self) -> bool:
+        return not isinstance(self.test, IterableDataset)
+
     def shard_info(self) -> int | None:
         return self._num_train if self.iterable else None
 
@@ -282,15 +294,13 @@ class LoaderBatches(BatchSource):
         if not self.iterable:
             return
         lengths = [int(n or 0) for n in infos]
-        self.steps_per_epoch, self.dropped = agreed_steps(lengths, self.batch_size,
-                                                          self.workers)
+        self.batches_per_epoch, self.dropped = agreed_steps(lengths, self.batch_size)
         self._num_train = sum(lengths)
-        if self.steps_per_epoch < 1:
+        if self.batches_per_epoch < 1:
             short = min(range(len(lengths)), key=lengths.__getitem__)
             raise UsageError(f"{self.name}: rank {short}'s part of the training set holds "
                              f"{lengths[short]} samples, not one full batch of "
-                             f"{self.batch_size} (with {max(self.workers, 1)} worker(s) each "
-                             "batching every W-th sample); use a smaller batch or fewer ranks")
+                             f"{self.batch_size}; use a smaller batch or fewer ranks")
 
     def describe(self) -> str:
         kind = "an iterable set" if self.iterable else "a map-style set"
@@ -302,33 +312,44 @@ class LoaderBatches(BatchSource):
     # ---- training
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        check_start_step(start_step, self.steps_per_epoch)
+        check_start_step(start_step, self.batches_per_epoch)
         return self._epoch(epoch, start_step)
 
     def _epoch(self, epoch: int, start_step: int) -> Iterator[Batch]:
-        if self._shards is not None and self._train_loader is not None:
-            self._shards.set(epoch, start_step)
-            batches = iter(self._train_loader)
+        persistent = self._shards is not None and self._train_loader is not None
+        if persistent:
+            self._shards.set(epoch, start_step)  # type: ignore[union-attr]
+            batches = iter(self._train_loader)  # type: ignore[arg-type]
         else:
             batches = self._iterable_epoch(epoch)
-            for step in range(start_step):  # resume: the stream has no index to jump to
+        try:
+            for step in range(0 if persistent else start_step):  # a stream has no index
                 self._next(batches, epoch, step)
-        for step in range(start_step, self.steps_per_epoch):
-            x, y = self._next(batches, epoch, step)
-            yield self._to_device(x), self._to_device(y)
+            for step in range(start_step, self.batches_per_epoch):
+                x, y = self._next(batches, epoch, step)  # type: ignore[misc]
+                yield self._to_device(x), self._to_device(y)
+        finally:
+            if not persistent:  # an epoch's own loader: its workers end with it
+                stop_workers(batches)
 
     def _iterable_epoch(self, epoch: int) -> Iterator[Batch]:
         seed = derive_seed("stream", self.seed, epoch, self.rank)
-        loader = self._loader(WorkerSplit(self.train, self.name, seed),
+        loader = self._loader(WorkerSplit(self.train, self.name, seed, self.batch_size, True),
                               batch_size=self.batch_size, drop_last=True)
         return iter(loader)
 
-    def _next(self, batches: Iterator[Batch], epoch: int, step: int) -> Batch:
+    def _next(self, batches: Iterator[Batch], epoch: int, step: int,
+              end_is_short: bool = True) -> Batch | None:
+        """The next batch; at the end, None if ``end_is_short`` is False (a test set), else
+        one line saying the set is shorter than its length promised. A failure becomes one
+        line (:func:`loader_error`) and stops the loader's workers."""
         try:
             return next(batches)
         except StopIteration:
+            if not end_is_short:
+                return None
             raise UsageError(f"{self.name} ended after {step} batches in epoch {epoch + 1} on "
-                             f"rank {self.rank}, fewer than the {self.steps_per_epoch} its "
+                             f"rank {self.rank}, fewer than the {self.batches_per_epoch} its "
                              "length promised") from None
         except Exception as exc:
             error = loader_error(exc, self.rank, epoch, step, batches)
@@ -345,7 +366,8 @@ class LoaderBatches(BatchSource):
             if whole:
                 raise UsageError(f"{self.name}: each rank reads its own part of an iterable "
                                  "test set; the whole of it is nowhere")
-            loader = self._loader(WorkerSplit(self.test, self.name + " (test)", self.seed),
+            loader = self._loader(WorkerSplit(self.test, self.name + " (test)", self.seed,
+                                              self.batch_size, False),
                                   batch_size=self.batch_size)
         else:
             ranks = (0, 1) if whole else (self.rank, self.world_size)
@@ -353,24 +375,22 @@ class LoaderBatches(BatchSource):
             loader = self._loader(KeyedSamples(self.test, self.seed, self.name + " (test)"),
                                   batch_sampler=chunks(part, self.batch_size, TEST_EPOCH))
         batches = iter(loader)
-        for step in itertools.count():
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                return
-            except Exception as exc:
-                error = loader_error(exc, self.rank, TEST_EPOCH, step, batches)
-                stop_workers(batches)
-                raise error from None
-            yield self._to_device(x), self._to_device(y)
+        try:
+            for step in itertools.count():
+                batch = self._next(batches, TEST_EPOCH, step, end_is_short=False)
+                if batch is None:
+                    return
+                yield self._to_device(batch[0]), self._to_device(batch[1])
+        finally:
+            stop_workers(batches)
 
     def holdout(self, size: int, seed: int) -> Batch:
         if size < 1:
             raise UsageError(f"the holdout batch size must be positive, got {size}")
         if self.iterable:
-            raise UsageError(f"--fitness holdout needs the same batch on every rank; {self.name} "
-                             "is an iterable set that each rank reads its own part of: use "
-                             "--fitness train")
+            raise UsageError(f"the holdout batch (--fitness holdout, --lr-spread) is the same "
+                             f"on every rank; {self.name} is an iterable set that each rank "
+                             "reads its own part of: use --fitness train and no --lr-spread")
         n = self._num_train
         generator = torch.Generator().manual_seed(derive_seed("holdout", seed))
         chosen = torch.randperm(n, generator=generator)[:size].tolist()
@@ -430,8 +450,8 @@ def dead_workers(batches: object) -> str:
     return "; ".join(gone)
 
 
-def agreed_steps(lengths: Sequence[int], batch_size: int, workers: int) -> tuple[int, int]:
-    """(steps every rank can run, samples dropped over all ranks) for iterable sets of these
-    per-rank lengths."""
-    steps = min(full_batches(n, batch_size, workers) for n in lengths)
+def agreed_steps(lengths: Sequence[int], batch_size: int) -> tuple[int, int]:
+    """(batches every rank can read, samples dropped over all ranks) for iterable sets of
+    these per-rank lengths."""
+    steps = min(n // batch_size for n in lengths)
     return steps, sum(lengths) - steps * batch_size * len(lengths)

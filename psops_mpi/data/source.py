@@ -6,10 +6,11 @@ behind a ``DataLoader`` (:class:`~psops_mpi.data.loader.LoaderBatches`). The loo
 epoch's batches from a step on, for this rank's part of the test set and for the holdout
 batch; it never asks which kind it holds.
 
-Position: the data order is a function of (seed, epoch, world size) alone, so the position
-in it is (epoch, step), which the loop's checkpoint part holds (``loop/epoch``,
-``loop/step_in_epoch``). A source's own part (``data/...``) records what the order was cut
-from, so that a resume onto other data is refused instead of continuing a different order.
+Position: the data order is a function of (seed, epoch, world size, batch size) alone, so
+the position in it is (epoch, step), which the loop's checkpoint part holds (``loop/epoch``,
+``loop/step_in_epoch``; a step is ``--grad-accum-steps`` batches). A source's own part
+(``data/...``) records what the order was cut from, so that a resume onto other data is
+refused instead of continuing a different order.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class BatchSource(ABC):
         input_shape: one sample's shape (no batch dimension).
         num_classes: outputs of the model (classes; a language model's vocabulary).
         batch_size: samples per batch on this rank.
-        steps_per_epoch: batches per epoch, the same on every rank (rounds are collectives).
+        batches_per_epoch: batches per epoch, the same on every rank (rounds are collectives).
     """
 
     name: str
@@ -42,7 +43,7 @@ class BatchSource(ABC):
     input_shape: tuple[int, ...]
     num_classes: int
     batch_size: int
-    steps_per_epoch: int
+    batches_per_epoch: int
 
     @abstractmethod
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
@@ -59,6 +60,11 @@ class BatchSource(ABC):
         """``min(size, N)`` training samples chosen from ``seed`` alone: the same on every
         rank."""
 
+    @property
+    def whole_test(self) -> bool:
+        """Whether every rank can read the whole test set (``test_batches(whole=True)``)."""
+        return True
+
     def describe(self) -> str:
         """How batches are made, for the start line ('' for nothing to add)."""
         return ""
@@ -69,7 +75,7 @@ class BatchSource(ABC):
         return None
 
     def agree_shards(self, infos: list[int | None]) -> None:
-        """Settle ``steps_per_epoch`` from every rank's :meth:`shard_info` (the same list on
+        """Settle ``batches_per_epoch`` from every rank's :meth:`shard_info` (the same list on
         every rank); UsageError if no step is left."""
         return
 
@@ -86,8 +92,8 @@ class BatchSource(ABC):
     @property
     @abstractmethod
     def num_train(self) -> int:
-        """Training samples the order is cut from (this rank's, for a set that shards
-        itself)."""
+        """Training samples the order is cut from (for a set that shards itself: over all
+        ranks, once they agreed)."""
 
     def state_dict(self) -> dict[str, Any]:
         return self.identity()
@@ -106,7 +112,7 @@ class BatchSource(ABC):
         return  # nothing to restore: the position is the loop's (see the module docstring)
 
 
-def check_start_step(start_step: int, steps_per_epoch: int) -> None:
-    if not 0 <= start_step <= steps_per_epoch:
-        raise UsageError(f"start step {start_step} is outside 0..{steps_per_epoch}, the steps "
+def check_start_step(start: int, batches_per_epoch: int) -> None:
+    if not 0 <= start <= batches_per_epoch:
+        raise UsageError(f"start batch {start} is outside 0..{batches_per_epoch}, the batches "
                          "of one epoch")

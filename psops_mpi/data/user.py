@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from psops_mpi.data.folder import image_folder
 from psops_mpi.data.loader import (
-    HOLDOUT_EPOCH,
+    CHECK_EPOCH,
     EpochShards,
     KeyedSamples,
     as_pair,
@@ -144,5 +144,5 @@ def check_user_sets(sets: UserSets, rank: int, world_size: int, batch_size: int,
         keyed = KeyedSamples(train, seed, sets.name)
         first = next(iter(EpochShards(len(train), rank, world_size,  # type: ignore[arg-type]
                                       batch_size, seed)))
-        collate(keyed.__getitems__([(HOLDOUT_EPOCH, i) for _, i in first]), sets.name,
+        collate(keyed.__getitems__([(CHECK_EPOCH, i) for _, i in first]), sets.name,
                 sets.task, sets.num_classes)

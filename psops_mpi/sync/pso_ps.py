@@ -90,6 +90,7 @@ class PSOSync(FlatSynchronizer):
         self.rate = (RateSearch(self.world_size, self.config.lr_spread,
                                 self.config.lr_period or rounds_per_epoch, seed)
                      if self.config.lr_spread > 1 else None)
+        self._rate_loaded = False
         self.fitness_fn = fitness_fn
         self.reset_momentum = reset_momentum
         self.swarm = Swarm(self.flat.data, self.config, seed, self.rank)
@@ -180,11 +181,9 @@ class PSOSync(FlatSynchronizer):
         if self.rate is not None:  # the same holdout batch, this particle's own weights
             score = (self.last_fitness if self.config.fitness == "holdout"
                      else float(self.fitness_fn()))  # type: ignore[misc]
-            scores = self.exchange.allgather_scalar(score)
-            if self.rate.outliers(scores)[self.rank]:  # blowing up: out of the mean, as a
-                self.last_fitness = math.inf  # diverged particle, and restarted
-                self._fitness_slot.fill_(math.inf)
-            self.rate.observe(scores)
+            if self.rate.observe(self.exchange.allgather_scalar(score))[self.rank]:
+                self.last_fitness = math.inf  # blowing up: out of the mean, as a diverged
+                self._fitness_slot.fill_(math.inf)  # particle, and restarted
         self.swarm.offer_personal(self.last_fitness)
         finite = math.isfinite(self.last_fitness)
         if self._gathered is not None:
@@ -367,8 +366,9 @@ class PSOSync(FlatSynchronizer):
         self.swarm.load_state_dict(state["swarm"])
         if self.anchor is not None:
             load_into(self.anchor, state["anchor"])
-        if self.rate is not None and "rate" in state:  # else: a run that searched nothing
-            self.rate.load_state_dict(state["rate"])
+        self._rate_loaded = self.rate is not None and "rate" in state
+        if self._rate_loaded:  # else: a run that searched nothing starts a search afresh
+            self.rate.load_state_dict(state["rate"])  # type: ignore[union-attr]
 
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:
@@ -393,8 +393,8 @@ class PSOSync(FlatSynchronizer):
 
     def on_resize(self, plan: ResizePlan) -> None:
         super().on_resize(plan)
-        if self.rate is not None:  # every rank holds every multiplier: re-index them
-            self.rate.resize(plan.sources)
+        if self.rate is not None and self._rate_loaded:  # every rank holds every
+            self.rate.resize(plan.sources)  # multiplier: re-index them
         owner = self.swarm.gbest_owner  # an old rank number: keep it on the same particle
         if owner >= 0:  # (0 when that particle was dropped: the global best is still known)
             self.swarm.gbest_owner = plan.sources.index(owner) if owner in plan.sources else 0

@@ -60,12 +60,16 @@ class SlowMoSync(FlatSynchronizer):
         self.anchor = flat_buffer(data.numel(), data.dtype, data.device).copy_(data)
         self.momentum = flat_buffer(data.numel(), data.dtype, data.device)
         self.lr_sum = 0.0  # the local learning rates of this period's steps, summed
+        self._unknown_rates = 0  # steps of the period whose rates a 0.2.0 checkpoint lacks
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         self.lr_sum += float(self.optimizer.param_groups[0]["lr"])  # a Python float: no sync
 
     def _round(self) -> None:
         x, alpha, beta = self.flat.data, self.outer_lr, self.outer_momentum
+        if self._unknown_rates:  # as 0.2.0 did: the rate of the period's last step for them
+            self.lr_sum += self._unknown_rates * float(self.optimizer.param_groups[0]["lr"])
+            self._unknown_rates = 0
         lr = self.lr_sum / max(self.steps_since_round, 1)
         self.lr_sum = 0.0
         finite = all_finite(x)
@@ -101,6 +105,5 @@ class SlowMoSync(FlatSynchronizer):
         super().load_state_dict(state)
         load_into(self.anchor, state["anchor"])
         load_into(self.momentum, state["momentum"])
-        # Checkpoints of psops_mpi 0.2.0 lack it: the rate then was the same for the period.
-        self.lr_sum = float(state.get("lr_sum", self.steps_since_round
-                                      * self.optimizer.param_groups[0]["lr"]))
+        self.lr_sum = float(state.get("lr_sum", 0.0))
+        self._unknown_rates = 0 if "lr_sum" in state else self.steps_since_round

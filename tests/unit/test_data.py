@@ -331,7 +331,7 @@ def _ids(x: torch.Tensor) -> list[int]:
 def test_shards_are_disjoint_and_equal_in_steps() -> None:
     ds = _toy(50)
     loaders = [ShardedBatches(ds, r, 4, 5, seed=3) for r in range(4)]
-    assert {b.steps_per_epoch for b in loaders} == {2}  # 12 samples per rank, 2 full batches
+    assert {b.batches_per_epoch for b in loaders} == {2}  # 12 samples per rank, 2 full batches
     shards = [set(b.shard_indices(0).tolist()) for b in loaders]
     assert all(len(s) == 12 for s in shards) and len(set().union(*shards)) == 48
     for b in loaders:
@@ -355,7 +355,7 @@ def test_start_step_reproduces_the_tail_of_an_epoch(augment: bool) -> None:
     batches = ShardedBatches(_toy(40, augment), 0, 2, 3, seed=5)
     full = list(batches.epoch(2))
     tail = list(batches.epoch(2, start_step=4))
-    assert len(full) == batches.steps_per_epoch == 6 and len(tail) == 2
+    assert len(full) == batches.batches_per_epoch == 6 and len(tail) == 2
     for (x1, y1), (x2, y2) in zip(full[4:], tail, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert list(batches.epoch(2, start_step=6)) == []
@@ -422,7 +422,7 @@ def test_augmented_batches_on_cuda_need_no_host_sync_per_step() -> None:
         rest = [x for x, _ in epoch]  # a step that synchronised with the host would raise
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(rest) == batches.steps_per_epoch - 1 and first[0].is_cuda
+    assert len(rest) == batches.batches_per_epoch - 1 and first[0].is_cuda
     tail = [x for x, _ in ShardedBatches(ds, 0, 1, 8, seed=0).epoch(0, start_step=3)]
     assert all(torch.equal(a, b) for a, b in zip(rest[2:], tail, strict=True))
 

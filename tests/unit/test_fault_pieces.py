@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from psops_mpi.config import TrainConfig
 from psops_mpi.errors import UsageError
 from psops_mpi.flat import all_finite
 from psops_mpi.stall import StallWatch
-from psops_mpi.stop import StopRequest, signal_name
+from psops_mpi.stop import STOP_SIGNALS, StopRequest, signal_name
 
 
 @pytest.mark.parametrize(("values", "finite"), [
@@ -44,17 +46,69 @@ def test_a_long_hdf5_message_is_worded_by_its_errno(tmp_path: Path) -> None:
     assert described == f"{tmp_path / 'f'}: No space left on device"
 
 
-def test_a_stop_signal_is_only_noted() -> None:
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    stop = StopRequest()
+@pytest.fixture
+def stop_request() -> Iterator[StopRequest]:
+    """An installed StopRequest whose end is recorded, not carried out; the process's
+    handlers and wakeup fd are put back after."""
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    stop = StopRequest(timeout_s=0)
+    stop.ended = []  # type: ignore[attr-defined]
+    stop.end = stop.ended.append  # type: ignore[attr-defined]
     try:
-        stop.install()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing
-        assert stop.requested and signal_name(stop.signum) == "SIGUSR1"
+        yield stop
     finally:
+        stop.finished()
+        signal.set_wakeup_fd(-1)
+        StopRequest.active = None
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_a_stop_signal_is_noted_and_its_launchers_echo_changes_nothing(
+        stop_request: StopRequest) -> None:
+    stop_request.install()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGTERM)  # within milliseconds: the launcher's echo
+    time.sleep(0.3)
+    assert stop_request.requested and signal_name(stop_request.signum) == "SIGUSR1"
+    assert stop_request.ended == []  # type: ignore[attr-defined]
+
+
+def test_a_stop_that_does_not_end_in_time_ends_the_job_with_one_line(
+        stop_request: StopRequest, capsys: pytest.CaptureFixture[str]) -> None:
+    stop_request.timeout_s = 0.3
+    stop_request.resume_note = lambda: "the same command continues from ckpt/step-00000004"
+    stop_request.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.0)
+    assert stop_request.ended == [128 + signal.SIGTERM]  # type: ignore[attr-defined]
+    assert capsys.readouterr().err.strip() == (
+        "psops_mpi: error: stopped by SIGTERM: the ranks did not stop within 0.3 s "
+        "(--stop-timeout-s); no new checkpoint was written; the same command continues from "
+        "ckpt/step-00000004 (exit code 143)")
+
+
+def test_an_agreed_stop_gets_its_bound_again_and_a_finished_one_nothing(
+        stop_request: StopRequest) -> None:
+    stop_request.timeout_s = 0.6
+    stop_request.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.4)
+    stop_request.agreed()  # the stop's checkpoint: 0.6 s from now
+    time.sleep(0.4)
+    assert stop_request.ended == []  # type: ignore[attr-defined]
+    stop_request.finished()
+    time.sleep(0.5)
+    assert stop_request.ended == []  # type: ignore[attr-defined]
+
+
+def test_a_second_signal_ends_the_job_at_once(stop_request: StopRequest) -> None:
+    stop_request.install()  # no bound: only the second signal can end it
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.7)  # more than the launcher's echo takes
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.3)
+    assert stop_request.ended == [128 + signal.SIGINT]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("flag", "value"), [("max_nonfinite", 0), ("stall_report_s", -1.0),

@@ -15,7 +15,6 @@ from psops_mpi.data.loader import (
     EpochShards,
     LoaderBatches,
     agreed_steps,
-    full_batches,
     part_of,
 )
 from psops_mpi.data.user import check_user_sets, make_user_sets
@@ -57,7 +56,7 @@ def test_the_loader_path_reads_the_in_memory_path_batches() -> None:
                          rank=1, world_size=2, batch_size=32, seed=3)
     src = source("blobs", rank=1, world_size=2)
     src.train.augment = False
-    assert src.steps_per_epoch == mem.steps_per_epoch == 16
+    assert src.batches_per_epoch == mem.batches_per_epoch == 16
     for (x, y), (mx, my) in zip(epoch_batches(src, 1), mem.epoch(1), strict=True):
         assert torch.equal(x, mx) and torch.equal(y, my)
     test_x = torch.cat([x for x, _ in src.test_batches()])
@@ -87,17 +86,20 @@ def test_the_main_process_generators_are_left_as_they_were() -> None:
 
 
 def test_an_iterable_set_agrees_on_the_smallest_shard_and_counts_what_it_drops() -> None:
-    assert full_batches(100, 32, 1) == 3 and full_batches(100, 32, 2) == 2  # 50 + 50
-    assert agreed_steps([900, 937, 974], 32, 1) == (28, 900 + 937 + 974 - 3 * 28 * 32)
+    assert agreed_steps([900, 937, 974], 32) == (28, 900 + 937 + 974 - 3 * 28 * 32)
     ranks = [source("stream", rank=r, world_size=3, workers=2) for r in range(3)]
     lengths = [r.shard_info() for r in ranks]
     assert lengths == [300, 337, 374]
     for r in ranks:
         r.agree_shards(lengths)
-    assert {r.steps_per_epoch for r in ranks} == {full_batches(300, 32, 2)} == {8}
+    assert {r.batches_per_epoch for r in ranks} == {300 // 32} == {9}
     assert "are dropped each epoch" in ranks[0].describe()
     whole = epoch_batches(ranks[1], 0)
-    assert len(whole) == 8
+    assert len(whole) == 9
+    alone = source("stream", rank=1, world_size=3, workers=0)  # no worker: the same batches
+    alone.agree_shards(lengths)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, epoch_batches(alone, 0),
+                                                        strict=True))
     tail = epoch_batches(ranks[1], 0, start=3)  # a resume skips what was read
     assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[3:], tail, strict=True))
     with pytest.raises(UsageError, match="not one full batch"):
@@ -107,7 +109,7 @@ def test_an_iterable_set_agrees_on_the_smallest_shard_and_counts_what_it_drops()
 def test_an_iterable_set_that_ends_early_is_one_line() -> None:
     src = source("stream", rank=0, world_size=2)
     src.agree_shards([src.shard_info(), src.shard_info()])
-    src.steps_per_epoch += 1  # as if its len() promised more than it yields
+    src.batches_per_epoch += 1  # as if its len() promised more than it yields
     with pytest.raises(UsageError, match="ended after 14 batches in epoch 1 on rank 0"):
         list(src.epoch(0))
 

@@ -23,9 +23,9 @@ def test_they_move_once_a_period_towards_the_best_mean_score() -> None:
     search = RateSearch(4, spread=4.0, period=3, seed=1)
     before = search.h.copy()
     scores = np.array([1.0, 0.5, 0.8, 0.9])  # particle 1 is best
-    assert not search.observe(scores) and not search.observe(scores)
-    assert np.array_equal(search.h, before)  # not within the period
-    assert search.observe(scores)
+    search.observe(scores), search.observe(scores)
+    assert np.array_equal(search.h, before) and search.steps == 0  # not within the period
+    search.observe(scores)
     assert search.leader == 1 and search.steps == 1
     distance_before = np.abs(before - before[1])
     distance_after = np.abs(search.h - search.h[1])
@@ -88,12 +88,14 @@ def test_a_resize_keeps_each_particles_multiplier_and_starts_new_ones_at_the_lea
 
 
 def test_a_particle_blowing_up_is_an_outlier_and_halves_its_rate() -> None:
-    """More than twice the best score: left out of the mean (by the synchroniser) and its
-    multiplier halved at once, as a diverged one's."""
+    """More than twice the best score and a nat above it: left out of the mean (by the
+    synchroniser) and its multiplier halved at once, as a diverged one's. Twice a small best
+    score alone is no sign of trouble."""
     search = RateSearch(3, spread=2.0, period=5, seed=5)
-    scores = np.array([0.4, 0.9, 0.7])
+    assert not search.outliers(np.array([0.04, 0.09, 0.07])).any()
+    scores = np.array([0.4, 1.9, 0.7])
     assert search.outliers(scores).tolist() == [False, True, False]
     before = search.multiplier(1)
-    search.observe(scores)
+    assert search.observe(scores).tolist() == [False, True, False]
     assert search.multiplier(1) == pytest.approx(before / 2)
     assert search.outliers(np.array([math.nan, math.nan])).tolist() == [True, True]

@@ -201,7 +201,7 @@ def test_bad_recipe_settings_are_one_line(argv: list[str], message: str) -> None
 def test_a_run_too_short_for_its_recipe_is_one_line(settings: dict, message: str) -> None:
     """Checked on every rank once the steps of an epoch are known (build_run agrees on it):
     62 batches an epoch here, one epoch."""
-    batches = SimpleNamespace(steps_per_epoch=62)
+    batches = SimpleNamespace(batches_per_epoch=62)
     with pytest.raises(UsageError, match=re.escape(message)):
         check_steps(TrainConfig(epochs=1, **settings), batches)
     check_steps(TrainConfig(epochs=1, warmup_steps=61), batches)
