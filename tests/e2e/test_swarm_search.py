@@ -11,7 +11,7 @@ from tests.helpers.launch import launch
 
 # synthetic at 2 ranks: 32 steps an epoch, 8 rounds of 4; the multipliers move every 3 rounds
 SEARCH = ["--dataset", "synthetic", "--pso-preset", "search", "--sync-every", "4",
-          "--lr-period", "3", "--epochs", "3", "--quiet"]
+          "--lr-period", "3", "--epochs", "2", "--quiet"]
 
 
 def test_the_search_resumes_exactly_and_its_multipliers_are_in_the_metrics(
@@ -19,7 +19,7 @@ def test_the_search_resumes_exactly_and_its_multipliers_are_in_the_metrics(
     """Resumed at step 38 (mid-period of the rounds and of the search), it ends
     bit-identical, multipliers included (sync/rate/ in the shards). Then the checkpoint
     continues on 3 ranks: the new particle takes the leader's multiplier."""
-    resume_matches_uninterrupted(tmp_path, SEARCH, every=19, resume_at=38, final=96)
+    resume_matches_uninterrupted(tmp_path, SEARCH, every=19, resume_at=38, final=64)
     metrics = tmp_path / "m.jsonl"
     res = launch([*SEARCH, "--checkpoint-dir", str(tmp_path / "three"), "--resume",
                   str(tmp_path / "whole" / "step-00000038"), "--metrics-out", str(metrics)],
