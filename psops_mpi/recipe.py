@@ -55,7 +55,7 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     ``lr / warmup`` to ``lr`` over the first ``--warmup-steps`` steps, then the schedule
     over the rest (cosine or linear to 0, or constant). A function of the step alone, so a
     resumed or resized run takes the rate it would have had."""
-    warmup = config.warmup_steps
+    warmup = config.warmup_steps or 0  # (None only before build_run resolves it)
     if step < warmup:
         return config.lr * (step + 1) / warmup
     if config.lr_schedule == "constant":

@@ -43,6 +43,7 @@ from psops_mpi.tasks import Task, make_task
 from psops_mpi.world import NodeLocal, agree, data_workers, init_world, print0
 
 HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
+AUTO_WARMUP_MAX = 200  # --warmup-steps by default: a tenth of the run, at most this
 OWN_PARTS = ("optimizer", "rng")  # what a rank that joins a resized run starts afresh
 
 
@@ -88,7 +89,7 @@ def prepare(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> dict[st
 
 def check_steps(config: TrainConfig, batches: data.BatchSource) -> None:
     """What the run's length allows: an optimizer step in every epoch, and a warmup that
-    ends before the run does."""
+    ends before the run does (the default one resolved here, from the run's length)."""
     accum = config.grad_accum_steps
     if batches.batches_per_epoch < accum:
         raise UsageError(f"--grad-accum-steps {accum} needs {accum} batches per optimizer "
@@ -96,7 +97,9 @@ def check_steps(config: TrainConfig, batches: data.BatchSource) -> None:
                          f"{config.batch_size} per rank, no optimizer step: use fewer "
                          "accumulation steps or a smaller --batch-size")
     steps = total_steps(config, batches.batches_per_epoch // accum)
-    if config.warmup_steps >= steps:
+    if config.warmup_steps is None:  # resolved for the results, as the other defaults
+        config.warmup_steps = min(AUTO_WARMUP_MAX, steps // 10)
+    elif config.warmup_steps >= steps:
         raise UsageError(f"--warmup-steps {config.warmup_steps} is not shorter than the run "
                          f"({steps} optimizer steps): use a shorter warmup")
 

@@ -157,15 +157,19 @@ def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
 def test_lr_schedule_gives_every_step_its_learning_rate(tmp_path: Path) -> None:
     """The model's extra parameter gets gradient 1 at every step, so under plain SGD it sits
     at minus the sum of the learning rates so far; checkpoints every 5 of the 20 steps show
-    the cosine schedule (lr/2 (1 + cos(pi step / 20))) and a constant one, by hand."""
+    the cosine schedule (lr/2 (1 + cos(pi step / 20))), a constant one, and a linear one after
+    a warmup of 4 steps, by hand."""
     lr, num_steps = 0.1, 20
-    rates = {"cosine": [lr * 0.5 * (1 + math.cos(math.pi * j / num_steps))
-                        for j in range(num_steps)],
-             "constant": [lr] * num_steps}
-    for schedule, rate in rates.items():
+    rates = {("cosine", 0): [lr * 0.5 * (1 + math.cos(math.pi * j / num_steps))
+                             for j in range(num_steps)],
+             ("constant", 0): [lr] * num_steps,
+             ("linear", 4): [lr * (j + 1) / 4 for j in range(4)]
+             + [lr * (1 - (j - 4) / (num_steps - 4)) for j in range(4, num_steps)]}
+    for (schedule, warmup), rate in rates.items():
         ckpt = tmp_path / schedule
         res = launch(["--dataset", "synthetic", "--model", "tests.helpers.user_models:lr_clock",
                       "--algo", "pa", "--lr", str(lr), "--lr-schedule", schedule,
+                      "--warmup-steps", str(warmup),
                       "--momentum", "0", "--weight-decay", "0", "--max-steps", str(num_steps),
                       "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5",
                       "--keep-last", "10", "--quiet"], ranks=2)

@@ -205,4 +205,15 @@ def test_a_run_too_short_for_its_recipe_is_one_line(settings: dict, message: str
     with pytest.raises(UsageError, match=re.escape(message)):
         check_steps(TrainConfig(epochs=1, **settings), batches)
     check_steps(TrainConfig(epochs=1, warmup_steps=61), batches)
+
+
+def test_the_default_warmup_is_a_tenth_of_the_run_and_at_most_200_steps() -> None:
+    batches = SimpleNamespace(batches_per_epoch=62)
+    for epochs, want in ((1, 6), (10, 62), (60, 200)):
+        config = TrainConfig(epochs=epochs)
+        check_steps(config, batches)
+        assert config.warmup_steps == want
+    explicit = TrainConfig(epochs=60, warmup_steps=0)
+    check_steps(explicit, batches)
+    assert explicit.warmup_steps == 0
     check_steps(TrainConfig(epochs=1, grad_accum_steps=62), batches)
