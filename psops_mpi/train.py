@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except BaseException as exc:
-        abort_on_error(comm, exc)
+        abort_on_error(comm, run.batches.explain(exc) if run is not None else exc)
     finally:
         stop.finished()
         if run is not None:

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import itertools
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -39,6 +40,8 @@ from psops_mpi.data.source import Batch, BatchSource, check_start_step
 from psops_mpi.errors import UsageError
 
 Key = tuple[int, int]  # (epoch, index): an index with what seeds its sample's randomness
+# The start of torch's messages for a worker that died ("... (pid 12) is killed by signal").
+TORCH_WORKER_DIED = re.compile(r"DataLoader worker \(pids? ")
 TEST_EPOCH = -1  # the epoch part of a test sample's key
 HOLDOUT_EPOCH = -2
 CHECK_EPOCH = -3  # the batch read before training, to check it
@@ -258,6 +261,7 @@ class LoaderBatches(BatchSource):
         self.seed, self.device, self.workers = seed, torch.device(device), workers
         self.iterable = isinstance(train, IterableDataset)
         self.dropped = 0
+        self._reading: tuple[int, int, object] | None = None  # the last batch asked for
         self._collate = functools.partial(collate, name=name, task=task, num_classes=num_classes)
         if self.iterable:
             self.batches_per_epoch, self._num_train = 0, len(train)  # type: ignore[arg-type]
@@ -343,8 +347,9 @@ class LoaderBatches(BatchSource):
         """The next batch; at the end, None if ``end_is_short`` is False (a test set), else
         one line saying the set is shorter than its length promised. A failure becomes one
         line (:func:`loader_error`) and stops the loader's workers."""
+        self._reading = (epoch, step, batches)
         try:
-            return next(batches)
+            batch = next(batches)
         except StopIteration:
             if not end_is_short:
                 return None
@@ -355,6 +360,8 @@ class LoaderBatches(BatchSource):
             error = loader_error(exc, self.rank, epoch, step, batches)
             stop_workers(batches)
             raise error from None
+        self._reading = (epoch, step + 1, batches)  # what the workers are reading now
+        return batch
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
@@ -397,6 +404,16 @@ class LoaderBatches(BatchSource):
         keyed = KeyedSamples(self.train, self.seed, self.name)
         x, y = self._collate(keyed.__getitems__([(HOLDOUT_EPOCH, i) for i in chosen]))
         return x.to(self.device), y.to(self.device)
+
+    def explain(self, exc: BaseException) -> BaseException:
+        # torch's SIGCHLD handler raises wherever the training process is when a worker
+        # dies, most often in the model, not in the read that would have said so.
+        if self._reading is None or not TORCH_WORKER_DIED.search(str(exc)):
+            return exc
+        epoch, step, batches = self._reading
+        error = loader_error(exc, self.rank, epoch, step, batches)
+        error.__cause__ = exc
+        return error
 
     def close(self) -> None:
         if self._train_loader is not None:
@@ -441,7 +458,12 @@ def dead_workers(batches: object) -> str:
 
     gone = []
     for worker in getattr(batches, "_workers", ()):
-        worker.join(timeout=0.5)  # a worker that was just killed: let it be reaped
+        for _ in range(3):  # a worker that was just killed: let it be reaped
+            try:
+                worker.join(timeout=0.5)
+                break
+            except RuntimeError:  # torch's SIGCHLD handler, reporting the death we look for
+                continue
         code = worker.exitcode
         if code is not None and code != 0:
             how = (f"killed by {signal.Signals(-code).name}" if code < 0 else

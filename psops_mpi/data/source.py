@@ -83,6 +83,11 @@ class BatchSource(ABC):
         """Release what the source holds (worker processes)."""
         return
 
+    def explain(self, exc: BaseException) -> BaseException:
+        """A failure that escaped the loop, said in the source's terms where it is the
+        source's (a worker that died while the model was training); else ``exc``."""
+        return exc
+
     # ---- a checkpoint part: what the data order was cut from
 
     def identity(self) -> dict[str, Any]:

@@ -373,7 +373,7 @@ class PSOSync(FlatSynchronizer):
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:
         """Fewer ranks keep the particles with the best personal fitness; more ranks start new
-        particles from the global best's owner."""
+        particles from the global best's owner (at the centre, under the centre rule)."""
         fits = [_fitness(s.get("pbest_fitness")) for s in rank_summaries]
         sources = keep_best_particles(fits, new_size)
         old_size, owner = len(fits), summary.get("gbest_owner", -1)
@@ -385,7 +385,8 @@ class PSOSync(FlatSynchronizer):
                     f"dropped old rank(s) {dropped}")
         else:
             new = ", ".join(str(r) for r, s in enumerate(sources) if s is None)
-            where = (f"the global best (fitness {_fitness(summary.get('gbest_fitness')):.4g})"
+            where = ("the swarm's centre (the centre rule)" if self.anchor is not None else
+                     f"the global best (fitness {_fitness(summary.get('gbest_fitness')):.4g})"
                      if has_gbest else "particle 0's position (no round yet)")
             note = (f"rank(s) {new} start new particles at {where} with zero velocity and "
                     "fresh optimizer state")

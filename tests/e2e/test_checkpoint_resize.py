@@ -77,15 +77,16 @@ def test_fewer_ranks_keep_the_best_particle_and_strict_refuses(
         assert new["sync/swarm"].attrs["pbest_fitness"] == old["sync/swarm"].attrs["pbest_fitness"]
 
 
-def test_more_ranks_start_new_particles_at_the_global_best(
+def test_more_ranks_start_new_particles_at_the_centre(
         two_rank_checkpoint: Path, tmp_path: Path) -> None:
+    """The default rule (centre) starts an added particle at the swarm's centre, at rest."""
     root = copy_of(two_rank_checkpoint, tmp_path)
     ckpt = ["--checkpoint-dir", str(root)]
     before = newest(root)
 
     res = launch([*RUN, *ckpt, "--max-steps", "1"], ranks=3)  # loads, trains nothing, saves
     assert res.returncode == 0, res.stderr
-    assert "rank(s) 2 start new particles at the global best" in res.stdout
+    assert "rank(s) 2 start new particles at the swarm's centre (the centre rule)" in res.stdout
     after = newest(root)
     resumed = json.loads((after / "metadata.json").read_text())
     # 3 ranks: 682 samples each, 21 steps of 32; 30/32 of an epoch is step 19.69, so 20.
@@ -94,10 +95,11 @@ def test_more_ranks_start_new_particles_at_the_global_best(
     with shard(before, 1) as old, shard(after, 1) as kept, shard(after, 2) as new:
         assert np.array_equal(kept["model/position"][()], old["model/position"][()])
         assert np.array_equal(kept["sync/swarm/velocity"][()], old["sync/swarm/velocity"][()])
-        gbest = old["sync/swarm/gbest"][()]
-        assert not np.array_equal(gbest, old["model/position"][()])  # a real distinction
-        assert np.array_equal(new["model/position"][()], gbest)
-        assert np.array_equal(new["sync/swarm/pbest"][()], gbest)
+        centre = old["sync/anchor"][()]
+        assert not np.array_equal(centre, old["sync/swarm/gbest"][()])  # a real distinction
+        assert np.array_equal(new["model/position"][()], centre)
+        assert np.array_equal(new["sync/anchor"][()], centre)
+        assert np.array_equal(new["sync/swarm/pbest"][()], centre)
         assert not new["sync/swarm/velocity"][()].any()
         assert "optimizer/0" not in new and "optimizer/0" in kept  # fresh momentum
         assert new["sync/swarm"].attrs["pbest_fitness"] == old["sync/swarm"].attrs["gbest_fitness"]
