@@ -282,7 +282,18 @@ def summarise(spec: Spec, events: list[dict]) -> dict:
         # a particle that diverged leaves a non-finite training loss (null in JSON)
         "diverged": final.get("train_loss") is None,
         "curve": [[e["epoch"], round(e["wall_s"], 4), e["test_acc"]] for e in epochs],
+        "lr_mults": lr_multipliers(epochs),
     }
+
+
+def lr_multipliers(epochs: list[dict]) -> list[list] | None:
+    """[epoch, [each particle's learning-rate multiplier]] per epoch, for a run that searched
+    the learning rate (``--lr-spread``); None for the others."""
+    names = sorted((k for k in (epochs[-1] if epochs else {}) if k.startswith("lr_mult_r")),
+                   key=lambda k: int(k.removeprefix("lr_mult_r")))
+    if not names:
+        return None
+    return [[e["epoch"], [round(e[k], 5) for k in names]] for e in epochs]
 
 
 def run_one(spec: Spec, link: netem.EmulatedLink | None, launcher: list[str],
