@@ -35,7 +35,7 @@ set; the header line shows both settings (see bench/README.md for what this does
 figures). With a few ms per round, a 1M-float row needs a quiet machine (or many more
 ``--repeats``) before its ratio means anything.
 
-A second table measures what the fault handling adds (README, "When things go wrong"), in
+A second table measures what the fault handling adds (docs/troubleshooting.md), in
 the same interleaved way: ``pa-guarded`` is a PA round as ``PASync`` runs it (the ranks meet
 at the stall watch's barrier, check their weights are finite with one reduction, and average
 ``[x ; flag]`` in one Allreduce over the finite ranks) beside ``pa-bare``, the round before

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     proj = sub.add_parser("project", help="time per epoch for 16-1024 ranks")
     proj.add_argument("--ms-per-mparam", type=float, default=0.2,
-                      help="compute ms per step per million parameters (see the README)")
+                      help="compute ms per step per million parameters (see docs/performance.md)")
     proj.add_argument("--samples", type=int, default=1_281_167, help="samples per epoch")
     proj.add_argument("--batch", type=int, default=32, help="samples per rank and step")
     proj.add_argument("--sync-every", type=int, default=16)

@@ -3,7 +3,7 @@
 Every field of :class:`~psops_mpi.config.TrainConfig` (and of its nested
 :class:`~psops_mpi.config.PSOConfig`) is one ``--kebab-case`` flag: its type, choices
 (``Literal[...]``), default and help text (the field's docstring) come from the field, so a
-new setting is one field and nothing else. ``python -m psops_mpi.cli`` prints the README's
+new setting is one field and nothing else. ``python -m psops_mpi.cli`` prints the manual's
 flag table from the same source.
 
 A small derivation over ``dataclasses.fields`` rather than a library such as tyro: our flags
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flag_table() -> str:
-    """The README's table of flags, from the same fields as the parser."""
+    """The manual's table of flags (docs/cli.md), from the same fields as the parser."""
     rows = ["| flag | default | meaning |", "|---|---|---|",
             "| `--config FILE.toml` | none | settings file; flags given here override it |",
             "| `--version` | none | print the version and exit |"]

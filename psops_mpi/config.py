@@ -1,5 +1,5 @@
 """Every training setting, once: a validated dataclass field with its type, default and
-docstring. The command line, its help and the README's flag table are derived from these
+docstring. The command line, its help and the manual's flag table are derived from these
 fields (:mod:`psops_mpi.cli`); a field typed ``Literal[...]`` lists its own choices.
 """
 
@@ -105,7 +105,7 @@ class PSOConfig:
     """PSO inertia: the share of the previous velocity a particle keeps."""
     c1: float = 0.0
     """PSO pull towards the particle's personal best. Off by default: on MNIST-1D every
-    c1 > 0 we tried lowered accuracy (README, "Choosing the defaults")."""
+    c1 > 0 we tried lowered accuracy (see "Choosing the defaults")."""
     c2: float = 0.1
     """PSO pull towards the global best."""
     c3: float = 0.0

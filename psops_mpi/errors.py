@@ -1,5 +1,5 @@
 """How a run ends, as a user sees it: bad input as one line with exit code 2, and the exit
-codes of every other way a job can end (listed in the README, "When things go wrong")."""
+codes of every other way a job can end (listed in the manual, docs/troubleshooting.md)."""
 
 from __future__ import annotations
 

@@ -400,7 +400,7 @@ def apply_speed_settings(model: nn.Module, channels_last: str, compile_model: bo
     images of more than one channel, on CPUs and, at fp32, on GPUs: psops_mpi trained
     ResNet-20 1.16x and 1.20x faster so on a CPU (``bench/results/gpu_bench_cpu*.json``) and
     1.20x faster (median, 5 of 6 repeats) at fp32 on an H200, while under bf16 it was no
-    faster there (1.0x, 3 of 6; ``bench/results/gpu/``; see the README). Compile:
+    faster there (1.0x, 3 of 6; ``bench/results/gpu/``; see docs/slurm-gpus.md). Compile:
     ``nn.Module.compile``, in place, so the parameter names (and checkpoints) stay as they
     are.
 

@@ -99,10 +99,13 @@ class Synchronizer(ABC):
     """What the loop and the checkpoint ask of every synchronisation algorithm.
 
     Attributes:
-        model, optimizer: the model this rank trains and its local optimizer.
-        flat, buffers: the model's trainable parameters and its floating-point buffers as
-            views of flat buffers (:mod:`psops_mpi.flat`); the checkpoint saves them whole.
-        rank, world_size: this rank in the communicator the ranks train over.
+        model: the model this rank trains.
+        optimizer: its local optimizer.
+        flat: the model's trainable parameters as views of one flat buffer
+            (:mod:`psops_mpi.flat`); the checkpoint saves it whole.
+        buffers: the model's floating-point buffers (BatchNorm statistics), flat likewise.
+        rank: this rank in the communicator the ranks train over.
+        world_size: the number of ranks in it.
     """
 
     model: nn.Module

@@ -52,8 +52,10 @@ from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
 class PSOSync(FlatSynchronizer):
     """Particle-swarm synchronisation of the ranks' weights.
 
+    The model, optimizer, communicator, ``sync_every`` and ``cuda_aware`` are as for
+    :class:`FlatSynchronizer`.
+
     Args:
-        model, optimizer, comm, sync_every, cuda_aware: as :class:`FlatSynchronizer`.
         config: PSO coefficients and options (default :class:`PSOConfig`); keyword overrides
             such as ``w=0.6`` may be given instead.
         seed: key of the swarm's random draws (with round and rank).

@@ -39,8 +39,10 @@ from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
 class SlowMoSync(FlatSynchronizer):
     """Periodic averaging with an outer momentum step on the averaged pseudo-gradient.
 
+    The model, optimizer, communicator, ``sync_every`` and ``cuda_aware`` are as for
+    :class:`FlatSynchronizer`.
+
     Args:
-        model, optimizer, comm, sync_every, cuda_aware: as :class:`FlatSynchronizer`.
         outer_lr: alpha, the slow learning rate (1: the full outer step).
         outer_momentum: beta, the slow momentum (0: plain PA at ``outer_lr`` 1).
         outer_nesterov: Nesterov's form of the outer step instead of heavy ball.

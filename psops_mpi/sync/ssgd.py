@@ -22,8 +22,9 @@ class SSGDSync(FlatSynchronizer):
     over the gradient) and skips the step: the gradients are set to None, and
     ``optimizer.step()`` leaves weights and momentum as they were (``skipped_steps``).
 
+    The other arguments are as for :class:`FlatSynchronizer`.
+
     Args:
-        *args, **kwargs: as :class:`FlatSynchronizer`.
         loss_scale: under fp16 (:mod:`psops_mpi.precision`), the current loss scale, the same
             on every rank. A step skipped while it is above 1 is the scaler's overflow: it
             counts in ``skipped_steps`` but not towards ``max_nonfinite`` (the scaler halves

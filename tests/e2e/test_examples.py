@@ -1,4 +1,4 @@
-"""The README's library example, as printed there, under a real `mpiexec -n 2`."""
+"""The manual's library example (docs/api.md), as printed there, under a real `mpiexec -n 2`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from tests.helpers.launch import REPO, mpiexec, run_bounded
 EXAMPLE = REPO / "examples" / "library_loop.py"
 
 
-def test_the_readme_shows_the_example_verbatim() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_the_manual_shows_the_example_verbatim() -> None:
+    readme = (REPO / "docs" / "api.md").read_text()
     assert f"```python\n{EXAMPLE.read_text()}```" in readme
 
 

@@ -1,7 +1,8 @@
 """Real faults in real ``mpiexec`` jobs, each bounded by a timeout: a NaN from a model, a full
 file system, stop signals (to the launcher and to one rank), a rank that sleeps or hangs.
 
-What each asserts is what the README's "When things go wrong" tells a user they will see.
+What each asserts is what the manual's "When things go wrong" (docs/troubleshooting.md)
+tells a user they will see.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def final_checkpoint(root: Path) -> Path:
 @pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-ps"])
 def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
     """Four ranks end on one model (every algorithm: PSO-PS's default rule moves the swarm as
-    one), and each rank sent what the README says its algorithm sends."""
+    one), and each rank sent what the manual says its algorithm sends."""
     metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--algo", algo, "--dataset", "synthetic", "--epochs", "3", "--quiet",
                   "--exchange", "best", "--metrics-out", str(metrics),

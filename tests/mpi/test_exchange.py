@@ -66,5 +66,5 @@ def test_bcast_from_last_rank(ex: Exchange, device: str) -> None:
 )
 def test_minloc(ex: Exchange, values, expected) -> None:
     assert ex.minloc(values(ex.rank)) == expected(ex.world_size)
-    # One C struct {double; int}: 8 + 4 bytes, padded to 16 (the README's "+ 16 bytes").
+    # One C struct {double; int}: 8 + 4 bytes, padded to 16 (docs/algorithms.md: "+ 16 bytes").
     assert ex.bytes_sent == 16 and ex.calls == 1

@@ -188,14 +188,14 @@ def test_a_round_replaces_batchnorm_statistics_by_their_mean_over_ranks(cls) -> 
 
 
 def allreduce_bytes(numel: int, size: int) -> int:
-    """README: an allreduce sends 2(P-1)/P of a buffer of 4-byte floats per rank."""
+    """docs/algorithms.md: an allreduce sends 2(P-1)/P of a buffer of 4-byte floats per rank."""
     return 2 * (size - 1) * 4 * numel // size
 
 
 @pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-allgather", "pso-best"])
 def test_bytes_sent_per_rank_follow_the_readme(algo: str) -> None:
     """Two rounds of a BatchNorm net (N parameters, B float buffers), counted against the
-    README's table: SSGD 2(P-1)/P*4N per step, PA 2(P-1)/P*4(N+1) per round (the weights and
+    the manual's table: SSGD 2(P-1)/P*4N per step, PA 2(P-1)/P*4(N+1) per round (the weights and
     their finite flag), PSO-PS (P-1)*4(N+1) with allgather or 4N + 16 with best (Bcast of the
     best particle plus the MINLOC pair), and every round's averaging of the buffers and
     their flag 2(P-1)/P*4(B+1)."""
@@ -275,7 +275,7 @@ def test_consensus_evaluates_gbest_then_restores_the_particle() -> None:
 
 
 def test_library_loop_learns_with_holdout_fitness() -> None:
-    """A user's own loop: four calls per step, as the README shows."""
+    """A user's own loop: four calls per step, as the manual shows (docs/api.md)."""
     gen = torch.Generator().manual_seed(5)
     centers = torch.randn(3, 6, generator=gen) * 3
     labels = torch.randint(0, 3, (600,), generator=gen)

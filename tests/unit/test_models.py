@@ -111,8 +111,9 @@ def test_num_parameters_counts_elements() -> None:
     assert num_parameters(torch.nn.Linear(3, 2)) == 8
 
 
-# What `--model auto` builds for each dataset, written out by hand from the README ("`--model
-# auto` picks ...") and its Models table: the model's name and its parameter count.
+# What `--model auto` builds for each dataset, written out by hand from the manual
+# (docs/data.md: "`--model auto` picks ...") and its Models table: the model's name and its
+# parameter count.
 AUTO = {
     "mnist1d": ("cnn1d", (1, 40), 8_010),
     "mnist": ("lenet", (1, 28, 28), 61_706),
@@ -129,7 +130,7 @@ def test_every_dataset_has_its_documented_default() -> None:
     from psops_mpi.config import DATASETS
 
     assert set(AUTO) == set(DATASETS)
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "data.md").read_text()
     assert ("`--model auto` picks `cnn1d` for mnist1d, `lenet` for (fashion-)mnist, `resnet20` "
             "for cifar10\nand imagefolder, `mlp` for synthetic, `gpt` for fortunes.") in readme
     assert DEFAULT_MODELS["imagefolder"] == "resnet20"
