@@ -33,10 +33,7 @@ def on_files(files: Files, config: Any) -> Files:
     seen: set[str] = set()
     while todo:
         src_uri, path = todo.pop()
-        text = Path(path).read_text(encoding="utf-8")
-        links = (UP_LINK.findall(text) if not src_uri.startswith(SERVED) else
-                 [("", _from_repo(src_uri, link)) for link in LOCAL_LINK.findall(text)])
-        for _, target in links:
+        for target in _targets(src_uri, Path(path).read_text(encoding="utf-8")):
             if target in seen:
                 continue
             seen.add(target)
@@ -50,6 +47,13 @@ def on_files(files: Files, config: Any) -> Files:
             if target.endswith(".md"):
                 todo.append((file.src_uri, str(source)))
     return files
+
+
+def _targets(src_uri: str, text: str) -> list[str]:
+    """The repository files a page links to, as paths from the repository's root."""
+    if src_uri.startswith(SERVED):
+        return [_from_repo(src_uri, link) for link in LOCAL_LINK.findall(text)]
+    return [target for _, target in UP_LINK.findall(text)]
 
 
 def _from_repo(src_uri: str, link: str) -> str:
