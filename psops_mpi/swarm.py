@@ -199,18 +199,26 @@ class RateSearch:
     way, a particle that blows up at its rate (:meth:`outliers`) halves its multiplier at
     once and is restarted from the others' mean.
 
+    Nothing moves during the schedule's warmup (the first ``hold`` rounds): there the
+    schedule's own rate is still a fraction of the target, so a larger multiplier looks
+    better only because the warmup keeps it small, and a swarm that followed it would meet
+    the full rate at many times the intended one (that drove whole swarms to the bound and
+    to chance from a starting rate of 0.1). Outliers are still halved meanwhile.
+
     Args:
         world_size: the particles.
         spread: multipliers start spread log-evenly over [1/spread, spread] (particle 0 the
             smallest); the bound is spread squared.
         period: rounds between two steps of the multipliers.
         seed: key of the draws.
+        hold: rounds before the first score counts (the warmup's).
     """
 
     W, C, SIGMA, TIE = 0.5, 1.0, 0.1, 0.01
     KAPPA, MARGIN = 2.0, 1.0  # blowing up: twice the best score and a nat above it
 
-    def __init__(self, world_size: int, spread: float, period: int, seed: int) -> None:
+    def __init__(self, world_size: int, spread: float, period: int, seed: int,
+                 hold: int = 0) -> None:
         span = math.log(spread)
         self.bound = 2 * span
         self.h = (np.linspace(-span, span, world_size) if world_size > 1
@@ -221,6 +229,7 @@ class RateSearch:
         self.steps = 0  # steps of the multipliers so far
         self.period, self.seed = max(1, period), seed
         self.leader = -1
+        self.hold = max(0, hold)  # rounds still to wait before scores count
 
     def multiplier(self, rank: int) -> float:
         return float(math.exp(self.h[rank]))
@@ -251,6 +260,10 @@ class RateSearch:
         if out.any():
             self.h = np.where(out, np.maximum(self.h - math.log(2), -self.bound), self.h)
             self.v = np.where(out, 0.0, self.v)
+        if self.hold > 0:  # still the warmup: the scores would judge the warmup, not the rate
+            self.hold -= 1
+            self.score_sum[:] = 0.0
+            return out
         self.rounds += 1
         if self.rounds >= self.period:
             self.step(self.score_sum / self.rounds)
@@ -282,7 +295,8 @@ class RateSearch:
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_multiplier": self.h, "velocity": self.v, "score_sum": self.score_sum,
-                "rounds": self.rounds, "steps": self.steps, "leader": self.leader}
+                "rounds": self.rounds, "steps": self.steps, "leader": self.leader,
+                "hold": self.hold}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.h = np.array(state["log_multiplier"], dtype=np.float64)
@@ -290,3 +304,4 @@ class RateSearch:
         self.score_sum = np.array(state["score_sum"], dtype=np.float64)
         self.rounds, self.steps = int(state["rounds"]), int(state["steps"])
         self.leader = int(state["leader"])
+        self.hold = int(state.get("hold", 0))  # checkpoints from before the warmup hold

@@ -43,4 +43,5 @@ def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
     return PSOSync(model, optimizer, comm, config.sync_every, config=config.pso,
                    seed=config.seed, fitness_fn=fitness_fn,
                    reset_momentum=config.reset_momentum, cuda_aware=cuda_aware,
-                   max_nonfinite=limit, rounds_per_epoch=rounds_per_epoch)
+                   max_nonfinite=limit, rounds_per_epoch=rounds_per_epoch,
+                   warmup_rounds=-(-(config.warmup_steps or 0) // config.sync_every))

@@ -64,6 +64,7 @@ class PSOSync(FlatSynchronizer):
             passed to :meth:`after_step` since the last round), and the score of its learning
             rate when it searches the rate.
         rounds_per_epoch: rounds in an epoch (the learning-rate search's default period).
+        warmup_rounds: rounds within the schedule's warmup (the search waits them out).
         reset_momentum: clear the local optimizer's state (momentum) after every round.
         max_nonfinite: as :class:`FlatSynchronizer`; a round is skipped when no particle has
             a finite fitness.
@@ -80,7 +81,7 @@ class PSOSync(FlatSynchronizer):
                  fitness_fn: Callable[[], torch.Tensor] | None = None,
                  reset_momentum: bool = False, cuda_aware: bool = False,
                  max_nonfinite: int = MAX_NONFINITE, rounds_per_epoch: int = 1,
-                 **overrides: object) -> None:
+                 warmup_rounds: int = 0, **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
@@ -90,7 +91,8 @@ class PSOSync(FlatSynchronizer):
             raise ValueError("fitness 'holdout' and the learning-rate search need a fitness_fn "
                              "that returns the holdout loss")
         self.rate = (RateSearch(self.world_size, self.config.lr_spread,
-                                self.config.lr_period or rounds_per_epoch, seed)
+                                self.config.lr_period or rounds_per_epoch, seed,
+                                hold=warmup_rounds)
                      if self.config.lr_spread > 1 else None)
         self._rate_loaded = False
         self.fitness_fn = fitness_fn
@@ -147,6 +149,8 @@ class PSOSync(FlatSynchronizer):
             s = self.config.lr_spread
             search = (f"; the particles search the learning rate: multipliers from "
                       f"{1 / s:.3g} to {s:g}, moved every {self.rate.period} round(s)")
+            if self.rate.hold:
+                search += f"; the search waits out the warmup ({self.rate.hold} rounds)"
         return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
                 f"{self.exchange_kind}{auto}: {how}{search}")
 

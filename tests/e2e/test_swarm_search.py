@@ -31,6 +31,14 @@ def test_the_search_resumes_exactly_and_its_multipliers_are_in_the_metrics(
     assert len({round(epochs[-1][f"lr_mult_r{k}"], 9) for k in range(3)}) > 1  # still a search
 
 
+def test_the_search_waits_out_the_warmup_and_says_so() -> None:
+    """The default warmup of a 64-step run is 6 steps: 2 rounds of 4 that the search waits
+    out (their scores would judge the warmup, not the rate)."""
+    res = launch([a for a in SEARCH if a != "--quiet"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    assert "the search waits out the warmup (2 rounds)" in res.stdout
+
+
 def test_the_ensemble_of_identical_models_is_the_model_and_of_distinct_ones_is_reported(
         tmp_path: Path) -> None:
     """PA ends with one model on every rank: the ensemble's accuracy is the model's. The

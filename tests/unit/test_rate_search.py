@@ -99,3 +99,23 @@ def test_a_particle_blowing_up_is_an_outlier_and_halves_its_rate() -> None:
     assert search.observe(scores).tolist() == [False, True, False]
     assert search.multiplier(1) == pytest.approx(before / 2)
     assert search.outliers(np.array([math.nan, math.nan])).tolist() == [True, True]
+
+
+def test_nothing_moves_during_the_warmup_but_a_blow_up_still_halves() -> None:
+    """During the schedule's warmup a larger multiplier looks better only because the
+    warmup keeps the rate small: the scores of the first ``hold`` rounds do not count, and
+    the first step comes a full period after the warmup."""
+    search = RateSearch(3, spread=3.0, period=2, seed=8, hold=3)
+    before = search.h.copy()
+    rising = np.array([1.3, 1.2, 1.0])  # the largest rate best, as in a warmup
+    search.observe(rising), search.observe(rising)
+    assert np.array_equal(search.h, before) and search.steps == 0 and search.hold == 1
+    search.observe(np.array([1.0, 1.2, math.inf]))  # blowing up in the warmup: halved
+    assert search.multiplier(2) == pytest.approx(3.0 / 2) and search.hold == 0
+    search.observe(np.array([1.0, 1.2, 1.3]))
+    assert search.steps == 0  # one round of the period after the warmup
+    search.observe(np.array([1.0, 1.2, 1.3]))
+    assert search.steps == 1 and search.leader == 0  # judged on the rounds after it only
+    restored = RateSearch(3, spread=3.0, period=2, seed=8, hold=3)
+    restored.load_state_dict(search.state_dict())
+    assert restored.hold == 0 and np.array_equal(restored.h, search.h)
