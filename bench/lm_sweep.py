@@ -10,16 +10,24 @@ model, data order, recipe and number of optimizer steps (``--max-steps``); the m
 * ``pa``: periodic averaging every ``--sync-every`` steps;
 * ``slowmo``: PA then SlowMo's heavy-ball outer step (psops_mpi's defaults: alpha 1, beta 0.4);
 * ``diloco``: DiLoCo's outer Nesterov step (alpha 0.7, beta 0.9; Douillard et al. 2023);
-* ``pso``: PSO-PS's default preset.
+* ``pso``: PSO-PS's default preset;
+* ``pso-search``, ``elastic``, ``elastic-0.25``: PSO-PS searching the learning rate, and the
+  elastic swarm at rho 0.5 and 0.25 (the swarm's own grid, with ``--lrs``).
 
-at ``--sync-every`` 16, 64 and 256 and seeds 0-2. Each run is appended to ``OUT/runs.jsonl``
-as soon as it ends; ``--resume`` skips the runs already there, so the sweep runs in pieces
-(``--max-runs N`` stops after N new runs). ``--report`` prints the table (medians and ranges
-over seeds) and the target: SlowMo or DiLoCo at ``--sync-every 64`` within 5% of SSGD's
-perplexity with at least 20x fewer bytes.
+at ``--sync-every`` 16, 64 and 256 and seeds 0-2, at ``--lr`` or at each of ``--lrs``. Each
+run is appended to ``OUT/runs.jsonl`` as soon as it ends; ``--resume`` skips the runs already
+there, so the sweep runs in pieces (``--max-runs N`` stops after N new runs). ``--report``
+prints the table (medians and ranges over seeds) and the target: SlowMo or DiLoCo at
+``--sync-every 64`` within 5% of SSGD's perplexity with at least 20x fewer bytes; for several
+starting rates, a column per rate and the search against SlowMo.
 
     python bench/lm_sweep.py --out bench/results/lm --resume --max-runs 10
     python bench/lm_sweep.py --out bench/results/lm --report > bench/results/lm/REPORT.md
+
+The swarm's own grid on the language model:
+
+    python bench/lm_sweep.py --out bench/results/lm-search --methods pa,slowmo,pso,pso-search,\
+elastic,elastic-0.25 --syncs 16 --lrs 0.001,0.003,0.01,0.03 --resume
 """
 
 from __future__ import annotations
@@ -41,7 +49,11 @@ METHODS: dict[str, list[str]] = {
     "diloco": ["--algo", "slowmo", "--outer-nesterov", "--outer-lr", "0.7",
                "--outer-momentum", "0.9"],
     "pso": ["--algo", "pso-ps"],
+    "pso-search": ["--algo", "pso-ps", "--pso-preset", "search"],
+    "elastic": ["--algo", "pso-ps", "--pso-preset", "elastic"],
+    "elastic-0.25": ["--algo", "pso-ps", "--pso-preset", "elastic", "--rho", "0.25"],
 }
+DEFAULT_LR = 3e-3  # runs at this rate keep the keys they had before --lrs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt-tiny")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps of every run")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--lrs", default="", help="starting rates, comma-separated (default: --lr)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="skip the runs already in OUT")
     p.add_argument("--max-runs", type=int, default=0, help="stop after this many new runs")
@@ -64,18 +77,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
-    """Every run: (method, sync period, seed), SSGD once per seed."""
+    """Every run: (method, sync period, starting rate, seed), SSGD once per seed and rate."""
     runs = []
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]
     for seed in map(int, args.seeds.split(",")):
-        for method in args.methods.split(","):
-            syncs = [1] if method == "ssgd" else list(map(int, args.syncs.split(",")))
-            runs += [{"method": method, "sync_every": n, "seed": seed} for n in syncs]
+        for lr in lrs:
+            for method in args.methods.split(","):
+                syncs = [1] if method == "ssgd" else list(map(int, args.syncs.split(",")))
+                runs += [{"method": method, "sync_every": n, "seed": seed, "lr": lr}
+                         for n in syncs]
     return runs
 
 
 def train_args(args: argparse.Namespace, run: dict) -> list[str]:
     return ["--dataset", "fortunes", "--model", args.model, "--optimizer", "adamw",
-            "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
+            "--lr", str(run["lr"]), "--warmup-steps", str(args.warmup_steps),
             "--clip-grad-norm", "1.0", "--batch-size", str(args.batch_size),
             "--epochs", "1000", "--max-steps", str(args.steps), "--seed", str(run["seed"]),
             "--sync-every", str(run["sync_every"]), "--threads", "1", "--quiet",
@@ -83,7 +99,9 @@ def train_args(args: argparse.Namespace, run: dict) -> list[str]:
 
 
 def key(run: dict) -> str:
-    return f"{run['method']}/n{run['sync_every']}/s{run['seed']}"
+    lr = run.get("lr", DEFAULT_LR)
+    return f"{run['method']}/n{run['sync_every']}/s{run['seed']}" + (
+        "" if lr == DEFAULT_LR else f"/lr{lr:g}")
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -117,11 +135,23 @@ def read(path: Path) -> list[dict]:
 
 
 def report(args: argparse.Namespace) -> None:
-    runs = [r for r in read(args.out / "runs.jsonl") if r.get("test_ppl") is not None]
-    failed = [r["key"] for r in read(args.out / "runs.jsonl") if r.get("test_ppl") is None]
-    cells: dict[tuple[str, int], list[dict]] = {}
-    for r in runs:
-        cells.setdefault((r["method"], r["sync_every"]), []).append(r)
+    """The table of OUT: per period against SSGD, or, for several starting rates, the swarm's
+    grid (a column per rate)."""
+    rows = read(args.out / "runs.jsonl")
+    cells: dict[tuple[str, int, float], list[dict]] = {}
+    for r in rows:
+        if r.get("test_ppl") is not None:
+            cells.setdefault((r["method"], r["sync_every"], r.get("lr", DEFAULT_LR)), []).append(r)
+    if len({lr for _, _, lr in cells}) > 1:
+        swarm_grid(cells)
+    else:
+        against_ssgd({(m, n): c for (m, n, _), c in cells.items()})
+    failed = [r["key"] for r in rows if r.get("test_ppl") is None]
+    if failed:
+        print(f"\nRuns without a final line: {', '.join(failed)}")
+
+
+def against_ssgd(cells: dict[tuple[str, int], list[dict]]) -> None:
     ssgd = cells.get(("ssgd", 1), [])
     base_ppl = statistics.median(r["test_ppl"] for r in ssgd) if ssgd else None
     base_bytes = statistics.median(r["comm_bytes_per_rank"] for r in ssgd) if ssgd else None
@@ -148,8 +178,48 @@ def report(args: argparse.Namespace) -> None:
                   f"{'yes' if ppl <= 1.05 * base_ppl else 'no'}), {ratio:.0f}x fewer bytes "
                   f"(at least 20x: {'yes' if ratio >= 20 else 'no'}): "
                   f"{'met' if met else 'not met'}")
-    if failed:
-        print(f"\nRuns without a final line: {', '.join(failed)}")
+
+
+def swarm_grid(cells: dict[tuple[str, int, float], list[dict]]) -> None:
+    """Median test perplexity (range, seeds) per method and starting rate; then the search
+    against SlowMo: at SlowMo's best rate, and at the same rate and seed."""
+    lrs = sorted({lr for _, _, lr in cells})
+    for n in sorted({n for _, n, _ in cells}):
+        print(f"--sync-every {n}: test perplexity, median (range, seeds)\n")
+        print("| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
+        print("|---|" + "---|" * len(lrs))
+        for method in (m for m in METHODS if any(k[:2] == (m, n) for k in cells)):
+            shown = []
+            for lr in lrs:
+                ppl = [r["test_ppl"] for r in cells.get((method, n, lr), [])]
+                shown.append(f"{statistics.median(ppl):.3f} ({min(ppl):.3f}-{max(ppl):.3f}, "
+                             f"{len(ppl)})" if ppl else "-")
+            print(f"| {method} | " + " | ".join(shown) + " |")
+        print()
+        search_against_slowmo(cells, n, lrs)
+
+
+def search_against_slowmo(cells: dict, n: int, lrs: list[float]) -> None:
+    def med(method: str, lr: float) -> float | None:
+        rows = cells.get((method, n, lr), [])
+        return statistics.median(r["test_ppl"] for r in rows) if rows else None
+    slowmo = {lr: med("slowmo", lr) for lr in lrs if med("slowmo", lr) is not None}
+    if not slowmo:
+        return
+    best_lr = min(slowmo, key=lambda lr: slowmo[lr])
+    print(f"SlowMo's best starting rate: {best_lr:g} (perplexity {slowmo[best_lr]:.3f}).\n")
+    for lr in lrs:
+        search = med("pso-search", lr)
+        if search is None or lr not in slowmo:
+            continue
+        by_seed = {r["seed"]: r["test_ppl"] for r in cells[("slowmo", n, lr)]}
+        gaps = [r["test_ppl"] - by_seed[r["seed"]] for r in cells[("pso-search", n, lr)]
+                if r["seed"] in by_seed]
+        spread = max(by_seed.values()) - min(by_seed.values())
+        print(f"- from lr {lr:g}: the search {search:.3f}, {search / slowmo[best_lr] - 1:+.1%} "
+              f"against SlowMo's best; against SlowMo from the same rate and seed "
+              f"{statistics.median(gaps):+.3f} (SlowMo's spread there {spread:.3f})")
+    print()
 
 
 if __name__ == "__main__":

@@ -192,12 +192,16 @@ class RateSearch:
 
     Against short-horizon bias (Wu et al., ICLR 2018: a greedy comparison over a short
     horizon favours small learning rates) three guards: a multiplier is judged on the mean of
-    its scores over a whole period of at least an epoch, never on one round; the leader is,
-    among the particles within ``tie`` (relative) of the best mean score, the one with the
-    largest multiplier, so near-ties tip towards the larger rate; and the noise keeps the
-    multipliers spread, so the swarm can move back up when the run rewards it. The other
-    way, a particle that blows up at its rate (:meth:`outliers`) halves its multiplier at
-    once and is restarted from the others' mean.
+    its scores over a whole period of at least an epoch, never on one round; while the swarm
+    learns (its best mean score fell by more than ``TIE`` since the last step), the leader
+    is, among the particles within ``TIE`` (relative) of the best mean score, the one with
+    the largest multiplier, so near-ties tip towards the larger rate; and the noise keeps
+    the multipliers spread, so the swarm can move back up when the run rewards it. When the
+    best score did not fall (the first step, a plateau, a swarm stuck at chance where every
+    particle ties) a near-tie says nothing about the rate, and the best score leads alone:
+    tipping there drove whole swarms to the bound. The other way, a particle that blows up
+    at its rate (:meth:`outliers`) halves its multiplier at once and is restarted from the
+    others' mean.
 
     Nothing moves during the schedule's warmup (the first ``hold`` rounds): there the
     schedule's own rate is still a fraction of the target, so a larger multiplier looks
@@ -230,6 +234,7 @@ class RateSearch:
         self.period, self.seed = max(1, period), seed
         self.leader = -1
         self.hold = max(0, hold)  # rounds still to wait before scores count
+        self.best_before = math.nan  # the best mean score at the last step
 
     def multiplier(self, rank: int) -> float:
         return float(math.exp(self.h[rank]))
@@ -273,15 +278,24 @@ class RateSearch:
 
     def step(self, means: np.ndarray) -> None:
         """One PSO step of every log multiplier towards the leader's."""
-        best = means.min()
-        near = np.flatnonzero(means <= best + self.TIE * abs(best))
-        self.leader = int(near[np.argmax(self.h[near])])
+        self.leader = self._leader(means)
+        self.best_before = float(means.min())
         rng = np.random.default_rng([self.seed & _MASK64, self.steps])
         r = rng.random(len(self.h))
         noise = rng.standard_normal(len(self.h))
         self.v = self.W * self.v + self.C * r * (self.h[self.leader] - self.h) + self.SIGMA * noise
         self.h = np.clip(self.h + self.v, -self.bound, self.bound)
         self.steps += 1
+
+    def _leader(self, means: np.ndarray) -> int:
+        """The best mean score; while the swarm learns, the largest multiplier among its
+        near-ties."""
+        best = float(means.min())
+        learning = best < self.best_before - self.TIE * abs(self.best_before)  # False if nan
+        if not learning:
+            return int(np.argmin(means))
+        near = np.flatnonzero(means <= best + self.TIE * abs(best))
+        return int(near[np.argmax(self.h[near])])
 
     def resize(self, sources: list[int | None]) -> None:
         """A job of ``len(sources)`` particles: each continues its old particle's
@@ -296,7 +310,7 @@ class RateSearch:
     def state_dict(self) -> dict[str, Any]:
         return {"log_multiplier": self.h, "velocity": self.v, "score_sum": self.score_sum,
                 "rounds": self.rounds, "steps": self.steps, "leader": self.leader,
-                "hold": self.hold}
+                "hold": self.hold, "best_before": self.best_before}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.h = np.array(state["log_multiplier"], dtype=np.float64)
@@ -305,3 +319,4 @@ class RateSearch:
         self.rounds, self.steps = int(state["rounds"]), int(state["steps"])
         self.leader = int(state["leader"])
         self.hold = int(state.get("hold", 0))  # checkpoints from before the warmup hold
+        self.best_before = float(state.get("best_before", math.nan))  # and the tie rule

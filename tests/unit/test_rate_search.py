@@ -32,15 +32,42 @@ def test_they_move_once_a_period_towards_the_best_mean_score() -> None:
     assert distance_after.sum() < distance_before.sum()  # drawn together, with noise
 
 
-def test_near_ties_go_to_the_larger_rate() -> None:
-    """Against short-horizon bias: within 1% of the best mean score, the largest
-    multiplier leads."""
+def _after_first_step(scores: list[float]) -> RateSearch:
+    """A search whose first step followed ``scores``: with nothing to compare, the best
+    score alone leads."""
     search = RateSearch(3, spread=3.0, period=1, seed=2)
-    search.observe(np.array([1.000, 1.005, 1.2]))  # particle 0 best, particle 1 within 1%
-    assert search.leader == 1
-    search = RateSearch(3, spread=3.0, period=1, seed=2)
-    search.observe(np.array([1.000, 1.05, 1.2]))  # no longer a tie
-    assert search.leader == 0
+    search.observe(np.array(scores))
+    assert search.leader == int(np.argmin(scores))
+    return search
+
+
+def test_while_the_swarm_learns_near_ties_go_to_the_larger_rate() -> None:
+    """Against short-horizon bias: while the best mean score falls by more than 1% a
+    period, the largest multiplier within 1% of the best leads."""
+    for second, leader in (([1.000, 1.005, 1.2], 1), ([1.000, 1.05, 1.2], 0)):  # tie, none
+        search = _after_first_step([1.2, 1.3, 1.4])
+        order = np.argsort(search.h)  # particles from the smallest multiplier up
+        scores = np.empty(3)
+        scores[order] = second
+        search.observe(scores)
+        assert search.leader == order[leader]
+
+
+def test_a_near_tie_that_is_no_progress_says_nothing_about_the_rate() -> None:
+    """When the best mean score did not fall by more than 1% (a plateau, or a swarm stuck at
+    chance where every particle ties), the best score leads alone; tipping towards the
+    larger rate there once drove whole swarms to the bound."""
+    search = _after_first_step([1.0, 1.3, 1.4])
+    order = np.argsort(search.h)
+    scores = np.empty(3)
+    scores[order] = [0.995, 0.999, 1.2]  # the best fell by 0.5%: no progress
+    search.observe(scores)
+    assert search.leader == order[0]
+    stuck = RateSearch(8, spread=3.0, period=1, seed=6)
+    chance = math.log(10)
+    for step in range(40):  # every particle at chance, a hair apart
+        stuck.observe(chance + 1e-4 * np.random.default_rng(step).random(8))
+    assert stuck.h.max() < stuck.bound - math.log(2)  # nowhere near the bound
 
 
 def test_a_particle_that_diverges_halves_its_rate_at_once() -> None:
