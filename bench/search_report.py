@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 CHANCE = 0.1
+QUIET_LOAD = 10.0  # 8 ranks on 2 cores: a load average above this had other work beside it
 LRS = ("0.01", "0.03", "0.1", "0.3")
 # (label in the report, method key of bench/sweep.py's records)
 METHODS = (("PA", "pa"), ("SlowMo", "slowmo"), ("PSO-PS default (centre)", "pso-ps[centre]"),
@@ -139,6 +140,25 @@ def targets(grid: dict, dataset: str) -> list[str]:
     return lines
 
 
+def times(grid: dict, dataset: str) -> str:
+    """The cost in time: each method's median training time per run, against SlowMo's, over
+    the runs that had the machine to themselves (load average at their start at most
+    ``QUIET_LOAD``: the run before them, nothing else)."""
+    walls = {label: [r["wall_s"] for (d, m, _), cell in grid.items() if d == dataset and m == key
+                     for r in cell.values()
+                     if r.get("wall_s") and r.get("load_avg", 0) <= QUIET_LOAD]
+             for label, key in METHODS}
+    base = statistics.median(walls["SlowMo"]) if walls.get("SlowMo") else None
+    shown = [f"{label} {statistics.median(w):.0f} s"
+             + (f" ({statistics.median(w) / base:.2f}x)" if base else "")
+             for label, w in walls.items() if w]
+    return ("Training time per run, median over the runs that had the machine to "
+            f"themselves (load average at their start at most {QUIET_LOAD}: 8 ranks on 2 cores): "
+            + "; ".join(shown) + ". The search's extra time is its holdout batch (1,024 "
+            "samples) evaluated by every particle at every round; its extra bytes are P "
+            "scalars a round.")
+
+
 def plot(grid: dict, out: Path) -> bool:
     """Each particle's learning rate (start x multiplier) per epoch, seed 0, one panel per
     dataset and starting rate; the swarm's geometric mean for every seed."""
@@ -202,6 +222,7 @@ def main() -> None:
         print("The ensemble of the 8 final particles (predictions averaged): the ceiling of any "
               "merge of them.\n")
         print("\n".join(table(grid, dataset, "ensemble_acc")) + "\n")
+        print(times(grid, dataset) + "\n")
         print("### The targets\n")
         print("\n".join(targets(grid, dataset)) + "\n")
     if has_plot:
