@@ -258,17 +258,16 @@ class RateSearch:
         up again at the same rate; a non-finite score counts as the worst finite one (1e30
         if none is). Every ``period`` rounds the multipliers take a step."""
         scores = np.asarray(scores, dtype=np.float64)
-        finite = np.isfinite(scores)
-        worst = scores[finite].max() if finite.any() else 1e30
-        self.score_sum += np.where(finite, scores, worst)
         out = self.outliers(scores)
         if out.any():
             self.h = np.where(out, np.maximum(self.h - math.log(2), -self.bound), self.h)
             self.v = np.where(out, 0.0, self.v)
         if self.hold > 0:  # still the warmup: the scores would judge the warmup, not the rate
             self.hold -= 1
-            self.score_sum[:] = 0.0
             return out
+        finite = np.isfinite(scores)
+        worst = scores[finite].max() if finite.any() else 1e30
+        self.score_sum += np.where(finite, scores, worst)
         self.rounds += 1
         if self.rounds >= self.period:
             self.step(self.score_sum / self.rounds)
