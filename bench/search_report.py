@@ -20,6 +20,7 @@ from pathlib import Path
 
 CHANCE = 0.1
 QUIET_LOAD = 10.0  # 8 ranks on 2 cores: a load average above this had other work beside it
+QUIET_RUNS = 3  # a method timed alone fewer times than this gets no figure
 LRS = ("0.01", "0.03", "0.1", "0.3")
 # (label in the report, method key of bench/sweep.py's records)
 METHODS = (("PA", "pa"), ("SlowMo", "slowmo"), ("PSO-PS default (centre)", "pso-ps[centre]"),
@@ -151,9 +152,10 @@ def times(grid: dict, dataset: str) -> str:
     base = statistics.median(walls["SlowMo"]) if walls.get("SlowMo") else None
     shown = [f"{label} {statistics.median(w):.0f} s"
              + (f" ({statistics.median(w) / base:.2f}x)" if base else "")
-             for label, w in walls.items() if w]
+             for label, w in walls.items() if len(w) >= QUIET_RUNS]
     return ("Training time per run, median over the runs that had the machine to "
-            f"themselves (load average at their start at most {QUIET_LOAD}: 8 ranks on 2 cores): "
+            f"themselves (load average at their start at most {QUIET_LOAD}: 8 ranks on 2 cores; "
+            f"a method with fewer than {QUIET_RUNS} such runs is left out): "
             + "; ".join(shown) + ". The search's extra time is its holdout batch (1,024 "
             "samples) evaluated by every particle at every round; its extra bytes are P "
             "scalars a round.")
