@@ -203,7 +203,7 @@ def search_against_slowmo(cells: dict, n: int, lrs: list[float]) -> None:
     def med(method: str, lr: float) -> float | None:
         rows = cells.get((method, n, lr), [])
         return statistics.median(r["test_ppl"] for r in rows) if rows else None
-    slowmo = {lr: med("slowmo", lr) for lr in lrs if med("slowmo", lr) is not None}
+    slowmo = {lr: m for lr in lrs if (m := med("slowmo", lr)) is not None}
     if not slowmo:
         return
     best_lr = min(slowmo, key=lambda lr: slowmo[lr])
