@@ -42,7 +42,7 @@ from psops_mpi.sync import NonFiniteStop, make_sync
 from psops_mpi.tasks import Task, make_task
 from psops_mpi.world import NodeLocal, agree, data_workers, init_world, print0
 
-HOLDOUT_SIZE = 1024  # samples in the fixed batch of --fitness holdout
+HOLDOUT_MIN, HOLDOUT_MAX = 256, 1024  # samples in the fixed holdout batch: see holdout_size
 AUTO_WARMUP_MAX = 200  # --warmup-steps by default: a tenth of the run, at most this
 OWN_PARTS = ("optimizer", "rng")  # what a rank that joins a resized run starts afresh
 
@@ -104,6 +104,15 @@ def check_steps(config: TrainConfig, batches: data.BatchSource) -> None:
                          f"({steps} optimizer steps): use a shorter warmup")
 
 
+def holdout_size(config: TrainConfig) -> int:
+    """Samples in the fixed holdout batch (``--fitness holdout``, the learning-rate search):
+    as many as a particle trains on between rounds, within [256, 1024]. One forward pass over
+    them then costs about a third of a round's forward and backward passes; a fixed 1,024 cost
+    more than the round itself at 16 steps of 32 samples (the search ran 2x SlowMo's time)."""
+    per_round = config.sync_every * config.grad_accum_steps * config.batch_size
+    return min(HOLDOUT_MAX, max(HOLDOUT_MIN, per_round))
+
+
 def holdout_loss(model: nn.Module, task: Task, x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
     """Loss on the fixed holdout batch, in eval mode (no BatchNorm statistics updated)."""
@@ -126,7 +135,7 @@ def build_run(argv: list[str] | None, comm: MPI.Comm, local: NodeLocal) -> Run:
         world.gpu_sharing = "; ".join(notes)
     fitness_fn = None
     if config.algo == "pso-ps" and (config.pso.fitness == "holdout" or config.pso.lr_spread > 1):
-        holdout = agree(comm, lambda: batches.holdout(HOLDOUT_SIZE, config.seed),
+        holdout = agree(comm, lambda: batches.holdout(holdout_size(config), config.seed),
                         "the holdout batch")
         fitness_fn = lambda: holdout_loss(model, built["task"], *holdout)  # noqa: E731
     precision = built["precision"]

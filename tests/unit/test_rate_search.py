@@ -1,6 +1,6 @@
 """The swarm's learning-rate search as pure math (psops_mpi.swarm.RateSearch): where the
 multipliers start, how they move, the guard against short-horizon bias, the bounds, and a
-resize."""
+resize; the size of the holdout batch that scores them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 
+from psops_mpi.config import TrainConfig
+from psops_mpi.run import holdout_size
 from psops_mpi.swarm import RateSearch
 
 
@@ -146,3 +148,11 @@ def test_nothing_moves_during_the_warmup_but_a_blow_up_still_halves() -> None:
     restored = RateSearch(3, spread=3.0, period=2, seed=8, hold=3)
     restored.load_state_dict(search.state_dict())
     assert restored.hold == 0 and np.array_equal(restored.h, search.h)
+
+
+def test_the_holdout_holds_a_rounds_samples_within_256_and_1024() -> None:
+    """Scoring every particle costs about a third of a round, not more than the round."""
+    assert holdout_size(TrainConfig(sync_every=16, batch_size=32)) == 512
+    assert holdout_size(TrainConfig(sync_every=4, batch_size=16, grad_accum_steps=3)) == 256
+    assert holdout_size(TrainConfig(sync_every=2, batch_size=8)) == 256
+    assert holdout_size(TrainConfig(sync_every=64, batch_size=32)) == 1024
