@@ -246,6 +246,17 @@ class TrainConfig:
     0.5 on MNIST-1D; 0.6 and above diverged there at --sync-every 4 (bench/results/rules)."""
     outer_nesterov: bool = False
     """SlowMo: Nesterov's form of the outer step (DiLoCo's) instead of heavy ball."""
+    overlap: bool = False
+    """Leave each round's exchange in flight while the ranks train on (PA, SlowMo, PSO-PS):
+    it lands --overlap-steps later, as the round's result plus each rank's own progress
+    since it began (see "Overlapped and encoded rounds")."""
+    overlap_steps: int = field(default=0, metadata={"metavar": "K"})
+    """With --overlap: the steps after a round starts at which its result is applied (0: at
+    the next round, --sync-every steps later)."""
+    exchange_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
+    """What a round of PA, SlowMo or PSO-PS's centre rules sends: the weights in fp32, or
+    their difference from the last round's centre in bf16 or int8 (a scale per 128 values),
+    with error feedback; sums are formed in fp32 and every rank gets the same centre."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: one GPU per rank (from its node-local rank; see "Slurm and GPUs") when CUDA is
     present, shared round-robin when a node has fewer GPUs than ranks (rank 0 says so), else
@@ -346,6 +357,7 @@ class TrainConfig:
         _non_negative("--outer-momentum", self.outer_momentum)
         if self.outer_momentum >= 1:
             raise UsageError(f"--outer-momentum must be below 1, got {self.outer_momentum!r}")
+        self._check_exchange()
         if not self.model:
             raise UsageError("--model must not be empty")
         if self.dataset not in (*DATASETS, "imagefolder") and ":" not in self.dataset:
@@ -354,6 +366,29 @@ class TrainConfig:
                              "'package.module:function'")
         if not self.resume:
             raise UsageError("--resume must be 'auto', 'none' or a checkpoint folder")
+
+    def _check_exchange(self) -> None:
+        """--overlap, --overlap-steps and --exchange-dtype fit the algorithm."""
+        _integer("--overlap-steps", self.overlap_steps, 0)
+        if self.overlap_steps and not self.overlap:
+            raise UsageError("--overlap-steps sets when a round left in flight lands: add "
+                             "--overlap")
+        if self.overlap_steps > self.sync_every:
+            raise UsageError(f"--overlap-steps {self.overlap_steps} is beyond the next round "
+                             f"(--sync-every {self.sync_every}): a round lands by the next one")
+        if self.algo == "ssgd" and (self.overlap or self.exchange_dtype != "fp32"):
+            raise UsageError("SSGD averages every step's gradient in fp32: --overlap and "
+                             "--exchange-dtype are for pa, slowmo and pso-ps")
+        if self.exchange_dtype == "fp32" or self.algo != "pso-ps":
+            return
+        if self.pso.rule != "centre":
+            raise UsageError(f"--exchange-dtype {self.exchange_dtype} sends differences from "
+                             "the swarm's centre; the particle rule (--pso-preset paper) has "
+                             "none: use fp32, or a preset of the centre rule")
+        if self.pso.exchange == "allgather":
+            raise UsageError(f"--exchange-dtype {self.exchange_dtype} sends the swarm's mean "
+                             "and its best particle, not every particle: use --exchange best "
+                             "or auto")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-ready values (stored with every result): as a

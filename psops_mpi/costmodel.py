@@ -170,13 +170,16 @@ def pso_method(exchange: str, needs_mean: bool) -> str:
 
 
 def choose_exchange(world_size: int, numel: int, needs_mean: bool,
-                    link: Link = DEFAULT_LINK) -> str:
+                    link: Link = DEFAULT_LINK, dtype: str = "fp32") -> str:
     """``allgather`` or ``best``: PSO-PS's exchange with the smaller round time on ``link``
     for ``numel`` parameters on ``world_size`` ranks (``needs_mean``: the rule needs the
     swarm's mean, which ``best`` gets with an extra allreduce). An allgather whose receive
-    buffer would pass :data:`MAX_GATHER_BYTES` per rank is never chosen."""
+    buffer would pass :data:`MAX_GATHER_BYTES` per rank is never chosen, nor one of encoded
+    values (``dtype`` bf16 or int8: the mean and the best particle travel encoded)."""
     if world_size <= 1:
         return "allgather"
+    if dtype != "fp32":
+        return "best"
     if world_size * (numel + 1) * FLOAT > MAX_GATHER_BYTES:
         return "best"
     best = round_time(pso_method("best", needs_mean), numel, world_size, link)

@@ -13,6 +13,15 @@ CUDA tensors are handed to MPI directly only when the caller says the MPI librar
 CUDA-aware; otherwise they are staged through one pinned host buffer, allocated once:
 synchronisers size it up front with :meth:`Exchange.reserve` for their largest message (it
 still grows if a larger one comes).
+
+A round can also be left in flight (``--overlap``): the ``start_*`` methods begin a
+non-blocking collective on buffers the caller keeps untouched until it is done, and return a
+:class:`~psops_mpi.inflight.Pending`; :meth:`Exchange.poke` lets MPI move its data (the
+synchroniser calls it every step) and :meth:`Exchange.finish` waits for the rest. Their bytes
+are counted when they start, their seconds (every start, poke and wait: the time this rank
+spends in them, not the time the data is under way) as they are spent. CUDA tensors are
+staged through pinned host buffers of their own, one per role, so that several collectives
+can be in flight at once.
 """
 
 from __future__ import annotations
@@ -24,16 +33,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from psops_mpi import codec
+from psops_mpi.inflight import Done, Pending, QuantizedMean, Requests, mpi_buffer
 from psops_mpi.stall import StallWatch, Where
-
-
-def _mpi(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
-    """What to hand to mpi4py: a numpy view of a CPU tensor (mpi4py reads numpy's buffer
-    protocol about 20 us faster per call than a tensor's DLPack export, which matters for
-    every-step SSGD on small models), else the tensor itself (CUDA, or dtypes numpy lacks)."""
-    if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
-        return tensor.numpy()
-    return tensor
 
 
 class Exchange:
@@ -54,6 +56,7 @@ class Exchange:
         self.watch = watch or StallWatch.of(comm)
         self.reset_counters()
         self._staging: torch.Tensor | None = None
+        self._mirrors: dict[str, torch.Tensor] = {}
 
     def reset_counters(self) -> None:
         """Start counting bytes, seconds and calls from zero."""
@@ -101,7 +104,7 @@ class Exchange:
         staged = host is not buf
         if staged and upload:
             host.copy_(buf.view(-1))
-        yield _mpi(host)
+        yield mpi_buffer(host)
         if staged:
             buf.view(-1).copy_(host)
 
@@ -154,13 +157,13 @@ class Exchange:
         with self._timed(nbytes):
             if send.device.type == "cpu" or self.cuda_aware:
                 self._host(send)  # synchronises the stream on CUDA
-                self.comm.Allgather(_mpi(send), _mpi(recv))
+                self.comm.Allgather(mpi_buffer(send), mpi_buffer(recv))
                 return
             # Staged: one pinned buffer holds [send ; recv] so both sides are host memory.
             host = self._host(send, send.numel() * (self.world_size + 1))
             host_send, host_recv = host[: send.numel()], host[send.numel() :]
             host_send.copy_(send.view(-1))
-            self.comm.Allgather(_mpi(host_send), _mpi(host_recv))
+            self.comm.Allgather(mpi_buffer(host_send), mpi_buffer(host_recv))
             recv.view(-1).copy_(host_recv)
 
     def bcast_(self, buf: torch.Tensor, root: int) -> None:
@@ -192,6 +195,143 @@ class Exchange:
         with self._timed(send.nbytes * (self.world_size - 1)):
             self.comm.Allgather(send, recv)
         return recv
+
+    # ---- collectives left in flight
+
+    def _mirror(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """What a collective in flight may work on for ``tensor``: the tensor itself on the
+        CPU or when CUDA-aware, else a pinned host buffer of its own for ``role``."""
+        if tensor.device.type == "cpu" or self.cuda_aware:
+            if tensor.device.type == "cuda":
+                torch.cuda.current_stream(tensor.device).synchronize()
+            return tensor
+        host = self._mirrors.get(role)
+        if host is None or host.numel() != tensor.numel() or host.dtype != tensor.dtype:
+            host = self._mirrors[role] = torch.empty(tensor.numel(), dtype=tensor.dtype,
+                                                     pin_memory=True)
+        return host
+
+    @contextmanager
+    def _spent(self):
+        start = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - start
+
+    def _started(self, nbytes: float) -> None:
+        self.bytes_sent += int(nbytes)
+        self.calls += 1
+
+    def start_finite_mean(self, send: torch.Tensor, recv: torch.Tensor,
+                          finite: bool) -> Pending:
+        """:meth:`allreduce_finite_mean_` left in flight: ``send`` is ``[x ; flag slot]``
+        (the flag is written here, or all of it zeroed when ``x`` is not finite); once done,
+        ``recv`` holds ``[mean ; count]`` (zeros and 0 when no rank was finite)."""
+        numel = send.numel() - 1
+        if finite:
+            send[numel:].fill_(1.0)
+        else:
+            send.zero_()
+
+        def divide() -> None:
+            if host_recv is not recv:
+                recv.copy_(host_recv)
+            count = float(recv[numel])
+            if count > 1:
+                recv[:numel].div_(count)
+
+        if self.world_size == 1:
+            recv.copy_(send)
+            host_recv = recv
+            divide()
+            return Done()
+        with self._spent():
+            host_send, host_recv = self._mirror("mean-send", send), self._mirror("mean-recv", recv)
+            if host_send is not send:
+                host_send.copy_(send)
+            request = self.comm.Iallreduce(mpi_buffer(host_send), mpi_buffer(host_recv))
+        self._started(send.numel() * send.element_size() * 2 * (self.world_size - 1)
+                      / self.world_size)
+        return Requests([request], divide)
+
+    def start_allgather(self, send: torch.Tensor, recv: torch.Tensor) -> Pending:
+        """:meth:`allgather` left in flight (``send`` kept as it is until done)."""
+        if self.world_size == 1:
+            recv[0].copy_(send)
+            return Done()
+        with self._spent():
+            host_send, host_recv = (self._mirror("gather-send", send),
+                                    self._mirror("gather-recv", recv.view(-1)))
+            if host_send is not send:
+                host_send.copy_(send)
+            request = self.comm.Iallgather(mpi_buffer(host_send), mpi_buffer(host_recv))
+        self._started(send.numel() * send.element_size() * (self.world_size - 1))
+        then = None if host_recv is recv.view(-1) else (lambda: recv.view(-1).copy_(host_recv))
+        return Requests([request], then)
+
+    def start_bcast(self, buf: torch.Tensor, root: int) -> Pending:
+        """:meth:`bcast_` left in flight."""
+        if self.world_size == 1:
+            return Done()
+        with self._spent():
+            host = self._mirror("bcast", buf.view(-1))
+            if host is not buf.view(-1) and self.rank == root:
+                host.copy_(buf.view(-1))
+            request = self.comm.Ibcast(mpi_buffer(host), root=root)
+        self._started(buf.numel() * buf.element_size())
+        then = None if host is buf.view(-1) else (lambda: buf.view(-1).copy_(host))
+        return Requests([request], then)
+
+    def start_quantized_mean(self, values: torch.Tensor, weight: float, dtype: str,
+                             sum_residual: torch.Tensor, out: torch.Tensor,
+                             residual: torch.Tensor) -> Pending:
+        """The weighted mean of every rank's ``values`` from pieces encoded in ``dtype``
+        (:class:`~psops_mpi.inflight.QuantizedMean`); ``values`` padded to
+        :func:`psops_mpi.codec.padded` for this many ranks. Bytes: the Alltoall's and the
+        Allgather's, each (P-1)/P of the encoded vector."""
+        if self.world_size == 1:
+            out.copy_(values)
+            return Done(weight)
+        with self._spent():
+            pending = QuantizedMean(self.comm, values, weight, dtype, sum_residual, out,
+                                    residual)
+        self._started(2 * (self.world_size - 1) * pending.msg)
+        return pending
+
+    def start_quantized_bcast(self, values: torch.Tensor | None, dtype: str, root: int,
+                              out: torch.Tensor) -> Pending:
+        """The root's ``values`` (float32, a whole number of codec blocks; None elsewhere)
+        encoded in ``dtype`` and broadcast; once done, ``out`` holds the decoded values on
+        every rank, the root included (the same bytes decoded alike)."""
+        numel = out.numel()
+        data = torch.empty(codec.chunk_bytes(numel, dtype), dtype=torch.uint8)
+        if self.rank == root:
+            assert values is not None
+            codec.encode(values, data, dtype)
+
+        def decode() -> None:
+            out.copy_(codec.decode(data, numel, dtype))
+
+        if self.world_size == 1:
+            decode()
+            return Done()
+        with self._spent():
+            request = self.comm.Ibcast(mpi_buffer(data), root=root)
+        self._started(data.numel())
+        return Requests([request], decode)
+
+    def poke(self, pending: Pending) -> bool:
+        """Let MPI move ``pending``'s data now, without blocking; True when it is done."""
+        if pending.done:
+            return True
+        with self._spent():
+            return pending.test()
+
+    def finish(self, pending: Pending) -> None:
+        """Block until ``pending`` is done (every rank is known to be there: the caller
+        passed :meth:`arrive` first)."""
+        if not pending.done:
+            with self._spent():
+                pending.wait()
 
     def counters(self) -> dict[str, float]:
         """Bytes sent, seconds in MPI and number of collectives so far on this rank."""

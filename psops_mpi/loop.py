@@ -350,10 +350,11 @@ def train(run: Run, state: LoopState, checkpoints: Checkpointer,
                                     * world.world_size / state.elapsed_s)
             repeat = reported and not stepped
             reported = False
-            record, counted = end_of_epoch(run, state, report=not repeat)
+            ends = state.step >= last or state.epoch + 1 >= cfg.epochs
+            record, counted = end_of_epoch(run, state, report=not repeat, final=ends)
             if not repeat:
                 progress.line(epoch_line(record, cfg.epochs, counted, run.task.metric))
-            if state.step >= last or state.epoch + 1 >= cfg.epochs:
+            if ends:
                 break
             state.next_epoch()
     finally:
@@ -378,13 +379,14 @@ def after_step(step: int, poll: StopPoll, checkpoints: Checkpointer) -> None:
     raise Stopped(signum, step, held, error)
 
 
-def end_of_epoch(run: Run, state: LoopState,
-                 report: bool = True) -> tuple[dict[str, Any], list[str]]:
-    """Synchronise, evaluate the consensus model, and write the epoch's metrics
-    (``report=False``: evaluate only, for an epoch reported before the run was resumed).
-    Returns the record and the names of the synchroniser's counted events in it."""
+def end_of_epoch(run: Run, state: LoopState, report: bool = True,
+                 final: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """Synchronise (``final``: fully, the run ends here), evaluate the consensus model, and
+    write the epoch's metrics (``report=False``: evaluate only, for an epoch reported before
+    the run was resumed). Returns the record and the names of the synchroniser's counted
+    events in it."""
     sync, comm = run.sync, run.world.comm
-    sync.flush()
+    sync.flush(final=final)
     with sync.consensus():
         test = evaluate(run.model, run.batches, run.task, comm)
     train = run.task.figures(reduce_sum(state.epoch_sums.cpu().numpy(), comm))

@@ -29,19 +29,22 @@ def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
     current loss scale (see :class:`SSGDSync`); ``rounds_per_epoch``: PSO-PS's default
     period of its learning-rate search."""
     limit = config.max_nonfinite
+    rounds = {"overlap_steps": (config.overlap_steps or config.sync_every) if config.overlap
+              else 0, "exchange_dtype": config.exchange_dtype}
     if config.algo == "ssgd":
         return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit,
                         loss_scale=loss_scale)
     if config.algo == "pa":
-        return PASync(model, optimizer, comm, config.sync_every, cuda_aware, max_nonfinite=limit)
+        return PASync(model, optimizer, comm, config.sync_every, cuda_aware, max_nonfinite=limit,
+                      **rounds)
     if config.algo == "slowmo":
         return SlowMoSync(model, optimizer, comm, config.sync_every, outer_lr=config.outer_lr,
                           outer_momentum=config.outer_momentum,
                           outer_nesterov=config.outer_nesterov,
                           reset_momentum=config.reset_momentum, cuda_aware=cuda_aware,
-                          max_nonfinite=limit)
+                          max_nonfinite=limit, **rounds)
     return PSOSync(model, optimizer, comm, config.sync_every, config=config.pso,
                    seed=config.seed, fitness_fn=fitness_fn,
                    reset_momentum=config.reset_momentum, cuda_aware=cuda_aware,
                    max_nonfinite=limit, rounds_per_epoch=rounds_per_epoch,
-                   warmup_rounds=-(-(config.warmup_steps or 0) // config.sync_every))
+                   warmup_rounds=-(-(config.warmup_steps or 0) // config.sync_every), **rounds)

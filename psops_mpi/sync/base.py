@@ -5,7 +5,8 @@ A training loop uses any synchroniser the same way::
 
     loss.backward(); sync.after_backward(); optimizer.step(); sync.after_step(loss)
 
-and, before evaluating, ``sync.flush()`` then ``with sync.consensus(): evaluate(model)``.
+and, before evaluating, ``sync.flush()`` then ``with sync.consensus(): evaluate(model)``
+(``sync.flush(final=False)`` between epochs).
 For checkpoints a synchroniser is a stateful part like a torch optimizer (``state_dict`` /
 ``load_state_dict``), plus what a resume at another world size needs: a plan of which old
 rank each new rank continues (:meth:`Synchronizer.plan_resize`) and a hook run after loading
@@ -128,8 +129,10 @@ class Synchronizer(ABC):
         """Called after ``optimizer.step()`` with the step's loss; True when a round ran."""
 
     @abstractmethod
-    def flush(self) -> None:
-        """Synchronise what is pending, so evaluation sees one consistent model per rank."""
+    def flush(self, final: bool = True) -> None:
+        """Synchronise what is pending, so evaluation sees one consistent model per rank.
+        ``final`` False: an evaluation between epochs, where a synchroniser that leaves
+        rounds in flight may evaluate the last round's result instead of synchronising."""
 
     @contextmanager
     def consensus(self) -> Iterator[None]:

@@ -1,8 +1,30 @@
 """What psops_mpi's own synchronisers share: flat buffers, the exchange, step and round
-counting, the non-finite guard's bookkeeping, and the state every one of them checkpoints."""
+counting, the non-finite guard's bookkeeping, a round in two halves, and the state every one
+of them checkpoints.
+
+A round is :meth:`FlatSynchronizer._start` (what this rank sends, and the exchange begun) then
+:meth:`FlatSynchronizer._finish` (the exchange's result applied to the position). Blocking
+(the default), the two follow each other at once on the model's own buffer. With
+``overlap_steps`` K (``--overlap``) the round is left in flight: at the round the position x0
+is copied into a snapshot, the exchange starts on it, and the rank trains on; every step lets
+MPI move the data (:meth:`Exchange.poke`), and K steps later (at the latest at the next round)
+the round *lands*: with x1 the position then, the position is set back to x0, the round's rule
+applied as if blocking, and the rank's own progress x1 - x0 added on top (the delayed
+correction of Overlap Local-SGD, Wang et al. 2020, and of Streaming DiLoCo's eager updates).
+A rank whose x0 or progress is not finite restarts at the round's result instead.
+
+At the end of an epoch (:meth:`flush` with ``final`` False) a round in flight lands at once, so
+that the ranks evaluate the centre it gives; at the run's end (``final`` True) it lands and one
+blocking round follows. A checkpoint taken with a round in flight waits for its exchange to
+finish and saves the snapshot and the result, unapplied, so a resumed run lands it at the same
+step as a run never stopped; a resize drops it (the ranks' progress stays in their positions
+and goes into the next round).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -10,8 +32,10 @@ from mpi4py import MPI
 from torch import nn
 
 from psops_mpi.exchange import Exchange
-from psops_mpi.flat import FlatBuffers, FlatParams, all_finite
+from psops_mpi.flat import FlatBuffers, FlatParams, all_finite, flat_buffer, load_into
+from psops_mpi.inflight import Done, Pending
 from psops_mpi.sync.base import NonFiniteStop, ResizePlan, Synchronizer, SyncMetrics
+from psops_mpi.sync.mean import RankMean
 
 MAX_NONFINITE = 10  # default: consecutive syncs with no finite rank before the job stops
 
@@ -28,6 +52,10 @@ class FlatSynchronizer(Synchronizer):
         cuda_aware: hand CUDA buffers to MPI directly (only if the MPI library supports it).
         max_nonfinite: raise :class:`NonFiniteStop` after this many consecutive syncs (rounds;
             SSGD: steps) skipped because no rank had finite values.
+        overlap_steps: 0, blocking rounds; K > 0, a round is left in flight and lands K steps
+            after it started (at most ``sync_every``).
+        exchange_dtype: what travels, for the synchronisers that average positions: fp32,
+            bf16 or int8 (differences from the centre, with error feedback).
     """
 
     extra_slots = 1  # slots after the weights in the flat buffer: the finite flag (PSO-PS:
@@ -36,15 +64,22 @@ class FlatSynchronizer(Synchronizer):
     nonfinite = "no rank had finite weights"  # why a sync was skipped, in words
     sync_unit = "rounds"
     # state keys that checkpoints of psops_mpi 0.2.0 lack; they load as 0
-    optional_state_keys = ("restarts", "skipped", "consecutive_skipped")
+    optional_state_keys = ("restarts", "skipped", "consecutive_skipped", "inflight", "codec")
+    # whether landing a round needs this rank's position from when it started (a rule that
+    # moves each particle from its own position) besides the round's result
+    needs_own_position = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  comm: MPI.Comm | None = None, sync_every: int = 1,
-                 cuda_aware: bool = False, *, max_nonfinite: int = MAX_NONFINITE) -> None:
+                 cuda_aware: bool = False, *, max_nonfinite: int = MAX_NONFINITE,
+                 overlap_steps: int = 0, exchange_dtype: str = "fp32") -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {sync_every}")
         if max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be a positive integer, got {max_nonfinite}")
+        if not 0 <= overlap_steps <= sync_every:
+            raise ValueError(f"overlap_steps must be in [0, sync_every={sync_every}], got "
+                             f"{overlap_steps}")
         self.model = model
         self.optimizer = optimizer
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -52,6 +87,8 @@ class FlatSynchronizer(Synchronizer):
         self.world_size = self.comm.Get_size()
         self.sync_every = sync_every
         self.max_nonfinite = max_nonfinite
+        self.overlap_steps = overlap_steps
+        self.exchange_dtype = exchange_dtype
         self.flat = FlatParams(model, extra=self.extra_slots)
         self.buffers = FlatBuffers(model, extra=1)
         self.exchange = Exchange(self.comm, cuda_aware=cuda_aware)
@@ -62,6 +99,16 @@ class FlatSynchronizer(Synchronizer):
         self.restarts = 0  # rounds at which this rank's values were not finite (restarted)
         self.skipped = 0  # syncs skipped on every rank: no rank had finite values
         self.consecutive_skipped = 0
+        self.mean: RankMean | None = None  # the ranks' mean, for those that exchange one
+        self.inflight_step: int | None = None  # the step at which the round in flight began
+        self._pending: Pending = Done()
+        self.sent_finite = True  # whether the position sent at the last round was finite
+        # the round's snapshot [x0 ; slots] while in flight, and x1 - x0 when it lands
+        data = self.flat.data
+        self._x0 = (flat_buffer(self.flat.packed.numel(), data.dtype, data.device)
+                    if overlap_steps else None)
+        self._delta = (flat_buffer(self.flat.numel, data.dtype, data.device)
+                       if overlap_steps and self.needs_own_position else None)
         self._broadcast_initial_state()
 
     def _largest_message(self) -> int:
@@ -76,13 +123,20 @@ class FlatSynchronizer(Synchronizer):
         self.exchange.reset_counters()
 
     def after_backward(self) -> bool:
-        """Nothing by default: only SSGD acts on gradients."""
+        """Nothing to do but let a round in flight move (only SSGD acts on gradients)."""
+        if self.inflight_step is not None:
+            self.exchange.poke(self._pending)
         return True
 
     def after_step(self, loss: torch.Tensor | None = None) -> bool:
         self.steps += 1
         self.steps_since_round += 1
         self._observe(loss)
+        if self.inflight_step is not None:
+            if self.steps - self.inflight_step >= self.overlap_steps:
+                self._land()
+            else:
+                self.exchange.poke(self._pending)
         if self._round_due():
             self.sync_round()
             return True
@@ -95,15 +149,69 @@ class FlatSynchronizer(Synchronizer):
         """Hook for synchronisers that need the loss (PSO-PS fitness)."""
 
     def sync_round(self) -> None:
-        """Run one synchronisation round now (every rank first waits for all to arrive)."""
+        """Run one synchronisation round now (every rank first waits for all to arrive); with
+        overlap, a round in flight lands first and this one is left in flight."""
         self.exchange.arrive(lambda: f"round {self.rounds + 1} (step {self.steps})")
-        self._round()
+        if self.overlap_steps:
+            self._land(arrived=True)
+            self._x0.copy_(self.flat.packed)  # type: ignore[union-attr]
+            self._pending = self._start()
+            self.inflight_step = self.steps
+        else:
+            self._round()
+        self._count_round()
+
+    def _count_round(self) -> None:
         self.rounds += 1
         self.steps_since_round = 0
         self._stop_if_stuck(self.steps)
 
     def _round(self) -> None:
+        """A whole round now: started and finished (with overlap, on the snapshot)."""
+        if self._x0 is not None:
+            self._x0.copy_(self.flat.packed)
+        self.exchange.finish(self._start())
+        self._finish()
+
+    def _sent(self) -> torch.Tensor:
+        """The packed position ``[x ; slots]`` this round sends: the model's own buffer, or
+        with overlap the round's snapshot."""
+        return self.flat.packed if self._x0 is None else self._x0
+
+    def _start(self) -> Pending:
+        """This rank's part of a round: what it sends, and the exchange begun (see the module
+        docstring). The position is :meth:`_sent`."""
         raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Apply the round's result (its exchange done) to the model's position, which holds
+        the position sent."""
+        raise NotImplementedError
+
+    def _land(self, arrived: bool = False) -> None:
+        """Finish the round in flight, if any: the result applied to x0, plus x1 - x0."""
+        step = self.inflight_step
+        if step is None:
+            return
+        if not arrived:
+            self.exchange.arrive(lambda: f"the landing of the round of step {step} "
+                                         f"(step {self.steps})")
+        self.exchange.finish(self._pending)
+        x, x0 = self.flat.data, self._x0[: self.flat.numel]  # type: ignore[index]
+        if self._delta is not None:  # the rule reads x0 from the model: progress kept aside
+            delta = torch.sub(x, x0, out=self._delta)
+            x.copy_(x0)
+        else:  # the rule overwrites the position whole: the snapshot holds the progress
+            delta = torch.sub(x, x0, out=x0)
+        restarts = self.restarts
+        self._finish()
+        self.inflight_step = None
+        if self.restarts != restarts:  # restarted at the result: its progress is lost too
+            return
+        if all_finite(delta):
+            x.add_(delta)
+        else:  # it diverged while the round was in flight
+            self._restart()
 
     # ---- the non-finite guard (policy; the mechanism is Exchange.allreduce_finite_mean_)
 
@@ -138,10 +246,44 @@ class FlatSynchronizer(Synchronizer):
         if self.exchange.allreduce_finite_mean_(packed, finite) == 0 and saved is not None:
             data.copy_(saved)
 
-    def flush(self) -> None:
-        """A round if local steps were taken since the last one."""
-        if self.steps_since_round:
-            self.sync_round()
+    def flush(self, final: bool = True) -> None:
+        """A round if local steps were taken since the last one. With overlap, the round in
+        flight lands; then the round only when ``final`` (the run's end), not between epochs
+        (where the ranks evaluate the centre the landed round gave)."""
+        if not self.overlap_steps:
+            if self.steps_since_round:
+                self.sync_round()
+            return
+        self._land()
+        if final and self.steps_since_round:
+            self.exchange.arrive(lambda: f"round {self.rounds + 1} (step {self.steps})")
+            self._round()
+            self._count_round()
+
+    @contextmanager
+    def consensus(self) -> Iterator[None]:
+        """Evaluate :meth:`_consensus_weights` in place of this rank's position, then restore
+        it (the model as it is when there is nothing else to evaluate)."""
+        answer = self._consensus_weights()
+        if answer is None:
+            yield
+            return
+        saved = self.flat.data.clone()
+        self.flat.data.copy_(answer)
+        try:
+            yield
+        finally:
+            self.flat.data.copy_(saved)
+
+    def _consensus_weights(self) -> torch.Tensor | None:
+        """The weights every rank evaluates, when not its own (None)."""
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Whether a round is in flight, and the steps since the last one (a resume that
+        starts keeping a centre needs a checkpoint taken at a round)."""
+        return {"in_flight": self.inflight_step is not None,
+                "steps_since_round": self.steps_since_round}
 
     def metrics(self) -> SyncMetrics:
         return SyncMetrics(self.steps, self.rounds, self.exchange.bytes_sent,
@@ -151,12 +293,21 @@ class FlatSynchronizer(Synchronizer):
     def state_dict(self) -> dict[str, Any]:
         """Step and round counters, the non-finite guard's, and the MPI counters so that
         metrics continue where they stopped (the weights are the model's: saved as its own
-        part)."""
-        return {"steps": self.steps, "rounds": self.rounds,
-                "steps_since_round": self.steps_since_round,
-                "comm_bytes": self.exchange.bytes_sent, "comm_s": self.exchange.seconds,
-                "comm_calls": self.exchange.calls, "restarts": self.restarts,
-                "skipped": self.skipped, "consecutive_skipped": self.consecutive_skipped}
+        part); a round in flight, finished first (every rank checkpoints at the same step):
+        its snapshot and its result, to be applied when it lands."""
+        state = {"steps": self.steps, "rounds": self.rounds,
+                 "steps_since_round": self.steps_since_round,
+                 "comm_bytes": self.exchange.bytes_sent, "comm_s": self.exchange.seconds,
+                 "comm_calls": self.exchange.calls, "restarts": self.restarts,
+                 "skipped": self.skipped, "consecutive_skipped": self.consecutive_skipped}
+        if self.inflight_step is not None:
+            self.exchange.finish(self._pending)
+            state["inflight"] = {"step": self.inflight_step, "position": self._x0,
+                                 "sent_finite": self.sent_finite, **self._landed_state()}
+        codec_state = self._codec_state()
+        if codec_state:
+            state["codec"] = codec_state
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
@@ -168,9 +319,47 @@ class FlatSynchronizer(Synchronizer):
         self.restarts = int(state.get("restarts", 0))
         self.skipped = int(state.get("skipped", 0))
         self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
+        self._load_codec_state(state.get("codec", {}))
+        inflight = state.get("inflight")
+        self.inflight_step = None
+        if inflight is not None and self._x0 is not None:  # (run.py refuses one without)
+            self.inflight_step = int(inflight["step"])
+            load_into(self._x0, inflight["position"])
+            self.sent_finite = bool(inflight["sent_finite"])
+            self._load_landed_state(inflight)
+            self._pending = Done()
+
+    # ---- what a round in flight and the codec keep: by default, those of the ranks' mean
+
+    def _landed_state(self) -> dict[str, Any]:
+        """A finished round's result, before it is applied (its own buffers)."""
+        return self.mean.landed_state() if self.mean is not None else {}
+
+    def _load_landed_state(self, state: dict[str, Any]) -> None:
+        if self.mean is not None:
+            self.mean.load_landed_state(state)
+
+    def _codec_state(self) -> dict[str, Any]:
+        """The residuals of error feedback ({} when nothing is encoded)."""
+        return self.mean.state_dict() if self.mean is not None else {}
+
+    def _load_codec_state(self, state: dict[str, Any]) -> None:
+        if self.mean is not None:
+            self.mean.load_state_dict(state)
+
+    def _reset_feedback(self) -> None:
+        """Forget the residuals (a resize)."""
+        if self.mean is not None:
+            self.mean.reset_feedback()
 
     def on_resize(self, plan: ResizePlan) -> None:
-        """A rank that joins anew counts its own traffic and restarts from zero."""
+        """A rank that joins anew counts its own traffic and restarts from zero. A round in
+        flight is dropped: every rank's progress since it began is in its position and goes
+        into the next round. What rounding dropped belongs to the old ranks' chunks:
+        forgotten."""
+        self.inflight_step = None
+        self._pending = Done()
+        self._reset_feedback()
         if plan.sources[self.rank] is None:
             self.exchange.reset_counters()
             self.restarts = 0

@@ -33,20 +33,22 @@ fitness; more ranks start each new particle at the global best, at rest, with fr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from mpi4py import MPI
 from torch import nn
 
+from psops_mpi import codec
 from psops_mpi.config import PSOConfig
 from psops_mpi.costmodel import choose_exchange
 from psops_mpi.flat import flat_buffer, load_into
+from psops_mpi.inflight import Both, Done, Pending
 from psops_mpi.swarm import RateSearch, Swarm, select_best
 from psops_mpi.sync.base import ResizePlan, SyncMetrics
 from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
+from psops_mpi.sync.mean import RankMean
 
 
 class PSOSync(FlatSynchronizer):
@@ -81,12 +83,17 @@ class PSOSync(FlatSynchronizer):
                  fitness_fn: Callable[[], torch.Tensor] | None = None,
                  reset_momentum: bool = False, cuda_aware: bool = False,
                  max_nonfinite: int = MAX_NONFINITE, rounds_per_epoch: int = 1,
-                 warmup_rounds: int = 0, **overrides: object) -> None:
+                 warmup_rounds: int = 0, overlap_steps: int = 0,
+                 exchange_dtype: str = "fp32", **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
+        if exchange_dtype != "fp32" and self.config.rule != "centre":
+            raise ValueError(f"an {exchange_dtype} exchange sends differences from the centre; "
+                             "the particle rule has none")
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,
-                         max_nonfinite=max_nonfinite)
+                         max_nonfinite=max_nonfinite, overlap_steps=overlap_steps,
+                         exchange_dtype=exchange_dtype)
         if (self.config.fitness == "holdout" or self.config.lr_spread > 1) and fitness_fn is None:
             raise ValueError("fitness 'holdout' and the learning-rate search need a fitness_fn "
                              "that returns the holdout loss")
@@ -100,19 +107,30 @@ class PSOSync(FlatSynchronizer):
         self.swarm = Swarm(self.flat.data, self.config, seed, self.rank)
         n = self.flat.numel
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.flat.data.device)
-        self._fitness_slot = self.flat.packed[n:]
         dtype, device = self.flat.data.dtype, self.flat.data.device
         self._gathered = (flat_buffer(self.world_size * (n + 1), dtype, device)
                           .view(self.world_size, n + 1)
                           if self._chosen_exchange() == "allgather" else None)
         centre = self.config.rule == "centre"
-        # [sum of finite x ; their count], for the mean without the allgather's rows
-        self._mean_buf = (flat_buffer(n + 1, dtype, device)
-                          if self._gathered is None and (centre or self.config.c3 > 0) else None)
+        if self._gathered is None and (centre or self.config.c3 > 0):
+            # the mean without the allgather's rows, in a buffer of its own
+            self.mean = RankMean(self.exchange, n, self.flat.data, exchange_dtype,
+                                 in_flight=bool(overlap_steps), own_buffer=True)
         self.anchor = flat_buffer(n, dtype, device).copy_(self.flat.data) if centre else None
         # the elastic swarm: each particle's own position while the centre is computed
         self._own = flat_buffer(n, dtype, device) if self.config.rho < 1 else None
+        # an encoded best particle: its difference from the centre, decoded (padded)
+        self._g_diff = (flat_buffer(-(-n // codec.BLOCK) * codec.BLOCK, torch.float32, device)
+                        if self.mean is not None and self.mean.dtype != "fp32" else None)
         self.last_fitness = math.inf
+        # this round's best particle, as the exchange found it: (fitness, owner, taken as g)
+        self._best: tuple[float, int, bool] = (math.inf, -1, False)
+
+    @property
+    def needs_own_position(self) -> bool:  # type: ignore[override]
+        """A particle moved from its own position: the paper's rule, the elastic pull, c3."""
+        cfg = self.config
+        return cfg.rule == "particle" or cfg.rho < 1 or cfg.c3 > 0
 
     def _chosen_exchange(self) -> str:
         """allgather or best, as configured or, for auto, as the cost model prefers; mean
@@ -124,7 +142,7 @@ class PSOSync(FlatSynchronizer):
             else:
                 self.exchange_kind = cfg.exchange if cfg.exchange != "auto" else choose_exchange(
                     self.world_size, self.flat.numel,
-                    needs_mean=cfg.rule == "centre" or cfg.c3 > 0)
+                    needs_mean=cfg.rule == "centre" or cfg.c3 > 0, dtype=self.exchange_dtype)
         return self.exchange_kind
 
     def _largest_message(self) -> int:
@@ -180,25 +198,65 @@ class PSOSync(FlatSynchronizer):
     def lr_scale(self) -> float:
         return self.rate.multiplier(self.rank) if self.rate is not None else 1.0
 
-    def _round(self) -> None:
+    def _start(self) -> Pending:
+        """Fitness (and the learning-rate search's scores: P scalars, blocking), personal
+        best, then the exchange: the allgather of every particle, or the mean and the best
+        particle (MINLOC, blocking: 16 bytes; then its broadcast)."""
+        sent, n = self._sent(), self.flat.numel
         fitness = self._fitness()
-        self._fitness_slot.copy_(fitness)
+        sent[n:].copy_(fitness)
         self.last_fitness = float(fitness)  # one host sync per round, not per step
+        self._loss_sum.zero_()
         if self.rate is not None:  # the same holdout batch, this particle's own weights
             score = (self.last_fitness if self.config.fitness == "holdout"
                      else float(self.fitness_fn()))  # type: ignore[misc]
             if self.rate.observe(self.exchange.allgather_scalar(score))[self.rank]:
                 self.last_fitness = math.inf  # blowing up: out of the mean, as a diverged
-                self._fitness_slot.fill_(math.inf)  # particle, and restarted
+                sent[n:].fill_(math.inf)  # particle, and restarted
         self.swarm.offer_personal(self.last_fitness)
-        finite = math.isfinite(self.last_fitness)
+        self.sent_finite = math.isfinite(self.last_fitness)
         if self._gathered is not None:
-            any_finite = self._exchange_allgather()
+            if not self.overlap_steps:
+                self.exchange.allgather(sent, self._gathered)
+                return Done()
+            return self.exchange.start_allgather(sent, self._gathered)
+        pending = [self.mean.start(sent, self.sent_finite, self.anchor)
+                   if self.mean is not None else Done()]
+        pending.append(self._start_best(sent[:n], send=self.exchange_kind != "mean"))
+        return Both(*pending)
+
+    def _start_best(self, x: torch.Tensor, send: bool) -> Pending:
+        """MINLOC of the fitness, then (``send``) the best particle ``x`` from its owner."""
+        local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
+        best, owner = self.exchange.minloc(local)
+        # Every rank holds the same (best, owner), so all take the same branch.
+        taken = self.swarm.accepts_global(best)
+        self._best = (best, owner, taken)
+        if not (taken and send):
+            return Done()
+        if self._g_diff is not None:  # its difference from the centre, encoded
+            diff = None
+            if self.rank == owner:
+                diff = self._g_diff.zero_()
+                torch.sub(x, self.anchor, out=diff[: x.numel()])
+            return self.exchange.start_quantized_bcast(diff, self.exchange_dtype, owner,
+                                                       self._g_diff)
+        if self.rank == owner:
+            self.swarm.gbest.copy_(x)
+        if not self.overlap_steps:
+            self.exchange.bcast_(self.swarm.gbest, root=owner)
+            return Done()
+        return self.exchange.start_bcast(self.swarm.gbest, root=owner)
+
+    def _finish(self) -> None:
+        if self._gathered is not None:
+            any_finite = self._take_best_row()
             mean = self._mean_of_rows()
         else:
-            mean = self._allreduce_mean(finite) if self._mean_buf is not None else None
-            any_finite = self._exchange_best(send=self.exchange_kind != "mean")
+            mean = self.mean.result(self.anchor) if self.mean is not None else None
+            any_finite = self._take_best()
         self._count_sync(any_finite)
+        finite = self.sent_finite
         diverged = not finite and (self.swarm.gbest_owner >= 0 or self.anchor is not None)
         if self.anchor is not None:
             self._move_centre(mean)
@@ -213,7 +271,6 @@ class PSOSync(FlatSynchronizer):
             self._restart()
         if self.reset_momentum:
             self.optimizer.state.clear()
-        self._loss_sum.zero_()
 
     def _move_centre(self, mean: torch.Tensor | None) -> None:
         """The centre moves (see the module docstring) to c = a + v; each particle the share
@@ -237,13 +294,23 @@ class PSOSync(FlatSynchronizer):
         if own is not None and math.isfinite(self.last_fitness):
             torch.lerp(own, anchor, self.config.rho, out=x)  # x_k + rho (c - x_k)
 
-    def _exchange_allgather(self) -> bool:
-        """Every particle to every rank; True if some particle's fitness is finite."""
+    def _take_best_row(self) -> bool:
+        """The allgather's best row as the global best; True if some fitness is finite."""
         gathered = self._gathered
-        self.exchange.allgather(self.flat.packed, gathered)
+        assert gathered is not None
         owner, best = select_best(gathered[:, -1])
         if self.swarm.accepts_global(best):
             self.swarm.set_global(gathered[owner, :-1], best, owner)
+        return math.isfinite(best)
+
+    def _take_best(self) -> bool:
+        """The broadcast best particle as the global best; True if some fitness is finite."""
+        best, owner, taken = self._best
+        if taken:
+            if self._g_diff is not None and self.exchange_kind != "mean":
+                n = self.flat.numel
+                torch.add(self.anchor, self._g_diff[:n], out=self.swarm.gbest)
+            self.swarm.set_global(self.swarm.gbest, best, owner)
         return math.isfinite(best)
 
     def _mean_of_rows(self) -> torch.Tensor | None:
@@ -258,48 +325,11 @@ class PSOSync(FlatSynchronizer):
             return rows[:, :-1].mean(0)
         return rows[finite, :-1].mean(0) if bool(finite.any()) else None
 
-    def _allreduce_mean(self, finite: bool) -> torch.Tensor | None:
-        """The same mean with one Allreduce of [x ; 1] (diverged particles send zeros)."""
-        buf = self._mean_buf
-        assert buf is not None
-        n = self.flat.numel
-        if finite:
-            buf[:n].copy_(self.flat.data)
-        count = self.exchange.allreduce_finite_mean_(buf, finite)
-        return buf[:n] if count > 0 else None
-
-    def _exchange_best(self, send: bool = True) -> bool:
-        """MINLOC of the fitness, then (``send``) the best particle from its owner; True if
-        some particle's fitness is finite."""
-        local = self.last_fitness if math.isfinite(self.last_fitness) else math.inf
-        best, owner = self.exchange.minloc(local)
-        # Every rank holds the same (best, owner), so all take the same branch.
-        if self.swarm.accepts_global(best):
-            if send:
-                if self.rank == owner:
-                    self.swarm.gbest.copy_(self.flat.data)
-                self.exchange.bcast_(self.swarm.gbest, root=owner)
-            self.swarm.set_global(self.swarm.gbest, best, owner)
-        return math.isfinite(best)
-
-    @contextmanager
-    def consensus(self) -> Iterator[None]:
-        """Evaluate the swarm's answer (the global best, or the mean of the particles), then
-        restore this particle."""
-        answer = self._answer()
-        if answer is None:  # every particle holds the answer already
-            yield
-            return
-        saved = self.flat.data.clone()
-        self.flat.data.copy_(answer)
-        try:
-            yield
-        finally:
-            self.flat.data.copy_(saved)
-
-    def _answer(self) -> torch.Tensor | None:
+    def _consensus_weights(self) -> torch.Tensor | None:
+        """The swarm's answer: the centre (when the particles are not all at it: the
+        elastic pull, or a round in flight), the global best, or the mean of the particles."""
         if self.anchor is not None:  # the centre: where every particle sits when rho is 1
-            return self.anchor if self._own is not None else None
+            return self.anchor if self._own is not None or self.overlap_steps else None
         if self.config.answer == "mean":
             mean = self.flat.data.clone()
             self.exchange.allreduce_mean_(mean)
@@ -309,7 +339,7 @@ class PSOSync(FlatSynchronizer):
 
     def consensus_source(self) -> tuple[int, str | None]:
         owner = self.swarm.gbest_owner
-        if self._own is not None:
+        if self._own is not None or (self.anchor is not None and self.overlap_steps):
             return 0, "anchor"
         if self.anchor is not None or (self.config.answer == "gbest" and owner < 0):
             return 0, None
@@ -327,8 +357,9 @@ class PSOSync(FlatSynchronizer):
 
     def summary(self) -> dict[str, Any]:
         what = "the last round's best" if self.config.gbest_memory == "round" else "best ever seen"
-        return {"gbest_fitness": self.swarm.gbest_fitness, "gbest_owner": self.swarm.gbest_owner,
-                "gbest_is": what, "exchange": self.exchange_kind}
+        return {**super().summary(), "gbest_fitness": self.swarm.gbest_fitness,
+                "gbest_owner": self.swarm.gbest_owner, "gbest_is": what,
+                "exchange": self.exchange_kind}
 
     def legend(self) -> dict[str, str]:
         """Which round each fitness is from: with memory 'round' g is the last round's best,
@@ -375,6 +406,26 @@ class PSOSync(FlatSynchronizer):
         self._rate_loaded = self.rate is not None and "rate" in state
         if self._rate_loaded:  # else: a run that searched nothing starts a search afresh
             self.rate.load_state_dict(state["rate"])  # type: ignore[union-attr]
+
+    def _landed_state(self) -> dict[str, Any]:
+        """The gathered rows, or the mean and this round's best particle."""
+        if self._gathered is not None:
+            return {"rows": self._gathered}
+        best, owner, taken = self._best
+        state = {**super()._landed_state(), "best": best, "owner": owner, "taken": taken}
+        if taken and self.exchange_kind != "mean":
+            state["gbest"] = self._g_diff if self._g_diff is not None else self.swarm.gbest
+        return state
+
+    def _load_landed_state(self, state: dict[str, Any]) -> None:
+        if self._gathered is not None:
+            load_into(self._gathered, state["rows"])
+            return
+        super()._load_landed_state(state)
+        self._best = (float(state["best"]), int(state["owner"]), bool(state["taken"]))
+        if "gbest" in state:
+            load_into(self._g_diff if self._g_diff is not None else self.swarm.gbest,
+                      state["gbest"])
 
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:
