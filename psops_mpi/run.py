@@ -203,10 +203,28 @@ def check_checkpoint(run: Run, meta: dict[str, Any], folder: Path) -> None:
     if not isinstance(meta.get("epoch"), int) or meta["epoch"] >= cfg.epochs:
         raise UsageError(f"checkpoint {folder} is in epoch {meta.get('epoch', 0) + 1}; --epochs "
                          f"{cfg.epochs} ends before it")
+    check_rounds(cfg, meta, folder)
     if meta["world_size"] != run.world.world_size and cfg.resume_strict:
         raise UsageError(f"checkpoint {folder} was written by {meta['world_size']} rank(s), "
                          f"this job has {run.world.world_size}; --resume-strict refuses to "
                          "resume at another world size")
+
+
+def check_rounds(cfg: TrainConfig, meta: dict[str, Any], folder: Path) -> None:
+    """Refuse what a change of --overlap or --exchange-dtype cannot continue: a round left
+    in flight without --overlap to land it; PA starting to keep its centre from within a
+    period, where the ranks' weights differ and no centre was kept."""
+    sync, before = meta.get("sync") or {}, meta.get("config") or {}
+    if sync.get("in_flight") and not cfg.overlap:
+        raise UsageError(f"checkpoint {folder} holds a round in flight (written with "
+                         "--overlap): resume it with --overlap, which lands it")
+    kept = before.get("overlap") or before.get("exchange_dtype", "fp32") != "fp32"
+    keeps = cfg.overlap or cfg.exchange_dtype != "fp32"
+    if cfg.algo == "pa" and keeps and not kept and sync.get("steps_since_round"):
+        raise UsageError(f"checkpoint {folder} was written {sync['steps_since_round']} step(s) "
+                         "into a period by PA without --overlap or --exchange-dtype, so it "
+                         "holds no centre to continue them from: resume it as written, or "
+                         "from a checkpoint at a round")
 
 
 def resume_run(run: Run, state: LoopState, checkpoints: Checkpointer) -> Loaded | None:
