@@ -45,11 +45,17 @@ class Exchange:
         comm: the communicator (never looked up globally).
         cuda_aware: pass CUDA tensors to MPI directly instead of staging them on the host.
         watch: reports ranks that do not arrive (default: the communicator's shared watch).
+        in_flight: collectives will be left in flight (a collective call: every rank of
+            ``comm`` makes the exchange at the same point).
     """
 
     def __init__(self, comm: MPI.Comm, cuda_aware: bool = False,
-                 watch: StallWatch | None = None) -> None:
+                 watch: StallWatch | None = None, in_flight: bool = False) -> None:
         self.comm = comm
+        # Collectives left in flight run on a duplicate of comm: a chain of them (the encoded
+        # mean's second half) starts when each rank sees the first half done, at different
+        # moments, and must not meet the ranks' other collectives in a different order.
+        self.flight_comm = comm.Dup() if in_flight and comm.Get_size() > 1 else comm
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
         self.cuda_aware = cuda_aware
@@ -248,7 +254,7 @@ class Exchange:
             host_send, host_recv = self._mirror("mean-send", send), self._mirror("mean-recv", recv)
             if host_send is not send:
                 host_send.copy_(send)
-            request = self.comm.Iallreduce(mpi_buffer(host_send), mpi_buffer(host_recv))
+            request = self.flight_comm.Iallreduce(mpi_buffer(host_send), mpi_buffer(host_recv))
         self._started(send.numel() * send.element_size() * 2 * (self.world_size - 1)
                       / self.world_size)
         return Requests([request], divide)
@@ -263,7 +269,7 @@ class Exchange:
                                     self._mirror("gather-recv", recv.view(-1)))
             if host_send is not send:
                 host_send.copy_(send)
-            request = self.comm.Iallgather(mpi_buffer(host_send), mpi_buffer(host_recv))
+            request = self.flight_comm.Iallgather(mpi_buffer(host_send), mpi_buffer(host_recv))
         self._started(send.numel() * send.element_size() * (self.world_size - 1))
         then = None if host_recv is recv.view(-1) else (lambda: recv.view(-1).copy_(host_recv))
         return Requests([request], then)
@@ -276,7 +282,7 @@ class Exchange:
             host = self._mirror("bcast", buf.view(-1))
             if host is not buf.view(-1) and self.rank == root:
                 host.copy_(buf.view(-1))
-            request = self.comm.Ibcast(mpi_buffer(host), root=root)
+            request = self.flight_comm.Ibcast(mpi_buffer(host), root=root)
         self._started(buf.numel() * buf.element_size())
         then = None if host is buf.view(-1) else (lambda: buf.view(-1).copy_(host))
         return Requests([request], then)
@@ -292,7 +298,7 @@ class Exchange:
             out.copy_(values)
             return Done(weight)
         with self._spent():
-            pending = QuantizedMean(self.comm, values, weight, dtype, sum_residual, out,
+            pending = QuantizedMean(self.flight_comm, values, weight, dtype, sum_residual, out,
                                     residual)
         self._started(2 * (self.world_size - 1) * pending.msg)
         return pending
@@ -315,7 +321,7 @@ class Exchange:
             decode()
             return Done()
         with self._spent():
-            request = self.comm.Ibcast(mpi_buffer(data), root=root)
+            request = self.flight_comm.Ibcast(mpi_buffer(data), root=root)
         self._started(data.numel())
         return Requests([request], decode)
 

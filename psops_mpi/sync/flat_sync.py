@@ -91,7 +91,8 @@ class FlatSynchronizer(Synchronizer):
         self.exchange_dtype = exchange_dtype
         self.flat = FlatParams(model, extra=self.extra_slots)
         self.buffers = FlatBuffers(model, extra=1)
-        self.exchange = Exchange(self.comm, cuda_aware=cuda_aware)
+        self.exchange = Exchange(self.comm, cuda_aware=cuda_aware,
+                                 in_flight=bool(overlap_steps) or exchange_dtype != "fp32")
         self.exchange.reserve(self._largest_message(), self.flat.packed)
         self.steps = 0
         self.rounds = 0

@@ -124,23 +124,41 @@ def test_a_finished_run_launched_again_keeps_its_metrics_and_reports_no_epoch_tw
 
 
 def resume_matches_uninterrupted(tmp_path: Path, args: list[str], every: int, resume_at: int,
-                                 final: int) -> None:
+                                 final: int, ranks: int = 2) -> None:
     """Run ``args`` with a checkpoint every ``every`` steps, resume a second job from the
     checkpoint at step ``resume_at`` (mid-epoch) into another folder, and require the
     final shards of both to hold the same bytes."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     res = launch([*args, "--checkpoint-dir", str(whole), "--checkpoint-every", str(every),
-                  "--keep-last", "20"], ranks=2, timeout=300)
+                  "--keep-last", "20"], ranks=ranks, timeout=300)
     assert res.returncode == 0, res.stderr
     res = launch([*args, "--checkpoint-dir", str(resumed), "--resume",
-                  str(whole / f"step-{resume_at:08d}")], ranks=2, timeout=300)
+                  str(whole / f"step-{resume_at:08d}")], ranks=ranks, timeout=300)
     assert res.returncode == 0, res.stderr
-    for rank in range(2):
+    for rank in range(ranks):
         want = final_state(whole / f"step-{final:08d}", rank)
         got = final_state(resumed / f"step-{final:08d}", rank)
         assert sorted(got) == sorted(want) and "model/position" in got
         for name, array in want.items():
             assert got[name].tobytes() == array.tobytes(), f"rank {rank}: {name} differs"
+
+
+@pytest.mark.parametrize(("ranks", "flags"), [
+    (2, ["--algo", "slowmo", "--overlap"]),
+    (4, ["--pso-preset", "centre", "--overlap", "--exchange-dtype", "int8"])])
+def test_a_checkpoint_with_a_round_in_flight_resumes_exactly(tmp_path: Path, ranks: int,
+                                                             flags: list[str]) -> None:
+    """Rounds every 8 steps, each landing 8 steps later: at the checkpoint of step 36 the
+    round of step 32 is in flight (its snapshot and result are saved, unapplied); the
+    resumed run lands it at step 40, as the uninterrupted run did, and both end with the
+    same bytes (weights, momentum, centre, error feedback's residuals) on every rank."""
+    args = [*RUN, *flags, "--max-steps", str(SHORT_FINAL)]
+    resume_matches_uninterrupted(tmp_path, args, every=EVERY, resume_at=LAST_COMPLETE,
+                                 final=SHORT_FINAL, ranks=ranks)
+    with h5py.File(tmp_path / "whole" / f"step-{LAST_COMPLETE:08d}" / "rank-00000.h5") as fh:
+        assert fh["sync/inflight"].attrs["step"] == 32
+        assert "sync/inflight/position" in fh
+        assert ("sync/codec/residual" in fh) == ("int8" in flags)
 
 
 def test_resume_mid_epoch_augments_as_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import pytest
 
 from psops_mpi.checkpoint import complete_checkpoints
@@ -151,13 +152,20 @@ LAST_STEP = 96
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The final checkpoint of the run that signalled runs must reproduce."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    res = launch([*SIGNALLED, "--checkpoint-dir", str(root / "ckpt")], ranks=2,
-                 env={PID_DIR_ENV: str(root)})
-    assert res.returncode == 0, res.stderr
-    return root / "ckpt" / f"step-{LAST_STEP:08d}"
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
+    """The final checkpoint of the run that signalled runs with ``flags`` must reproduce."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(flags: tuple[str, ...]) -> Path:
+        if flags not in runs:
+            root = tmp_path_factory.mktemp("uninterrupted")
+            res = launch([*SIGNALLED, *flags, "--checkpoint-dir", str(root / "ckpt")], ranks=2,
+                         env={PID_DIR_ENV: str(root)})
+            assert res.returncode == 0, res.stderr
+            runs[flags] = root / "ckpt" / f"step-{LAST_STEP:08d}"
+        return runs[flags]
+
+    return run
 
 
 def signal_mid_training(args: list[str], pid_dir: Path, target: str, signum: int) -> Result:
@@ -175,17 +183,20 @@ def signal_mid_training(args: list[str], pid_dir: Path, target: str, signum: int
     return finish(proc, timeout=120, started=started)
 
 
-@pytest.mark.parametrize(("target", "signum"), [("launcher", signal.SIGTERM),
-                                                ("rank 1", signal.SIGUSR1)])
+@pytest.mark.parametrize(("target", "signum", "flags"), [
+    ("launcher", signal.SIGTERM, ()),
+    ("rank 1", signal.SIGUSR1, ("--overlap", "--exchange-dtype", "int8"))])
 def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
-        tmp_path: Path, uninterrupted: Path, target: str, signum: int) -> None:
+        tmp_path: Path, uninterrupted, target: str, signum: int,
+        flags: tuple[str, ...]) -> None:
     """SIGTERM to mpiexec (which forwards it to every rank), or SIGUSR1 to rank 1 alone:
     every rank stops at one agreed step within about a second (the ranks agree about once a
     second: here every 40 to 50 steps), after a checkpoint of that step, exit code 75; the
     same command then continues to the end, and every rank's weights, momentum and swarm
-    end bit for bit as in the run that was never signalled."""
+    end bit for bit as in the run that was never signalled. With --overlap a round is in
+    flight at every step after the first round: the checkpoint keeps it."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    args = [*SIGNALLED, "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics)]
+    args = [*SIGNALLED, *flags, "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics)]
     res = signal_mid_training(args, tmp_path, target, signum)
     assert res.returncode == 75, res.stderr
     no_traceback(res)
@@ -203,8 +214,11 @@ def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
     assert resumed.returncode == 0, resumed.stderr
     start_event = [e for e in events(metrics) if e["event"] == "start"][-1]
     assert start_event["resumed_from"] == stopped["checkpoint"]
+    if flags:  # rounds start every 8 steps of an epoch of 32; its end lands the last one
+        with h5py.File(ckpt / f"step-{step:08d}" / "rank-00000.h5") as fh:
+            assert ("sync/inflight" in fh) == ((step - 1) % 32 + 1 >= 8)
     for rank in range(2):
-        want = final_state(uninterrupted, rank)
+        want = final_state(uninterrupted(flags), rank)
         got = final_state(ckpt / f"step-{LAST_STEP:08d}", rank)
         assert sorted(got) == sorted(want) and "sync/swarm/gbest" in got
         for name, array in want.items():

@@ -225,6 +225,8 @@ BAD_INPUTS = {
                                 "more ranks (2) than training samples (1)"),
     "unreadable config": (["--config", "{tmp}/bad.toml"], "cannot read config file"),
     "missing config": (["--config", "{tmp}/none.toml"], "does not exist"),
+    "int8 where it cannot go": (["--pso-preset", "paper", "--exchange-dtype", "int8"],
+                                "the particle rule (--pso-preset paper) has none"),
     "model failing on one rank": (["--dataset", "synthetic", "--model",
                                    "tests.helpers.user_models:fails_on_rank_one"],
                                   "on rank 1: model"),
@@ -259,10 +261,13 @@ def test_launcher_and_mpi_mismatch_is_refused() -> None:
     assert "MPI sees a world of size 1" in res.stderr and "--mpi=pmi2" in res.stderr
 
 
-def test_failure_on_one_rank_ends_the_whole_job_quickly() -> None:
+@pytest.mark.parametrize("flags", [[], ["--overlap"]], ids=["blocking", "round in flight"])
+def test_failure_on_one_rank_ends_the_whole_job_quickly(flags: list[str]) -> None:
+    """Rank 1 raises at its 20th step; with --overlap the round of step 16 is then in
+    flight on rank 0, which must not wait for it forever."""
     res = launch(["--dataset", "synthetic", "--model",
-                  "tests.helpers.user_models:explodes_on_rank_one", "--quiet"], ranks=2,
-                 timeout=120)
+                  "tests.helpers.user_models:explodes_on_rank_one", "--quiet", *flags],
+                 ranks=2, timeout=120)
     assert res.returncode != 0
     assert "psops_mpi: rank 1 failed, aborting the job: RuntimeError: simulated failure" \
         in res.stderr

@@ -38,6 +38,15 @@ def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
         ({"c3": -0.5}, "--c3 must be a finite number >= 0"),
         ({"c3": 1.5}, "--c3 must be between 0 and 1"),
         ({"rule": "centre", "c1": 0.2}, "--rule centre moves the swarm as one"),
+        ({"overlap_steps": 2}, "--overlap-steps sets when a round left in flight lands"),
+        ({"overlap": True, "overlap_steps": -1}, "--overlap-steps must be an integer >= 0"),
+        ({"overlap": True, "sync_every": 8, "overlap_steps": 9},
+         "--overlap-steps 9 is beyond the next round (--sync-every 8)"),
+        ({"algo": "ssgd", "overlap": True}, "SSGD averages every step's gradient in fp32"),
+        ({"algo": "ssgd", "exchange_dtype": "int8"}, "SSGD averages every step's gradient"),
+        ({"exchange_dtype": "int4"}, "unknown exchange dtype 'int4'"),
+        ({"pso_preset": "paper", "exchange_dtype": "int8"}, "the particle rule"),
+        ({"exchange": "allgather", "exchange_dtype": "bf16"}, "use --exchange best or auto"),
     ],
 )
 def test_bad_values_raise_one_line(kwargs: dict, needle: str) -> None:
