@@ -46,34 +46,46 @@ def chunk_bytes(numel: int, dtype: str) -> int:
     return numel * {"fp32": 4, "bf16": 2}[dtype]
 
 
-def encode(values: torch.Tensor, out: torch.Tensor, dtype: str) -> torch.Tensor:
+def encode(values: torch.Tensor, out: torch.Tensor, dtype: str,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``values`` (float32, 1-D) into the byte buffer ``out`` (uint8, of
-    :func:`chunk_bytes` bytes) and return what rounding dropped, ``values - decode(out)``,
-    as a new float32 tensor (the error feedback's residual)."""
+    :func:`chunk_bytes` bytes) and return what rounding dropped, ``values - decode(out)``
+    (the error feedback's residual), written into ``residual`` when given (no allocation
+    of the values' size then: encoding runs at every round)."""
+    if residual is None:
+        residual = torch.empty_like(values)
     if dtype == "fp32":
         out.view(torch.float32).copy_(values)
-        return torch.zeros_like(values)
+        return residual.zero_()
     if dtype == "bf16":
-        rounded = values.to(torch.bfloat16)
-        out.view(torch.bfloat16).copy_(rounded)
-        return values - rounded.to(torch.float32)
-    numel = values.numel()
-    blocks = values.view(-1, BLOCK)
-    scales = blocks.abs().amax(dim=1).div_(INT8_MAX)  # (numel / BLOCK,)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(blocks / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX)
-    out[: 4 * scales.numel()].view(torch.float32).copy_(scales)
-    out[4 * scales.numel():].view(torch.int8).copy_(codes.view(-1).to(torch.int8))
-    return values - (codes * scales[:, None]).view(numel)
+        rounded = out.view(torch.bfloat16)
+        rounded.copy_(values)
+        return torch.sub(values, rounded, out=residual)
+    num_blocks = values.numel() // BLOCK
+    scales = out[: 4 * num_blocks].view(torch.float32)
+    codes = residual.view(num_blocks, BLOCK)  # the residual's memory is the scratch first
+    torch.amax(torch.abs(values.view(num_blocks, BLOCK), out=codes), dim=1, out=scales)
+    scales.div_(INT8_MAX)
+    inverse = torch.where(scales > 0, scales.reciprocal(), torch.zeros_like(scales))
+    torch.mul(values.view(num_blocks, BLOCK), inverse[:, None], out=codes).round_()
+    out[4 * num_blocks:].view(torch.int8).copy_(residual)  # |codes| <= 127: exact
+    codes.mul_(scales[:, None])  # decoded
+    return torch.sub(values, residual, out=residual)
 
 
-def decode(data: torch.Tensor, numel: int, dtype: str) -> torch.Tensor:
-    """The float32 values of a chunk of ``numel`` values encoded by :func:`encode`."""
+def decode(data: torch.Tensor, numel: int, dtype: str,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 values of a chunk of ``numel`` values encoded by :func:`encode`, written
+    into ``out`` when given."""
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32, device=data.device)
     if dtype == "fp32":
-        return data.view(torch.float32)[:numel].clone()
+        return out.copy_(data.view(torch.float32)[:numel])
     if dtype == "bf16":
-        return data.view(torch.bfloat16)[:numel].to(torch.float32)
+        return out.copy_(data.view(torch.bfloat16)[:numel])
     num_blocks = numel // BLOCK
     scales = data[: 4 * num_blocks].view(torch.float32)
     codes = data[4 * num_blocks: 4 * num_blocks + numel].view(torch.int8)
-    return (codes.view(num_blocks, BLOCK).to(torch.float32) * scales[:, None]).view(numel)
+    blocks = out.view(num_blocks, BLOCK)
+    blocks.copy_(codes.view(num_blocks, BLOCK))
+    return blocks.mul_(scales[:, None]).view(numel)

@@ -33,9 +33,21 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from psops_mpi import codec
-from psops_mpi.inflight import Done, Pending, QuantizedMean, Requests, mpi_buffer
+from psops_mpi.inflight import Done, MeanSpace, Pending, QuantizedMean, Requests, mpi_buffer
 from psops_mpi.stall import StallWatch, Where
+
+
+class _Watched:
+    """A collective in flight as :meth:`StallWatch.wait` sees a request."""
+
+    def __init__(self, pending: Pending) -> None:
+        self.pending = pending
+
+    def Test(self) -> bool:
+        return self.pending.test()
+
+    def Wait(self) -> None:
+        self.pending.wait()
 
 
 class Exchange:
@@ -287,43 +299,20 @@ class Exchange:
         then = None if host is buf.view(-1) else (lambda: buf.view(-1).copy_(host))
         return Requests([request], then)
 
-    def start_quantized_mean(self, values: torch.Tensor, weight: float, dtype: str,
+    def start_quantized_mean(self, space: MeanSpace, values: torch.Tensor, weight: float,
+                             fitness: float, residual: torch.Tensor,
                              sum_residual: torch.Tensor, out: torch.Tensor,
-                             residual: torch.Tensor) -> Pending:
-        """The weighted mean of every rank's ``values`` from pieces encoded in ``dtype``
-        (:class:`~psops_mpi.inflight.QuantizedMean`); ``values`` padded to
-        :func:`psops_mpi.codec.padded` for this many ranks. Bytes: the Alltoall's and the
-        Allgather's, each (P-1)/P of the encoded vector."""
-        if self.world_size == 1:
-            out.copy_(values)
-            return Done(weight)
+                             best_out: torch.Tensor | None = None) -> Pending:
+        """The weighted mean of every rank's ``values`` from pieces encoded in
+        ``space.dtype`` (and the best rank's values), as
+        :class:`~psops_mpi.inflight.QuantizedMean` describes; every buffer on the CPU.
+        Bytes: the Alltoall's and the Allgather's, each (P-1)/P of the encoded vector (plus
+        the best rank's, with it)."""
         with self._spent():
-            pending = QuantizedMean(self.flight_comm, values, weight, dtype, sum_residual, out,
-                                    residual)
-        self._started(2 * (self.world_size - 1) * pending.msg)
+            pending = QuantizedMean(self.flight_comm, space, values, weight, fitness,
+                                    residual, sum_residual, out, best_out)
+        self._started(space.bytes_sent())
         return pending
-
-    def start_quantized_bcast(self, values: torch.Tensor | None, dtype: str, root: int,
-                              out: torch.Tensor) -> Pending:
-        """The root's ``values`` (float32, a whole number of codec blocks; None elsewhere)
-        encoded in ``dtype`` and broadcast; once done, ``out`` holds the decoded values on
-        every rank, the root included (the same bytes decoded alike)."""
-        numel = out.numel()
-        data = torch.empty(codec.chunk_bytes(numel, dtype), dtype=torch.uint8)
-        if self.rank == root:
-            assert values is not None
-            codec.encode(values, data, dtype)
-
-        def decode() -> None:
-            out.copy_(codec.decode(data, numel, dtype))
-
-        if self.world_size == 1:
-            decode()
-            return Done()
-        with self._spent():
-            request = self.flight_comm.Ibcast(mpi_buffer(data), root=root)
-        self._started(data.numel())
-        return Requests([request], decode)
 
     def poke(self, pending: Pending) -> bool:
         """Let MPI move ``pending``'s data now, without blocking; True when it is done."""
@@ -332,12 +321,13 @@ class Exchange:
         with self._spent():
             return pending.test()
 
-    def finish(self, pending: Pending) -> None:
-        """Block until ``pending`` is done (every rank is known to be there: the caller
-        passed :meth:`arrive` first)."""
-        if not pending.done:
-            with self._spent():
-                pending.wait()
+    def finish(self, pending: Pending, where: Where) -> None:
+        """Block until ``pending`` is done, watching for ranks that do not come (named as
+        waited for at ``where``), and polling MPI all the while so that the data moves.
+        Every rank calls it at the same point, done already or not: the watch numbers its
+        waits alike on every rank."""
+        with self._spent():
+            self.watch.wait(_Watched(pending), where, busy=True)
 
     def counters(self) -> dict[str, float]:
         """Bytes sent, seconds in MPI and number of collectives so far on this rank."""

@@ -26,7 +26,9 @@ from mpi4py import MPI
 
 from psops_mpi import codec
 
-HEADER = 4  # bytes before every encoded chunk: the sender's weight (1, or 0: left out), a float32
+# bytes before every encoded chunk: the sender's weight (1, or 0: left out) and its fitness,
+# two float32 (the second half: the count and a spare)
+HEADER = 8
 
 
 def mpi_buffer(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -42,10 +44,12 @@ class Pending:
     """A collective in flight. :meth:`test` advances it without blocking and says whether it
     is done; :meth:`wait` blocks until it is. Both run the collective's finishing step (a
     division, a decode) exactly once, on the call that sees it done. ``count``: the ranks a
-    mean was taken over, where the collective forms one."""
+    mean was taken over, where the collective forms one; ``fitness``: every rank's, where
+    the collective brings them."""
 
     done = False
     count = 0.0
+    fitness: np.ndarray | None = None
 
     def test(self) -> bool:
         raise NotImplementedError
@@ -60,8 +64,8 @@ class Done(Pending):
 
     done = True
 
-    def __init__(self, count: float = 0.0) -> None:
-        self.count = count
+    def __init__(self, count: float = 0.0, fitness: np.ndarray | None = None) -> None:
+        self.count, self.fitness = count, fitness
 
     def test(self) -> bool:
         return True
@@ -113,81 +117,122 @@ class Requests(Pending):
             self._finish()
 
 
+class MeanSpace:
+    """The buffers of a :class:`QuantizedMean`, allocated once: a round must not allocate
+    (fresh pages cost more than the encoding here).
+
+    Args:
+        size: the ranks.
+        numel: the padded length of a vector (``size`` chunks of whole codec blocks).
+        dtype: the codec.
+        with_best: the second half also carries the best particle's chunk.
+    """
+
+    def __init__(self, size: int, numel: int, dtype: str, with_best: bool) -> None:
+        self.size, self.dtype, self.with_best = size, dtype, with_best
+        self.chunk = numel // size
+        self.code_bytes = codec.chunk_bytes(self.chunk, dtype)
+        self.msg = HEADER + self.code_bytes  # the first half: one chunk to each rank
+        self.msg2 = self.msg + (self.code_bytes if with_best else 0)  # the second half
+        self.send = torch.empty(size * self.msg, dtype=torch.uint8)
+        self.recv = torch.empty_like(self.send)
+        self.own = torch.empty(self.msg2, dtype=torch.uint8)
+        self.gathered = torch.empty(size * self.msg2, dtype=torch.uint8)
+        self.total = torch.empty(self.chunk, dtype=torch.float32)
+        self.piece = torch.empty(self.chunk, dtype=torch.float32)
+
+    def bytes_sent(self) -> int:
+        """Bytes one rank sends in both halves (to the P-1 others)."""
+        return (self.size - 1) * (self.msg + self.msg2)
+
+
 class QuantizedMean(Pending):
-    """The weighted mean of every rank's vector, formed in fp32 from quantized pieces.
+    """The weighted mean of every rank's vector, formed in fp32 from quantized pieces, and,
+    with :attr:`MeanSpace.with_best`, the vector of the rank whose fitness is lowest.
 
     Phase 1: each rank splits its (padded) vector into P chunks, encodes them and sends chunk
-    j to rank j (Ialltoall), each behind a header with the sender's weight (0 leaves a rank
-    out: a non-finite one). Rank j decodes the P pieces of its chunk and sums them in rank
-    order in fp32, divides by the total weight, adds its residual of the last round (error
-    feedback on the sum), and encodes the result. Phase 2: every rank receives every encoded
-    sum (Iallgather), behind a header with the count, and decodes them: the same bytes on
-    every rank, so the same mean bit for bit.
+    j to rank j (Ialltoall), each behind a header of its weight (0 leaves a rank out: a
+    non-finite one) and its fitness. Rank j decodes the P pieces of its chunk and sums them
+    in rank order in fp32, divides by the total weight, adds its residual of the last round
+    (error feedback on the sum), and encodes the result. Phase 2: every rank receives every
+    encoded sum (Iallgather), and with it the best rank's encoded chunk as rank j received
+    it, and decodes them: the same bytes on every rank, so the same mean (and best vector)
+    bit for bit. Every rank also holds every rank's fitness (:attr:`fitness`): the best one
+    is the same everywhere, with no MINLOC.
 
     Args:
         comm: the communicator.
-        values: this rank's vector (float32, padded to :func:`codec.padded` for P chunks).
+        space: the buffers.
+        values: this rank's vector (float32, the padded length).
         weight: 1 to take part, 0 to be left out (send zeros).
-        dtype: the codec, ``bf16`` or ``int8``.
-        sum_residual: this rank's residual of its chunk of the sum (float32, chunk length, on
-            the CPU), updated in place.
+        fitness: this rank's fitness (inf: never the best).
+        residual: where what rounding dropped from ``values`` goes (float32, its length).
+        sum_residual: this rank's residual of its chunk of the sum (float32, a chunk, on the
+            CPU), updated in place.
         out: where the mean lands (float32, the padded length); may be ``values`` itself,
             which is read only here.
-        residual: where what rounding dropped from ``values`` goes (float32, its length).
+        best_out: where the best vector lands (with_best).
     """
 
-    def __init__(self, comm: MPI.Comm, values: torch.Tensor, weight: float, dtype: str,
-                 sum_residual: torch.Tensor, out: torch.Tensor, residual: torch.Tensor) -> None:
-        self.comm, self.dtype, self.out = comm, dtype, out
-        self.size = comm.Get_size()
-        self.chunk = values.numel() // self.size
-        self.msg = HEADER + codec.chunk_bytes(self.chunk, dtype)
+    def __init__(self, comm: MPI.Comm, space: MeanSpace, values: torch.Tensor, weight: float,
+                 fitness: float, residual: torch.Tensor, sum_residual: torch.Tensor,
+                 out: torch.Tensor, best_out: torch.Tensor | None = None) -> None:
+        self.comm, self.space, self.out, self.best_out = comm, space, out, best_out
         self.sum_residual = sum_residual
-        self.count = 0.0
-        self.send = torch.empty(self.size * self.msg, dtype=torch.uint8)
-        self.recv = torch.empty_like(self.send)
-        for j in range(self.size):
-            part = self.send[j * self.msg:(j + 1) * self.msg]
-            part[:HEADER].view(torch.float32).fill_(weight)
-            chunk = slice(j * self.chunk, (j + 1) * self.chunk)
-            residual[chunk] = codec.encode(values[chunk], part[HEADER:], dtype)
+        self.fitness = np.full(space.size, np.inf, dtype=np.float32)
+        chunk, msg = space.chunk, space.msg
+        for j in range(space.size):
+            part = space.send[j * msg:(j + 1) * msg]
+            part[:HEADER].view(torch.float32).copy_(torch.tensor([weight, fitness]))
+            piece = slice(j * chunk, (j + 1) * chunk)
+            codec.encode(values[piece], part[HEADER:], space.dtype, residual[piece])
         self.phase = 1
-        self.request = comm.Ialltoall(mpi_buffer(self.send), mpi_buffer(self.recv))
+        self.request = comm.Ialltoall(mpi_buffer(space.send), mpi_buffer(space.recv))
 
     def _advance(self) -> None:
         """Phase 1 done: sum this rank's chunk and start phase 2; phase 2 done: decode."""
+        space = self.space
         if self.phase == 1:
-            own = self._reduce()
+            self._reduce()
             self.phase = 2
-            self.request = self.comm.Iallgather(mpi_buffer(own), mpi_buffer(self.send))
+            self.request = self.comm.Iallgather(mpi_buffer(space.own),
+                                                mpi_buffer(space.gathered))
         else:
             self._decode()
             self.done = True
 
-    def _reduce(self) -> torch.Tensor:
-        total = torch.zeros(self.chunk, dtype=torch.float32)
-        count = 0.0
-        for k in range(self.size):  # rank order: the same sum on every rank that forms it
-            piece = self.recv[k * self.msg:(k + 1) * self.msg]
-            weight = float(piece[:HEADER].view(torch.float32))
+    def _reduce(self) -> None:
+        space, msg, cb = self.space, self.space.msg, self.space.code_bytes
+        headers = space.recv.view(space.size, msg)[:, :HEADER].contiguous().view(torch.float32)
+        weights = headers[:, 0].tolist()
+        self.fitness = headers[:, 1].numpy().copy()
+        total = space.total.zero_()
+        for k, weight in enumerate(weights):  # rank order: the same sum wherever it is formed
             if weight:
-                total += codec.decode(piece[HEADER:], self.chunk, self.dtype)
-                count += weight
-        own = torch.empty(self.msg, dtype=torch.uint8)
-        own[:HEADER].view(torch.float32).fill_(count)
+                piece = space.recv[k * msg + HEADER:(k + 1) * msg]
+                total += codec.decode(piece, space.chunk, space.dtype, space.piece)
+        count = sum(weights)
+        own = space.own
+        own[:HEADER].view(torch.float32).copy_(torch.tensor([count, 0.0]))
         if count:
             total.div_(count).add_(self.sum_residual)
-            self.sum_residual.copy_(codec.encode(total, own[HEADER:], self.dtype))
-        else:
-            codec.encode(total, own[HEADER:], self.dtype)  # zeros
-        return own
+        codec.encode(total, own[HEADER:HEADER + cb], space.dtype,
+                     self.sum_residual if count else space.piece)
+        if space.with_best:
+            best = best_index(self.fitness)
+            own[HEADER + cb:] = space.recv[best * msg + HEADER:(best + 1) * msg] if best >= 0 \
+                else 0
 
     def _decode(self) -> None:
-        for j in range(self.size):
-            piece = self.send[j * self.msg:(j + 1) * self.msg]
-            self.count = float(piece[:HEADER].view(torch.float32))
-            self.out[j * self.chunk:(j + 1) * self.chunk] = codec.decode(
-                piece[HEADER:], self.chunk, self.dtype)
+        space, chunk, cb = self.space, self.space.chunk, self.space.code_bytes
+        for j in range(space.size):
+            part = space.gathered[j * space.msg2:(j + 1) * space.msg2]
+            self.count = float(part[:HEADER].view(torch.float32)[0])
+            piece = slice(j * chunk, (j + 1) * chunk)
+            codec.decode(part[HEADER:HEADER + cb], chunk, space.dtype, self.out[piece])
+            if self.best_out is not None:
+                codec.decode(part[HEADER + cb:], chunk, space.dtype, self.best_out[piece])
+
 
     def test(self) -> bool:
         while not self.done and self.request.Test():
@@ -198,3 +243,11 @@ class QuantizedMean(Pending):
         while not self.done:
             self.request.Wait()
             self._advance()
+
+
+def best_index(fitness: np.ndarray) -> int:
+    """The rank of the lowest finite fitness (ties: the lowest rank), or -1 if none is."""
+    finite = np.isfinite(fitness)
+    if not finite.any():
+        return -1
+    return int(np.argmin(np.where(finite, fitness, np.inf)))

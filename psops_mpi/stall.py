@@ -157,9 +157,11 @@ class StallWatch:
             return
         self.wait(self.comm.Ibarrier(), where)
 
-    def wait(self, request: MPI.Request, where: Where) -> None:
+    def wait(self, request: MPI.Request, where: Where, busy: bool = False) -> None:
         """Complete ``request``, a non-blocking collective every rank started, watching for
-        ranks that do not come."""
+        ranks that do not come. ``busy``: poll without sleeping to the end (a collective
+        that moves data, which MPI moves only while it is called), as MPI's own wait does.
+        ``request`` needs only ``Test()`` and ``Wait()``."""
         if not self.enabled:
             request.Wait()
             return
@@ -170,9 +172,10 @@ class StallWatch:
                 self.last_done = where
                 return
             os.sched_yield()
-        self._slow_wait(request, where, started)
+        self._slow_wait(request, where, started, busy)
 
-    def _slow_wait(self, request: MPI.Request, where: Where, started: float) -> None:
+    def _slow_wait(self, request: MPI.Request, where: Where, started: float,
+                   busy: bool) -> None:
         limit = self.report_s or self.abort_s
         notice_s = min(1.0, limit / 4) if limit else 1.0
         next_report = self.report_s or float("inf")
@@ -194,7 +197,10 @@ class StallWatch:
                 next_report += self.report_s
             if self.abort_s and elapsed >= self.abort_s:
                 self._abort(elapsed, where, self.heard, self.answered)
-            time.sleep(min(MAX_SLEEP_S, elapsed / 32))  # at most ~3% late
+            if busy:
+                os.sched_yield()
+            else:
+                time.sleep(min(MAX_SLEEP_S, elapsed / 32))  # at most ~3% late
         self.waiting_at, self.last_done = None, where
         self._finish_sends()
         if reported:

@@ -151,16 +151,20 @@ class FlatSynchronizer(Synchronizer):
 
     def sync_round(self) -> None:
         """Run one synchronisation round now (every rank first waits for all to arrive); with
-        overlap, a round in flight lands first and this one is left in flight."""
-        self.exchange.arrive(lambda: f"round {self.rounds + 1} (step {self.steps})")
+        overlap, a round in flight lands first and this one is left in flight, with no wait
+        for the other ranks: they start it when they get there."""
         if self.overlap_steps:
-            self._land(arrived=True)
+            self._land()
             self._x0.copy_(self.flat.packed)  # type: ignore[union-attr]
             self._pending = self._start()
             self.inflight_step = self.steps
         else:
+            self.exchange.arrive(self._where)
             self._round()
         self._count_round()
+
+    def _where(self) -> str:
+        return f"round {self.rounds + 1} (step {self.steps})"
 
     def _count_round(self) -> None:
         self.rounds += 1
@@ -171,7 +175,7 @@ class FlatSynchronizer(Synchronizer):
         """A whole round now: started and finished (with overlap, on the snapshot)."""
         if self._x0 is not None:
             self._x0.copy_(self.flat.packed)
-        self.exchange.finish(self._start())
+        self.exchange.finish(self._start(), self._where)
         self._finish()
 
     def _sent(self) -> torch.Tensor:
@@ -189,15 +193,13 @@ class FlatSynchronizer(Synchronizer):
         the position sent."""
         raise NotImplementedError
 
-    def _land(self, arrived: bool = False) -> None:
+    def _land(self) -> None:
         """Finish the round in flight, if any: the result applied to x0, plus x1 - x0."""
         step = self.inflight_step
         if step is None:
             return
-        if not arrived:
-            self.exchange.arrive(lambda: f"the landing of the round of step {step} "
-                                         f"(step {self.steps})")
-        self.exchange.finish(self._pending)
+        self.exchange.finish(self._pending, lambda: f"the landing of the round of step {step} "
+                                                    f"(step {self.steps})")
         x, x0 = self.flat.data, self._x0[: self.flat.numel]  # type: ignore[index]
         if self._delta is not None:  # the rule reads x0 from the model: progress kept aside
             delta = torch.sub(x, x0, out=self._delta)
@@ -257,7 +259,7 @@ class FlatSynchronizer(Synchronizer):
             return
         self._land()
         if final and self.steps_since_round:
-            self.exchange.arrive(lambda: f"round {self.rounds + 1} (step {self.steps})")
+            self.exchange.arrive(self._where)
             self._round()
             self._count_round()
 
@@ -302,7 +304,8 @@ class FlatSynchronizer(Synchronizer):
                  "comm_calls": self.exchange.calls, "restarts": self.restarts,
                  "skipped": self.skipped, "consecutive_skipped": self.consecutive_skipped}
         if self.inflight_step is not None:
-            self.exchange.finish(self._pending)
+            self.exchange.finish(self._pending, f"the checkpoint of step {self.steps}, finishing "
+                                                f"the round of step {self.inflight_step}")
             state["inflight"] = {"step": self.inflight_step, "position": self._x0,
                                  "sent_finite": self.sent_finite, **self._landed_state()}
         codec_state = self._codec_state()

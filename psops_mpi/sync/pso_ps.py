@@ -40,7 +40,6 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from psops_mpi import codec
 from psops_mpi.config import PSOConfig
 from psops_mpi.costmodel import choose_exchange
 from psops_mpi.flat import flat_buffer, load_into
@@ -113,15 +112,15 @@ class PSOSync(FlatSynchronizer):
                           if self._chosen_exchange() == "allgather" else None)
         centre = self.config.rule == "centre"
         if self._gathered is None and (centre or self.config.c3 > 0):
-            # the mean without the allgather's rows, in a buffer of its own
+            # the mean without the allgather's rows, in a buffer of its own; encoded, with
+            # every fitness and the best particle in the same two collectives
             self.mean = RankMean(self.exchange, n, self.flat.data, exchange_dtype,
-                                 in_flight=bool(overlap_steps), own_buffer=True)
+                                 in_flight=bool(overlap_steps), own_buffer=True,
+                                 with_best=self.exchange_kind == "best")
+        self.encoded = self.mean is not None and self.mean.dtype != "fp32"
         self.anchor = flat_buffer(n, dtype, device).copy_(self.flat.data) if centre else None
         # the elastic swarm: each particle's own position while the centre is computed
         self._own = flat_buffer(n, dtype, device) if self.config.rho < 1 else None
-        # an encoded best particle: its difference from the centre, decoded (padded)
-        self._g_diff = (flat_buffer(-(-n // codec.BLOCK) * codec.BLOCK, torch.float32, device)
-                        if self.mean is not None and self.mean.dtype != "fp32" else None)
         self.last_fitness = math.inf
         # this round's best particle, as the exchange found it: (fitness, owner, taken as g)
         self._best: tuple[float, int, bool] = (math.inf, -1, False)
@@ -220,6 +219,9 @@ class PSOSync(FlatSynchronizer):
                 self.exchange.allgather(sent, self._gathered)
                 return Done()
             return self.exchange.start_allgather(sent, self._gathered)
+        if self.encoded:  # the fitnesses and the best particle travel with the mean
+            return self.mean.start(sent, self.sent_finite, self.anchor,  # type: ignore[union-attr]
+                                   fitness=self.last_fitness)
         pending = [self.mean.start(sent, self.sent_finite, self.anchor)
                    if self.mean is not None else Done()]
         pending.append(self._start_best(sent[:n], send=self.exchange_kind != "mean"))
@@ -234,13 +236,6 @@ class PSOSync(FlatSynchronizer):
         self._best = (best, owner, taken)
         if not (taken and send):
             return Done()
-        if self._g_diff is not None:  # its difference from the centre, encoded
-            diff = None
-            if self.rank == owner:
-                diff = self._g_diff.zero_()
-                torch.sub(x, self.anchor, out=diff[: x.numel()])
-            return self.exchange.start_quantized_bcast(diff, self.exchange_dtype, owner,
-                                                       self._g_diff)
         if self.rank == owner:
             self.swarm.gbest.copy_(x)
         if not self.overlap_steps:
@@ -254,7 +249,7 @@ class PSOSync(FlatSynchronizer):
             mean = self._mean_of_rows()
         else:
             mean = self.mean.result(self.anchor) if self.mean is not None else None
-            any_finite = self._take_best()
+            any_finite = self._take_encoded_best() if self.encoded else self._take_best()
         self._count_sync(any_finite)
         finite = self.sent_finite
         diverged = not finite and (self.swarm.gbest_owner >= 0 or self.anchor is not None)
@@ -307,9 +302,17 @@ class PSOSync(FlatSynchronizer):
         """The broadcast best particle as the global best; True if some fitness is finite."""
         best, owner, taken = self._best
         if taken:
-            if self._g_diff is not None and self.exchange_kind != "mean":
-                n = self.flat.numel
-                torch.add(self.anchor, self._g_diff[:n], out=self.swarm.gbest)
+            self.swarm.set_global(self.swarm.gbest, best, owner)
+        return math.isfinite(best)
+
+    def _take_encoded_best(self) -> bool:
+        """The best particle that came with the encoded mean (the centre plus its decoded
+        difference: the same on every rank); True if some fitness is finite."""
+        assert self.mean is not None and self.anchor is not None
+        owner, best = select_best(torch.from_numpy(self.mean.fitness))
+        if self.swarm.accepts_global(best):
+            if self.exchange_kind == "best":
+                self.mean.best(self.anchor, self.swarm.gbest)
             self.swarm.set_global(self.swarm.gbest, best, owner)
         return math.isfinite(best)
 
@@ -411,10 +414,13 @@ class PSOSync(FlatSynchronizer):
         """The gathered rows, or the mean and this round's best particle."""
         if self._gathered is not None:
             return {"rows": self._gathered}
+        state = super()._landed_state()
+        if self.encoded:  # the fitnesses and the best came with the mean
+            return state
         best, owner, taken = self._best
-        state = {**super()._landed_state(), "best": best, "owner": owner, "taken": taken}
+        state.update(best=best, owner=owner, taken=taken)
         if taken and self.exchange_kind != "mean":
-            state["gbest"] = self._g_diff if self._g_diff is not None else self.swarm.gbest
+            state["gbest"] = self.swarm.gbest
         return state
 
     def _load_landed_state(self, state: dict[str, Any]) -> None:
@@ -422,10 +428,11 @@ class PSOSync(FlatSynchronizer):
             load_into(self._gathered, state["rows"])
             return
         super()._load_landed_state(state)
+        if self.encoded:
+            return
         self._best = (float(state["best"]), int(state["owner"]), bool(state["taken"]))
         if "gbest" in state:
-            load_into(self._g_diff if self._g_diff is not None else self.swarm.gbest,
-                      state["gbest"])
+            load_into(self.swarm.gbest, state["gbest"])
 
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:
