@@ -29,8 +29,7 @@ def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
     current loss scale (see :class:`SSGDSync`); ``rounds_per_epoch``: PSO-PS's default
     period of its learning-rate search."""
     limit = config.max_nonfinite
-    rounds = {"overlap_steps": (config.overlap_steps or config.sync_every) if config.overlap
-              else 0, "exchange_dtype": config.exchange_dtype}
+    rounds = {"overlap_steps": config.landing_steps, "exchange_dtype": config.exchange_dtype}
     if config.algo == "ssgd":
         return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit,
                         loss_scale=loss_scale)

@@ -144,8 +144,9 @@ def resume_matches_uninterrupted(tmp_path: Path, args: list[str], every: int, re
 
 
 @pytest.mark.parametrize(("ranks", "flags"), [
-    (2, ["--algo", "slowmo", "--overlap"]),
-    (4, ["--pso-preset", "centre", "--overlap", "--exchange-dtype", "int8"])])
+    (2, ["--algo", "slowmo", "--overlap", "--overlap-steps", "8"]),
+    (4, ["--pso-preset", "centre", "--overlap", "--overlap-steps", "8", "--exchange-dtype",
+         "int8"])])
 def test_a_checkpoint_with_a_round_in_flight_resumes_exactly(tmp_path: Path, ranks: int,
                                                              flags: list[str]) -> None:
     """Rounds every 8 steps, each landing 8 steps later: at the checkpoint of step 36 the

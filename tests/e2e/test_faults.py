@@ -185,7 +185,8 @@ def signal_mid_training(args: list[str], pid_dir: Path, target: str, signum: int
 
 @pytest.mark.parametrize(("target", "signum", "flags"), [
     ("launcher", signal.SIGTERM, ()),
-    ("rank 1", signal.SIGUSR1, ("--overlap", "--exchange-dtype", "int8"))])
+    ("rank 1", signal.SIGUSR1, ("--overlap", "--overlap-steps", "8", "--exchange-dtype",
+                                "int8"))])
 def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
         tmp_path: Path, uninterrupted, target: str, signum: int,
         flags: tuple[str, ...]) -> None:

@@ -261,7 +261,8 @@ def test_launcher_and_mpi_mismatch_is_refused() -> None:
     assert "MPI sees a world of size 1" in res.stderr and "--mpi=pmi2" in res.stderr
 
 
-@pytest.mark.parametrize("flags", [[], ["--overlap"]], ids=["blocking", "round in flight"])
+@pytest.mark.parametrize("flags", [[], ["--overlap", "--overlap-steps", "8"]],
+                         ids=["blocking", "round in flight"])
 def test_failure_on_one_rank_ends_the_whole_job_quickly(flags: list[str]) -> None:
     """Rank 1 raises at its 20th step; with --overlap the round of step 16 is then in
     flight on rank 0, which must not wait for it forever."""
