@@ -82,7 +82,7 @@ class DDPSync(Synchronizer):
         self.steps += 1
         return False
 
-    def flush(self) -> None:
+    def flush(self, final: bool = True) -> None:
         """Nothing is pending: the replicas never differ."""
 
     def metrics(self) -> SyncMetrics:

@@ -104,6 +104,25 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 SEARCH_METHODS = ("pa", "slowmo", "pso", "pso-search", "elastic", "elastic-0.25")
 SEARCH_RANKS, SEARCH_SYNC, SEARCH_LRS = 8, 16, ("0.01", "0.03", "0.1", "0.3")
 ACCURACY_METHODS = ("ssgd", "pa", "slowmo", "pso-paper", "pso")
+# The exchange grid (--groups exchange): each periodic method blocking in fp32, with its
+# rounds left in flight (--overlap), and in flight encoded in bf16 and int8, on emulated
+# links, with SSGD and DDP beside them. Cells: (link, ranks, sync period); mlp-wide also at
+# 2 ranks, where each rank has a core of its own.
+EXCHANGE_SETUPS = {"mnist1d": ("mlp-wide", 12), "fashion-mnist": ("lenet", 10)}
+EXCHANGE_CELLS = (("1gbit", 4, 16), ("100mbit", 4, 16), ("100mbit", 4, 64))
+EXCHANGE_MORE_CELLS = {"mnist1d": (("1gbit", 2, 16),)}
+EXCHANGE_METHODS = ("ssgd", "ddp", "pa", "slowmo", "pso")
+EXCHANGE_MODES: dict[str, tuple[str, ...]] = {
+    "": (), "overlap": ("--overlap",),
+    "overlap bf16": ("--overlap", "--exchange-dtype", "bf16"),
+    "overlap int8": ("--overlap", "--exchange-dtype", "int8")}
+# SSGD and DDP below 1 Gbit/s: seed 0 for two epochs. Their arithmetic is that of the
+# 1 Gbit/s runs (the link changes no number), so only their time per epoch is new; the
+# report scales the 1 Gbit/s runs' accuracy curves by it (bench/exchange_report.py).
+SLOW_SSGD_EPOCHS = 2
+# The landing step's scan (--groups overlap-k): mlp-wide on the machine as it is, 4 ranks,
+# sync 16, int8 rounds landing K steps after they start, against blocking fp32.
+OVERLAP_KS = (1, 2, 4, 8, 16)
 # The PSO-PS variants explored on MNIST-1D (bench/results/rules), in the accuracy grid there.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "paper c3=0.5": ("--pso-preset", "paper", "--c3", "0.5"),
@@ -216,6 +235,20 @@ def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namesp
             for run in method_runs(tuple(m for m in methods if m in METHODS), (LINK_SYNC,)):
                 plan.add(group="link", link=LINK, dataset=dataset, model=model,
                          epochs=epochs, ranks=LINK_RANKS, **run, **common)
+    if "exchange" in groups:
+        _exchange_grid(plan, methods, common)
+    if "overlap-k" in groups:
+        runs = [{"algo": algo, "variant": variant, "extra": extra, "sync_every": 16}
+                for algo, variant, extra in (METHODS[m] for m in ("pa", "slowmo", "pso"))]
+        for run in runs:
+            plan.add(group="overlap-k", link="shm", dataset="mnist1d", model="mlp-wide",
+                     epochs=12, ranks=4, **run, **common)
+            for k in OVERLAP_KS:
+                mode = ("--overlap", "--overlap-steps", str(k), "--exchange-dtype", "int8")
+                plan.add(group="overlap-k", link="shm", dataset="mnist1d", model="mlp-wide",
+                         epochs=12, ranks=4, **{**run, "variant": _join(run["variant"],
+                                                                        f"int8 K={k}"),
+                                                "extra": (*run["extra"], *mode)}, **common)
     if "scaling" in groups:
         dataset, model, epochs = SCALING_SETUP
         runs = method_runs(("ssgd", "pa"), (SCALING_SYNC,))
@@ -226,6 +259,35 @@ def _full(plan: Plan, seed: int, methods: tuple[str, ...], args: argparse.Namesp
                 for run in runs:
                     plan.add(group="scaling", link=link, dataset=dataset, model=model,
                              epochs=epochs, ranks=ranks, **run, **common)
+
+
+def _join(*words: str) -> str:
+    return " ".join(w for w in words if w)
+
+
+def _exchange_grid(plan: Plan, methods: tuple[str, ...], common: dict) -> None:
+    """The exchange grid: see EXCHANGE_CELLS."""
+    wanted = [m for m in EXCHANGE_METHODS if m in methods]
+    for dataset, (model, epochs) in EXCHANGE_SETUPS.items():
+        for link, ranks, sync in (*EXCHANGE_CELLS, *EXCHANGE_MORE_CELLS.get(dataset, ())):
+            for run in method_runs(tuple(wanted), (sync,)):
+                base = {"group": "exchange", "link": link, "dataset": dataset, "model": model,
+                        "epochs": epochs, "ranks": ranks}
+                if run["algo"] in ("ssgd", "ddp"):
+                    if link == "1gbit":
+                        plan.add(**base, **run, **common)
+                    elif common["seed"] == 0:  # the time per epoch: see SLOW_SSGD_EPOCHS
+                        steps = SLOW_SSGD_EPOCHS * steps_per_epoch(dataset, ranks)
+                        plan.add(**base, **run, **{**common, "max_steps": steps})
+                    continue
+                for mode, flags in EXCHANGE_MODES.items():
+                    plan.add(**base, **{**run, "variant": _join(run["variant"], mode),
+                                        "extra": (*run["extra"], *flags)}, **common)
+
+
+def steps_per_epoch(dataset: str, ranks: int, batch: int = 32) -> int:
+    """Steps of an epoch of a built-in set's training split at the default batch size."""
+    return {"mnist1d": 4000, "fashion-mnist": 60000}[dataset] // (ranks * batch)
 
 
 def in_cells(cells: str | None, ranks: int, sync_every: int) -> bool:
@@ -397,7 +459,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.quick:  # the full plan's links are its own
         groups = args.groups.split(",")
         links = ["shm", *([LINK] if "link" in groups else []),
-                 *(SCALING_LINKS if "scaling" in groups else [])]
+                 *(SCALING_LINKS if "scaling" in groups else []),
+                 *((c[0] for c in EXCHANGE_CELLS) if "exchange" in groups else [])]
         args.links = ",".join(dict.fromkeys(links))
     if args.launcher == "srun" and any(map(netem.is_emulated, args.links.split(","))):
         p.error("emulated links need --launcher mpiexec (srun starts tasks outside the "
