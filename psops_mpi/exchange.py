@@ -129,8 +129,10 @@ class Exchange:
     def arrive(self, where: Where) -> None:
         """Wait until every rank got here (a barrier whose wait is watched for missing
         ranks), so the collectives that follow cannot hang on a rank that never comes.
-        Not counted as traffic."""
-        self.watch.arrive(where)
+        Not counted as traffic; its seconds are: waiting for the slowest rank is part of
+        what a synchronous round costs."""
+        with self._spent():
+            self.watch.arrive(where)
 
     def allreduce_finite_mean_(self, packed: torch.Tensor, finite: bool) -> int:
         """Average ``packed[:-1]`` over the ranks where ``finite`` is True, in one Allreduce.
