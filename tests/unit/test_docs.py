@@ -17,7 +17,7 @@ import pytest
 
 import psops_mpi
 from psops_mpi.cli import build_parser, flag_table, parse_config
-from psops_mpi.config import PSOConfig, TrainConfig
+from psops_mpi.config import PSO_PRESETS, PSOConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
@@ -47,9 +47,28 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
                          timeout=300, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin",
                                            "PYTHONPATH": str(REPO)})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "site" / "reference" / "index.html").is_file()
+    site = tmp_path / "site"
+    assert (site / "reference" / "index.html").is_file()
     # a report the manual links to is served beside it
-    assert (tmp_path / "site" / "repo" / "bench" / "results" / "REPORT" / "index.html").is_file()
+    assert (site / "repo" / "bench" / "results" / "REPORT" / "index.html").is_file()
+    check_rendered(site)
+
+
+def check_rendered(site: Path) -> None:
+    """What a strict build passes and a reader sees: Python-Markdown folds a list item that
+    follows a loose item (one with a code block or a second paragraph) into that item's last
+    paragraph when no blank line comes first, so its "- " shows as text. No paragraph of
+    any page may hold a list marker or a fence; every PSO-PS preset is a list item of its own
+    on the algorithms page."""
+    folded = []
+    for page in sorted(site.rglob("*.html")):
+        for paragraph in re.findall(r"<p>(.*?)</p>", page.read_text(), re.DOTALL):
+            folded += [f"{page.relative_to(site)}: {line.strip()[:80]}"
+                       for line in paragraph.splitlines() if re.match(r"\s*(- |\* |```)", line)]
+    assert not folded, "list items or fences rendered as text:\n" + "\n".join(folded)
+    items = re.findall(r"<li>\s*(?:<p>)?\s*<strong><code>(\w+)</code></strong>",
+                       (site / "algorithms" / "index.html").read_text())
+    assert [i for i in items if i in PSO_PRESETS] == list(PSO_PRESETS)
 
 
 def test_the_api_reference_covers_every_export() -> None:
