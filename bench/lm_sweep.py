@@ -12,7 +12,9 @@ model, data order, recipe and number of optimizer steps (``--max-steps``); the m
 * ``diloco``: DiLoCo's outer Nesterov step (alpha 0.7, beta 0.9; Douillard et al. 2023);
 * ``pso``: PSO-PS's default preset;
 * ``pso-search``, ``elastic``, ``elastic-0.25``: PSO-PS searching the learning rate, and the
-  elastic swarm at rho 0.5 and 0.25 (the swarm's own grid, with ``--lrs``).
+  elastic swarm at rho 0.5 and 0.25 (the swarm's own grid, with ``--lrs``);
+* ``pa-int8``, ``slowmo-int8``, ``diloco-int8``, ``pso-int8``: those methods with their rounds
+  in flight (``--overlap``) and encoded in int8.
 
 at ``--sync-every`` 16, 64 and 256 and seeds 0-2, at ``--lr`` or at each of ``--lrs``. Each
 run is appended to ``OUT/runs.jsonl`` as soon as it ends; ``--resume`` skips the runs already
@@ -23,6 +25,11 @@ starting rates, a column per rate and the search against SlowMo.
 
     python bench/lm_sweep.py --out bench/results/lm --resume --max-runs 10
     python bench/lm_sweep.py --out bench/results/lm --report > bench/results/lm/REPORT.md
+
+Rounds in flight and in int8 against blocking fp32 (the blocking runs are bench/results/lm's):
+
+    python bench/lm_sweep.py --out bench/results/lm --methods pa-int8,slowmo-int8,pso-int8 \
+--syncs 16,64 --resume
 
 The swarm's own grid on the language model:
 
@@ -53,6 +60,10 @@ METHODS: dict[str, list[str]] = {
     "elastic": ["--algo", "pso-ps", "--pso-preset", "elastic"],
     "elastic-0.25": ["--algo", "pso-ps", "--pso-preset", "elastic", "--rho", "0.25"],
 }
+# The same methods with their rounds in flight and encoded in int8 (the exchange's issue):
+# against their blocking fp32 runs, perplexity at equal steps.
+INT8 = ["--overlap", "--exchange-dtype", "int8"]
+METHODS.update({f"{m}-int8": [*METHODS[m], *INT8] for m in ("pa", "slowmo", "diloco", "pso")})
 DEFAULT_LR = 3e-3  # runs at this rate keep the keys they had before --lrs
 
 

@@ -45,9 +45,11 @@ from psops_mpi.costmodel import choose_exchange
 from psops_mpi.flat import flat_buffer, load_into
 from psops_mpi.inflight import Both, Done, Pending
 from psops_mpi.swarm import RateSearch, Swarm, select_best
+from psops_mpi.sync import swarm_text
 from psops_mpi.sync.base import ResizePlan, SyncMetrics
 from psops_mpi.sync.flat_sync import MAX_NONFINITE, FlatSynchronizer
 from psops_mpi.sync.mean import RankMean
+from psops_mpi.sync.resize import plan_swarm_resize
 
 
 class PSOSync(FlatSynchronizer):
@@ -153,36 +155,7 @@ class PSOSync(FlatSynchronizer):
         return self._chosen_exchange()
 
     def describe(self) -> str:
-        if self.world_size == 1:
-            return self._one_particle_note()
-        how = {"allgather": "every rank receives every particle",
-               "best": "MINLOC and a broadcast of the best particle",
-               "mean": "one Allreduce of the weights (no best particle needed)"
-               }[self.exchange_kind]
-        auto = (" (auto: the cheaper for this swarm)"
-                if self.config.exchange == "auto" and self.exchange_kind != "mean" else "")
-        search = ""
-        if self.rate is not None:
-            s = self.config.lr_spread
-            search = (f"; the particles search the learning rate: multipliers from "
-                      f"{1 / s:.3g} to {s:g}, moved every {self.rate.period} round(s)")
-            if self.rate.hold:
-                search += f"; the search waits out the warmup ({self.rate.hold} rounds)"
-        return (f"PSO-PS preset {self.config.pso_preset} (rule {self.config.rule}), exchange "
-                f"{self.exchange_kind}{auto}: {how}{search}")
-
-    def _one_particle_note(self) -> str:
-        """What a swarm of one is: its own global best, so no particle learns from another."""
-        cfg = self.config
-        if cfg.rule == "centre":  # m = g = x: v = w v + (x - a), a slow momentum on local SGD
-            does = (f"local SGD plus a slow momentum step (w {cfg.w}) at every round, as SlowMo "
-                    "on one rank")
-        elif cfg.c1 > 0:  # g = x: only the pull to its own personal best is left
-            does = f"local SGD pulled towards its own personal best (c1 {cfg.c1})"
-        else:  # g = x and c1 = 0: v stays 0 from its start at 0
-            does = "plain local SGD"
-        return (f"note: PSO-PS on one rank is one particle and no swarm: {does}; start several "
-                "ranks (e.g. mpiexec -n 4) to train a swarm")
+        return swarm_text.describe(self)
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         if loss is not None:
@@ -365,25 +338,7 @@ class PSOSync(FlatSynchronizer):
                 "exchange": self.exchange_kind}
 
     def legend(self) -> dict[str, str]:
-        """Which round each fitness is from: with memory 'round' g is the last round's best,
-        which can be worse than every personal best (each the lowest of its particle's rounds,
-        set at an earlier round on other batches)."""
-        cfg, owner = self.config, self.swarm.gbest_owner
-        measured = ("its mean training loss over the steps since the round before"
-                    if cfg.fitness == "train" else "its loss on the fixed holdout batch")
-        last = (f"the last round (round {self.rounds}, step {self.steps - self.steps_since_round})"
-                if self.rounds else "no round yet")
-        if cfg.gbest_memory == "round":
-            g = (f"g, the lowest fitness among the particles at {last}, rank {owner}'s; not "
-                 "the best ever seen: it can be worse than every personal best")
-        else:
-            g = (f"g, the lowest fitness of any particle at any round up to {last}, rank "
-                 f"{owner}'s (--gbest-memory all)")
-        return {"fitness": f"a particle's fitness is {measured}, measured at each round; lower "
-                           "is better",
-                "gbest_fitness": g,
-                "pbest_fitness": "the lowest fitness of this particle over all its rounds so far, "
-                                 "as measured at the round that set it (inf: none finite yet)"}
+        return swarm_text.legend(self)
 
     def rank_summary(self) -> dict[str, Any]:
         return {"pbest_fitness": self.swarm.pbest_fitness}
@@ -438,23 +393,8 @@ class PSOSync(FlatSynchronizer):
                     new_size: int) -> ResizePlan:
         """Fewer ranks keep the particles with the best personal fitness; more ranks start new
         particles from the global best's owner (at the centre, under the centre rule)."""
-        fits = [_fitness(s.get("pbest_fitness")) for s in rank_summaries]
-        sources = keep_best_particles(fits, new_size)
-        old_size, owner = len(fits), summary.get("gbest_owner", -1)
-        has_gbest = isinstance(owner, int) and 0 <= owner < old_size
-        if new_size < old_size:
-            kept = ", ".join(f"{r} ({fits[r]:.4g})" for r in sources if r is not None)
-            dropped = ", ".join(str(r) for r in range(old_size) if r not in sources)
-            note = (f"kept the particles with the best personal fitness, old rank(s) {kept}; "
-                    f"dropped old rank(s) {dropped}")
-        else:
-            new = ", ".join(str(r) for r, s in enumerate(sources) if s is None)
-            where = ("the swarm's centre (the centre rule)" if self.anchor is not None else
-                     f"the global best (fitness {_fitness(summary.get('gbest_fitness')):.4g})"
-                     if has_gbest else "particle 0's position (no round yet)")
-            note = (f"rank(s) {new} start new particles at {where} with zero velocity and "
-                    "fresh optimizer state")
-        return ResizePlan(sources, owner if has_gbest else 0, note)
+        return plan_swarm_resize(rank_summaries, summary, new_size,
+                                 centre=self.anchor is not None)
 
     def on_resize(self, plan: ResizePlan) -> None:
         super().on_resize(plan)
@@ -482,21 +422,3 @@ class PSOSync(FlatSynchronizer):
         self._loss_sum.fill_(self.steps_since_round * swarm.gbest_fitness if finite else 0.0)
         self.last_fitness = math.inf
         self.restarts = 0
-
-
-def _fitness(value: object) -> float:
-    """A fitness from a checkpoint's JSON summary: null (none yet) or non-finite is +inf."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return math.inf
-
-
-def keep_best_particles(fitness: list[float], new_size: int) -> list[int | None]:
-    """For each rank of a job of ``new_size``, the old particle it continues (None: a new
-    one): all of them and new ones after, or the ``new_size`` with the lowest fitness (ties
-    to the lower rank), in old rank order."""
-    old_size = len(fitness)
-    if new_size >= old_size:
-        return [*range(old_size), *([None] * (new_size - old_size))]
-    ranked = sorted(range(old_size), key=lambda r: (fitness[r], r))
-    return sorted(ranked[:new_size])
