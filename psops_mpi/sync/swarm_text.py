@@ -1,12 +1,12 @@
 """What a swarm says about itself: the line at start, and the checkpoint's legend of its
-figures (PSO-PS's :meth:`describe` and :meth:`legend`)."""
+figures (PSO-PS's :meth:`describe` and :meth:`legend`; ``sync`` is the
+:class:`~psops_mpi.sync.pso_ps.PSOSync`, read, never imported: it imports this module)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from psops_mpi.sync.pso_ps import PSOSync
+PSOSync = Any  # psops_mpi.sync.pso_ps.PSOSync
 
 
 def describe(sync: PSOSync) -> str:
