@@ -156,3 +156,34 @@ def test_int8_sends_a_quarter_of_fp32s_bytes() -> None:
     assert counts["int8"] == 2 * (SIZE - 1) * (HEADER + chunk + 4 * chunk // BLOCK)
     assert counts["int8"] / counts["fp32"] < 0.3
     assert np.isclose(counts["int8"] / counts["fp32"], 0.258, atol=0.01)
+
+
+def test_blocking_rounds_are_the_rule_bit_for_bit() -> None:
+    """With --overlap off and fp32, rounds are what psops_mpi 0.2 computed: PA's mean is one
+    in-place Allreduce of [x ; 1] divided by the count, and SlowMo's outer step follows from
+    it in the same order of operations, bit for bit (bench/identity_check.py compares whole
+    runs against an earlier checkout)."""
+    alpha, beta, lr = 0.5, 0.4, 0.1
+    models = [mlp(), mlp()]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+    pa = PASync(models[0], opts[0], COMM, 1)
+    slowmo = SlowMoSync(models[1], opts[1], COMM, 1, outer_lr=alpha, outer_momentum=beta)
+    for step in range(2):
+        for model, opt, sync in zip(models, opts, (pa, slowmo), strict=True):
+            gen = torch.Generator().manual_seed(100 * step + RANK)
+            x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sent = torch.cat([sync.flat.data, torch.ones(1)]).numpy()
+            COMM.Allreduce(MPI.IN_PLACE, sent)
+            mean = torch.from_numpy(sent[:-1]).div_(float(sent[-1]))
+            if sync is slowmo:
+                anchor, momentum = slowmo.anchor.clone(), slowmo.momentum.clone()
+                delta = anchor.sub_(mean).div_(lr)
+                expected = mean.add_(delta, alpha=(1 - alpha) * lr).add_(
+                    momentum, alpha=-alpha * lr * beta)
+            else:
+                expected = mean
+            sync.after_step()
+            assert torch.equal(sync.flat.data, expected), (step, type(sync).__name__)
