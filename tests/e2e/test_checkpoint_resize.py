@@ -165,3 +165,24 @@ def names(fh: h5py.File) -> list[str]:
     found: list[str] = []
     fh.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
     return found
+
+
+def test_a_round_in_flight_and_encoded_resumes_at_more_ranks(tmp_path: Path) -> None:
+    """A checkpoint of step 6 holds a round in flight (started at 4, landing at 8) and int8's
+    residuals; three ranks continue it: the round is dropped (each rank's progress goes into
+    the next one), the residuals start afresh, and the run ends on one model."""
+    flags = [*RUN, "--overlap", "--overlap-steps", "4", "--exchange-dtype", "int8",
+             "--checkpoint-dir", str(tmp_path), "--quiet"]
+    res = launch([*flags, "--checkpoint-every", "6", "--max-steps", "6"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    with shard(newest(tmp_path), 0) as fh:
+        assert fh["sync/inflight"].attrs["step"] == 4 and "sync/codec/residual" in fh
+    res = launch([*flags, "--max-steps", "14"], ranks=3)
+    assert res.returncode == 0, res.stderr
+    final = newest(tmp_path)
+    positions = []
+    for rank in range(3):
+        with shard(final, rank) as fh:
+            assert "sync/inflight" not in fh
+            positions.append(fh["model/position"][()])
+    assert all(np.array_equal(p, positions[0]) for p in positions[1:])

@@ -203,18 +203,15 @@ def test_fitness_holdout_from_the_command_line(tmp_path: Path) -> None:
     assert epoch["train_loss"] < math.log(10) - 0.5  # what the training loss would give
 
 
+# A job's way from bad input to one line and exit code 2, for each kind of input: flags
+# (argparse's and the settings' own checks; every setting's check is a unit test in
+# tests/unit/test_config.py), files, data, a user's model.
 BAD_INPUTS = {
     "unknown algo": (["--algo", "sgd"], "invalid choice: 'sgd'"),
     "unknown dataset": (["--dataset", "imagenet"],
                         "unknown dataset 'imagenet'; choose one of: mnist1d"),
     "unknown model": (["--model", "vgg99"], "unknown model 'vgg99'"),
     "model that does not import": (["--model", "nosuchpkg.mod:make"], "cannot import module"),
-    "zero sync period": (["--sync-every", "0"], "--sync-every must be a positive integer"),
-    "zero batch": (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    "zero epochs": (["--epochs", "0"], "--epochs must be a positive integer"),
-    "negative lr": (["--lr", "-0.1"], "--lr must be a positive number"),
-    "nan coefficient": (["--w", "nan"], "--w must be a finite number >= 0"),
-    "negative coefficient": (["--c2", "-1"], "--c2 must be a finite number >= 0"),
     "missing data dir": (["--dataset", "mnist", "--data-dir", "{tmp}/nowhere"],
                          "train-images-idx3-ubyte"),
     "missing data files": (["--dataset", "cifar10", "--data-dir", "{tmp}"], "cifar-10-batches"),
