@@ -13,8 +13,9 @@ applied as if blocking, and the rank's own progress x1 - x0 added on top (the de
 correction of Overlap Local-SGD, Wang et al. 2020, and of Streaming DiLoCo's eager updates).
 A rank whose x0 or progress is not finite restarts at the round's result instead.
 
-At the end of an epoch (:meth:`flush` with ``final`` False) a round in flight lands at once, so
-that the ranks evaluate the centre it gives; at the run's end (``final`` True) it lands and one
+At the end of an epoch (:meth:`flush` with ``final`` False) a round starts, as it does when
+blocking, and is left in flight like any other; the ranks evaluate the centre of the round
+that landed last. At the run's end (``final`` True) the round in flight lands and one
 blocking round follows. A checkpoint taken with a round in flight waits for its exchange to
 finish and saves the snapshot and the result, unapplied, so a resumed run lands it at the same
 step as a run never stopped; a resize drops it (the ranks' progress stays in their positions
@@ -250,15 +251,16 @@ class FlatSynchronizer(Synchronizer):
             data.copy_(saved)
 
     def flush(self, final: bool = True) -> None:
-        """A round if local steps were taken since the last one. With overlap, the round in
-        flight lands; then the round only when ``final`` (the run's end), not between epochs
-        (where the ranks evaluate the centre the landed round gave)."""
-        if not self.overlap_steps:
+        """A round if local steps were taken since the last one. With overlap, between
+        epochs (``final`` False) that round is left in flight like any other (the ranks
+        evaluate the centre of the round that landed last); at the run's end the round in
+        flight lands and the round is a blocking one, so that every rank ends on it."""
+        if not self.overlap_steps or not final:
             if self.steps_since_round:
                 self.sync_round()
             return
         self._land()
-        if final and self.steps_since_round:
+        if self.steps_since_round:
             self.exchange.arrive(self._where)
             self._round()
             self._count_round()
