@@ -27,7 +27,7 @@ seconds in communication per round; its error is given as a share of the whole r
 predicted time, so that a round predicted to be hidden and measured at a few milliseconds
 counts as the small error it is.
 
-    python bench/exchange_report.py bench/results/exchange   # -> REPORT.md, exchange.png
+    python bench/exchange_report.py bench/results/exchange --landing bench/results/overlap-k
 """
 
 from __future__ import annotations
@@ -336,6 +336,29 @@ def costmodel_section(runs: list[Run]) -> list[str]:
     return [*lines, ""]
 
 
+# ---------------------------------------------------------------------------- the landing step
+
+def landing_section(raw: Path) -> list[str]:
+    """Final accuracy against K, the steps a round is in flight (``--groups overlap-k``)."""
+    runs = [r for r in ok(load(raw)[0]) if r.get("group") == "overlap-k"]
+    if not runs:
+        return []
+    ks = sorted({landing_steps(r) for r in runs})
+    lines = ["## The landing step", "",
+             f"mlp-wide on MNIST-1D, 4 ranks, `--sync-every 16`, 12 epochs, on the machine as it "
+             f"is (no emulated link), int8 rounds landing K steps after they start, against "
+             f"blocking fp32; final test accuracy, mean (min – max) over "
+             f"{len({r['seed'] for r in runs})} seeds (`python bench/sweep.py --groups "
+             f"overlap-k --seeds 0,1,2 --out {raw}`).", "",
+             "| method | blocking fp32 | " + " | ".join(f"K = {k}" for k in ks if k) + " |",
+             "|---|---|" + "---|" * len([k for k in ks if k])]
+    for algo in PERIODIC:
+        mine = [r for r in runs if r["algo"] == algo]
+        cells_ = [acc_cell([r for r in mine if landing_steps(r) == k]) for k in ks]
+        lines.append(f"| {NAMES[algo]} | " + " | ".join(cells_) + " |")
+    return [*lines, ""]
+
+
 # ---------------------------------------------------------------------------- plot
 
 def plot(runs: list[Run], path: Path) -> bool:
@@ -383,7 +406,7 @@ def plot(runs: list[Run], path: Path) -> bool:
 
 # ---------------------------------------------------------------------------- main
 
-def write_report(raw: Path, out_dir: Path) -> Path:
+def write_report(raw: Path, out_dir: Path, landing: Path | None = None) -> Path:
     all_runs, meta = load(raw)
     runs = [r for r in ok(all_runs) if r.get("group") == "exchange"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -409,6 +432,8 @@ def write_report(raw: Path, out_dir: Path) -> Path:
     if plot(runs, out_dir / "exchange.png"):
         lines += ["![exchange.png](exchange.png)", ""]
     lines += costmodel_section(runs)
+    if landing is not None:
+        lines += landing_section(landing)
     failed = [r for r in all_runs if r.get("rc") != 0]
     if failed:
         lines += ["## Failed runs", ""] + [f"- `{r['key']}`: exit {r.get('rc')}" for r in failed]
@@ -421,12 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("raw", type=Path, help="the sweep's --out folder (runs.jsonl, sweep.json)")
     p.add_argument("--out-dir", type=Path, help="where REPORT.md goes (default: raw)")
+    p.add_argument("--landing", type=Path, help="a sweep of --groups overlap-k, reported too")
     args = p.parse_args(argv)
     if not (args.raw / "runs.jsonl").is_file():
         print(f"exchange_report: error: {args.raw / 'runs.jsonl'} not found; run "
               f"bench/sweep.py --groups exchange --out {args.raw} first", file=sys.stderr)
         return 2
-    print(write_report(args.raw, args.out_dir or args.raw))
+    print(write_report(args.raw, args.out_dir or args.raw, args.landing))
     return 0
 
 

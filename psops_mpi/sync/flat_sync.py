@@ -304,7 +304,8 @@ class FlatSynchronizer(Synchronizer):
                  "steps_since_round": self.steps_since_round,
                  "comm_bytes": self.exchange.bytes_sent, "comm_s": self.exchange.seconds,
                  "comm_calls": self.exchange.calls, "restarts": self.restarts,
-                 "skipped": self.skipped, "consecutive_skipped": self.consecutive_skipped}
+                 "skipped": self.skipped, "consecutive_skipped": self.consecutive_skipped,
+                 "ranks": self.world_size}
         if self.inflight_step is not None:
             self.exchange.finish(self._pending, f"the checkpoint of step {self.steps}, finishing "
                                                 f"the round of step {self.inflight_step}")
@@ -325,9 +326,12 @@ class FlatSynchronizer(Synchronizer):
         self.restarts = int(state.get("restarts", 0))
         self.skipped = int(state.get("skipped", 0))
         self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
+        self.inflight_step = None
+        if int(state.get("ranks", self.world_size)) != self.world_size:
+            return  # a resize: on_resize drops the round in flight and the residuals (sized
+            # for the old number of ranks) anyway
         self._load_codec_state(state.get("codec", {}))
         inflight = state.get("inflight")
-        self.inflight_step = None
         if inflight is not None and self._x0 is not None:  # (run.py refuses one without)
             self.inflight_step = int(inflight["step"])
             load_into(self._x0, inflight["position"])

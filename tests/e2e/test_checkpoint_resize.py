@@ -171,15 +171,17 @@ def test_a_round_in_flight_and_encoded_resumes_at_more_ranks(tmp_path: Path) -> 
     """A checkpoint of step 6 holds a round in flight (started at 4, landing at 8) and int8's
     residuals; three ranks continue it: the round is dropped (each rank's progress goes into
     the next one), the residuals start afresh, and the run ends on one model."""
-    flags = [*RUN, "--overlap", "--overlap-steps", "4", "--exchange-dtype", "int8",
-             "--checkpoint-dir", str(tmp_path), "--quiet"]
-    res = launch([*flags, "--checkpoint-every", "6", "--max-steps", "6"], ranks=2)
+    flags = [*RUN, "--overlap", "--overlap-steps", "4", "--exchange-dtype", "int8", "--quiet"]
+    two, three = tmp_path / "two", tmp_path / "three"
+    res = launch([*flags, "--checkpoint-dir", str(two), "--checkpoint-every", "6",
+                  "--max-steps", "7"], ranks=2)
     assert res.returncode == 0, res.stderr
-    with shard(newest(tmp_path), 0) as fh:
+    with shard(two / "step-00000006", 0) as fh:
         assert fh["sync/inflight"].attrs["step"] == 4 and "sync/codec/residual" in fh
-    res = launch([*flags, "--max-steps", "14"], ranks=3)
+    res = launch([*flags, "--checkpoint-dir", str(three), "--resume", str(two / "step-00000006"),
+                  "--max-steps", "14"], ranks=3)
     assert res.returncode == 0, res.stderr
-    final = newest(tmp_path)
+    final = newest(three)
     positions = []
     for rank in range(3):
         with shard(final, rank) as fh:

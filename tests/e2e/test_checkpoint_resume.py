@@ -143,21 +143,23 @@ def resume_matches_uninterrupted(tmp_path: Path, args: list[str], every: int, re
             assert got[name].tobytes() == array.tobytes(), f"rank {rank}: {name} differs"
 
 
-@pytest.mark.parametrize(("ranks", "flags"), [
-    (2, ["--algo", "slowmo", "--overlap", "--overlap-steps", "8"]),
+@pytest.mark.parametrize(("ranks", "flags", "started"), [
+    (2, ["--algo", "slowmo", "--overlap", "--overlap-steps", "8"], 32),
     (4, ["--pso-preset", "centre", "--overlap", "--overlap-steps", "8", "--exchange-dtype",
-         "int8"])])
+         "int8"], 31)])
 def test_a_checkpoint_with_a_round_in_flight_resumes_exactly(tmp_path: Path, ranks: int,
-                                                             flags: list[str]) -> None:
-    """Rounds every 8 steps, each landing 8 steps later: at the checkpoint of step 36 the
-    round of step 32 is in flight (its snapshot and result are saved, unapplied); the
-    resumed run lands it at step 40, as the uninterrupted run did, and both end with the
-    same bytes (weights, momentum, centre, error feedback's residuals) on every rank."""
+                                                             flags: list[str],
+                                                             started: int) -> None:
+    """Rounds every 8 steps and at the end of an epoch, each landing 8 steps later: at the
+    checkpoint of step 36 a round is in flight (that of step 32 at 2 ranks; at 4 ranks an
+    epoch is 31 steps, so that of step 31), its snapshot and result saved, unapplied; the
+    resumed run lands it as the uninterrupted run did, and both end with the same bytes
+    (weights, momentum, centre, error feedback's residuals) on every rank."""
     args = [*RUN, *flags, "--max-steps", str(SHORT_FINAL)]
     resume_matches_uninterrupted(tmp_path, args, every=EVERY, resume_at=LAST_COMPLETE,
                                  final=SHORT_FINAL, ranks=ranks)
     with h5py.File(tmp_path / "whole" / f"step-{LAST_COMPLETE:08d}" / "rank-00000.h5") as fh:
-        assert fh["sync/inflight"].attrs["step"] == 32
+        assert fh["sync/inflight"].attrs["step"] == started
         assert "sync/inflight/position" in fh
         assert ("sync/codec/residual" in fh) == ("int8" in flags)
 
