@@ -120,6 +120,11 @@ class PSOSync(FlatSynchronizer):
                                  in_flight=bool(overlap_steps), own_buffer=True,
                                  with_best=self.exchange_kind == "best")
         self.encoded = self.mean is not None and self.mean.dtype != "fp32"
+        # a broadcast best in flight lands here, not in g: until the round lands every rank
+        # (its owner too) keeps the last round's g
+        self._incoming = (flat_buffer(n, dtype, device)
+                          if overlap_steps and self._gathered is None and not self.encoded
+                          and self.exchange_kind == "best" else None)
         self.anchor = flat_buffer(n, dtype, device).copy_(self.flat.data) if centre else None
         # the elastic swarm: each particle's own position while the centre is computed
         self._own = flat_buffer(n, dtype, device) if self.config.rho < 1 else None
@@ -209,12 +214,14 @@ class PSOSync(FlatSynchronizer):
         self._best = (best, owner, taken)
         if not (taken and send):
             return Done()
-        if self.rank == owner:
-            self.swarm.gbest.copy_(x)
-        if not self.overlap_steps:
+        if self._incoming is None:
+            if self.rank == owner:
+                self.swarm.gbest.copy_(x)
             self.exchange.bcast_(self.swarm.gbest, root=owner)
             return Done()
-        return self.exchange.start_bcast(self.swarm.gbest, root=owner)
+        if self.rank == owner:
+            self._incoming.copy_(x)
+        return self.exchange.start_bcast(self._incoming, root=owner)
 
     def _finish(self) -> None:
         if self._gathered is not None:
@@ -275,7 +282,8 @@ class PSOSync(FlatSynchronizer):
         """The broadcast best particle as the global best; True if some fitness is finite."""
         best, owner, taken = self._best
         if taken:
-            self.swarm.set_global(self.swarm.gbest, best, owner)
+            incoming = self._incoming if self._incoming is not None else self.swarm.gbest
+            self.swarm.set_global(incoming, best, owner)
         return math.isfinite(best)
 
     def _take_encoded_best(self) -> bool:
@@ -374,8 +382,8 @@ class PSOSync(FlatSynchronizer):
             return state
         best, owner, taken = self._best
         state.update(best=best, owner=owner, taken=taken)
-        if taken and self.exchange_kind != "mean":
-            state["gbest"] = self.swarm.gbest
+        if taken and self._incoming is not None:
+            state["gbest"] = self._incoming
         return state
 
     def _load_landed_state(self, state: dict[str, Any]) -> None:
@@ -386,8 +394,8 @@ class PSOSync(FlatSynchronizer):
         if self.encoded:
             return
         self._best = (float(state["best"]), int(state["owner"]), bool(state["taken"]))
-        if "gbest" in state:
-            load_into(self.swarm.gbest, state["gbest"])
+        if "gbest" in state and self._incoming is not None:
+            load_into(self._incoming, state["gbest"])
 
     def plan_resize(self, rank_summaries: list[dict[str, Any]], summary: dict[str, Any],
                     new_size: int) -> ResizePlan:
