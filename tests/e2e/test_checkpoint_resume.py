@@ -59,6 +59,11 @@ def final_state(folder: Path, rank: int) -> dict[str, np.ndarray]:
                 if name.startswith(("model/", "sync/", "optimizer/"))}
 
 
+def scaler_attrs(folder: Path, rank: int) -> dict[str, float]:
+    with h5py.File(folder / f"rank-{rank:05d}.h5", "r") as fh:
+        return {k: float(v) for k, v in fh["precision/scaler"].attrs.items()}
+
+
 def _datasets(fh: h5py.File) -> list[str]:
     names: list[str] = []
     fh.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
@@ -69,16 +74,27 @@ def last_event(metrics: Path) -> dict:
     return json.loads(metrics.read_text().splitlines()[-1])
 
 
-@pytest.mark.parametrize("algo", ["pso-ps", "pa", "ssgd", "slowmo"])
-def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str) -> None:
-    args = [*RUN, "--algo", algo]
+FP16 = ("--precision", "fp16")
+IN_FLIGHT = ("--overlap", "--overlap-steps", "8")
+
+
+@pytest.mark.parametrize(("algo", "flags"), [("pso-ps", ()), ("pa", FP16), ("ssgd", FP16),
+                                             ("slowmo", IN_FLIGHT)])
+def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str,
+                                            flags: tuple[str, ...]) -> None:
+    """Killed inside the write of step 54, resumed from step 36 (mid-epoch, mid-period): the
+    end (step 124, across an epoch boundary) holds the same bytes as a run never stopped.
+    In fp16 the loss scaler's scale and growth counter are in every shard and resume too;
+    with --overlap the checkpoint of step 36 holds the round of step 32 in flight (its
+    snapshot and result, saved unapplied), which the resumed run lands at step 40."""
+    args = [*RUN, "--algo", algo, *flags]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     res = launch([*args, "--checkpoint-dir", str(whole), "--metrics-out",
                   str(tmp_path / "whole.jsonl")], ranks=2)
     assert res.returncode == 0, res.stderr
 
     killed_args = [*args, "--checkpoint-dir", str(broken), "--checkpoint-every", str(EVERY),
-                   "--keep-last", "5"]
+                   "--keep-last", "10"]
     proc = start_paused_job(killed_args, PAUSE_STEP)
     kill_when_paused(proc, broken / f".tmp-step-{PAUSE_STEP:08d}")
     # The interrupted write left a partial folder; only the earlier ones are complete.
@@ -105,6 +121,17 @@ def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str) -> None:
     assert resumed_final["checkpoint_s"] > 0
     # Pruning after the resume removed the partial write.
     assert not list(broken.glob(".tmp-*"))
+    if flags == FP16:
+        for rank in range(2):
+            want = scaler_attrs(whole / f"step-{FINAL:08d}", rank)
+            assert want["scale"] >= 1 and want["_growth_tracker"] > 0
+            assert scaler_attrs(broken / f"step-{FINAL:08d}", rank) == want
+            mid = scaler_attrs(broken / f"step-{LAST_COMPLETE:08d}", rank)
+            assert mid["_growth_tracker"] < want["_growth_tracker"]
+    with h5py.File(broken / f"step-{LAST_COMPLETE:08d}" / "rank-00000.h5") as fh:
+        assert ("sync/inflight/position" in fh) == (flags == IN_FLIGHT)
+        if flags == IN_FLIGHT:
+            assert fh["sync/inflight"].attrs["step"] == 32
 
 
 def test_a_finished_run_launched_again_keeps_its_metrics_and_reports_no_epoch_twice(
@@ -143,25 +170,19 @@ def resume_matches_uninterrupted(tmp_path: Path, args: list[str], every: int, re
             assert got[name].tobytes() == array.tobytes(), f"rank {rank}: {name} differs"
 
 
-@pytest.mark.parametrize(("ranks", "flags", "started"), [
-    (2, ["--algo", "slowmo", "--overlap", "--overlap-steps", "8"], 32),
-    (4, ["--pso-preset", "centre", "--overlap", "--overlap-steps", "8", "--exchange-dtype",
-         "int8"], 31)])
-def test_a_checkpoint_with_a_round_in_flight_resumes_exactly(tmp_path: Path, ranks: int,
-                                                             flags: list[str],
-                                                             started: int) -> None:
-    """Rounds every 8 steps and at the end of an epoch, each landing 8 steps later: at the
-    checkpoint of step 36 a round is in flight (that of step 32 at 2 ranks; at 4 ranks an
-    epoch is 31 steps, so that of step 31), its snapshot and result saved, unapplied; the
-    resumed run lands it as the uninterrupted run did, and both end with the same bytes
-    (weights, momentum, centre, error feedback's residuals) on every rank."""
-    args = [*RUN, *flags, "--max-steps", str(SHORT_FINAL)]
+def test_a_round_in_flight_and_encoded_resumes_exactly_at_four_ranks(tmp_path: Path) -> None:
+    """Rounds every 8 steps and at the end of an epoch (31 steps at 4 ranks), each landing 8
+    steps later: the checkpoint of step 36 holds the round of step 31 in flight, its snapshot
+    and result saved unapplied, and int8's residuals; the resumed run lands it as the
+    uninterrupted run did, and both end with the same bytes (weights, momentum, centre,
+    error feedback's residuals) on every rank. (At 2 ranks: the killed SlowMo run above.)"""
+    args = [*RUN, "--pso-preset", "centre", "--overlap", "--overlap-steps", "8",
+            "--exchange-dtype", "int8", "--max-steps", str(SHORT_FINAL)]
     resume_matches_uninterrupted(tmp_path, args, every=EVERY, resume_at=LAST_COMPLETE,
-                                 final=SHORT_FINAL, ranks=ranks)
+                                 final=SHORT_FINAL, ranks=4)
     with h5py.File(tmp_path / "whole" / f"step-{LAST_COMPLETE:08d}" / "rank-00000.h5") as fh:
-        assert fh["sync/inflight"].attrs["step"] == started
-        assert "sync/inflight/position" in fh
-        assert ("sync/codec/residual" in fh) == ("int8" in flags)
+        assert fh["sync/inflight"].attrs["step"] == 31
+        assert "sync/inflight/position" in fh and "sync/codec/residual" in fh
 
 
 def test_resume_mid_epoch_augments_as_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -174,28 +195,6 @@ def test_resume_mid_epoch_augments_as_an_uninterrupted_run(tmp_path: Path) -> No
     args = ["--dataset", "cifar10", "--data-dir", str(data), "--model", "cnn", "--algo", "pa",
             "--epochs", "3", "--batch-size", "16", "--sync-every", "2", "--quiet"]
     resume_matches_uninterrupted(tmp_path, args, every=7, resume_at=7, final=15)
-
-
-def scaler_attrs(folder: Path, rank: int) -> dict[str, float]:
-    with h5py.File(folder / f"rank-{rank:05d}.h5", "r") as fh:
-        return {k: float(v) for k, v in fh["precision/scaler"].attrs.items()}
-
-
-@pytest.mark.parametrize("algo", ["ssgd", "pa"])
-def test_fp16_resume_mid_epoch_is_exact_with_the_loss_scaler(tmp_path: Path, algo: str) -> None:
-    """The scaler's scale and growth counter are in every shard; a run resumed from step 36
-    (mid-epoch, mid-period) ends with the same bytes and the same scaler state (at step 48,
-    ``--max-steps``: the scaler has found its scale long before)."""
-    args = ["--epochs", "2", "--quiet", "--algo", algo, "--precision", "fp16", "--max-steps",
-            str(SHORT_FINAL)]
-    resume_matches_uninterrupted(tmp_path, args, every=EVERY, resume_at=LAST_COMPLETE,
-                                 final=SHORT_FINAL)
-    for rank in range(2):
-        want = scaler_attrs(tmp_path / "whole" / f"step-{SHORT_FINAL:08d}", rank)
-        assert want["scale"] >= 1 and want["_growth_tracker"] > 0
-        assert scaler_attrs(tmp_path / "resumed" / f"step-{SHORT_FINAL:08d}", rank) == want
-        mid = scaler_attrs(tmp_path / "whole" / f"step-{LAST_COMPLETE:08d}", rank)
-        assert mid["_growth_tracker"] < want["_growth_tracker"]
 
 
 def test_resume_in_another_precision_is_allowed_and_said(tmp_path: Path) -> None:

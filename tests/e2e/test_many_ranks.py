@@ -23,7 +23,7 @@ PARAMS = {"cnn1d": 8010, "mlp-wide": 1_101_834}
 
 
 @pytest.mark.parametrize(("model", "exchange", "epochs"),
-                         [("cnn1d", "allgather", 6), ("mlp-wide", "best", 4)])
+                         [("cnn1d", "allgather", 3), ("mlp-wide", "best", 2)])
 def test_eight_ranks_with_each_exchange_auto_picks(tmp_path: Path, model: str, exchange: str,
                                     epochs: int) -> None:
     # 32 KB particles: the allgather's 7 messages cost less than the mean's allreduce plus

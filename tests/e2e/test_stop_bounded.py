@@ -18,7 +18,7 @@ import pytest
 from psops_mpi.checkpoint import PAUSE_ENV
 from tests.helpers.launch import Result, finish, start
 
-BOUND = 4  # --stop-timeout-s of these tests
+BOUND = 3  # --stop-timeout-s of these tests
 SLACK = 15  # seconds beyond it that a job may take to end (start-up of MPI_Abort, reaping)
 MODELS = "tests.helpers.user_models:"
 

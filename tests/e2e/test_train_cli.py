@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import user_models
-from tests.helpers.formats import CIFAR_FILES, write_cifar_py, write_file, write_idx_set
+from tests.helpers.formats import write_cifar_py, write_file, write_idx_set
 from tests.helpers.launch import launch
 
 FINAL_KEYS = {"event", "test_acc", "test_loss", "wall_s", "comm_bytes_per_rank", "comm_s",
@@ -116,14 +116,6 @@ def mnist_dir(base: Path, num_train: int = 20, truncate: int = 0) -> Path:
     return folder
 
 
-def bad_cifar_dir(base: Path) -> Path:
-    folder = base / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in CIFAR_FILES:
-        (folder / name).write_bytes(b"this is not a pickle at all")
-    return folder
-
-
 def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
     """PA trains resnet20 on CIFAR-10 files: every training batch was augmented (random
     crops leave zero padding, counted by a probe in front of the model), and the BatchNorm
@@ -157,12 +149,11 @@ def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
 def test_lr_schedule_gives_every_step_its_learning_rate(tmp_path: Path) -> None:
     """The model's extra parameter gets gradient 1 at every step, so under plain SGD it sits
     at minus the sum of the learning rates so far; checkpoints every 5 of the 20 steps show
-    the cosine schedule (lr/2 (1 + cos(pi step / 20))), a constant one, and a linear one after
-    a warmup of 4 steps, by hand."""
+    the cosine schedule (lr/2 (1 + cos(pi step / 20))) and a linear one after a warmup of 4
+    steps, by hand."""
     lr, num_steps = 0.1, 20
     rates = {("cosine", 0): [lr * 0.5 * (1 + math.cos(math.pi * j / num_steps))
                              for j in range(num_steps)],
-             ("constant", 0): [lr] * num_steps,
              ("linear", 4): [lr * (j + 1) / 4 for j in range(4)]
              + [lr * (1 - (j - 4) / (num_steps - 4)) for j in range(4, num_steps)]}
     for (schedule, warmup), rate in rates.items():
@@ -205,23 +196,17 @@ def test_fitness_holdout_from_the_command_line(tmp_path: Path) -> None:
 
 # A job's way from bad input to one line and exit code 2, for each kind of input: flags
 # (argparse's and the settings' own checks; every setting's check is a unit test in
-# tests/unit/test_config.py), files, data, a user's model.
+# tests/unit/test_config.py), files, data (every format's damage: tests/unit/test_data.py),
+# a user's model.
 BAD_INPUTS = {
     "unknown algo": (["--algo", "sgd"], "invalid choice: 'sgd'"),
-    "unknown dataset": (["--dataset", "imagenet"],
-                        "unknown dataset 'imagenet'; choose one of: mnist1d"),
     "unknown model": (["--model", "vgg99"], "unknown model 'vgg99'"),
     "model that does not import": (["--model", "nosuchpkg.mod:make"], "cannot import module"),
-    "missing data dir": (["--dataset", "mnist", "--data-dir", "{tmp}/nowhere"],
-                         "train-images-idx3-ubyte"),
-    "missing data files": (["--dataset", "cifar10", "--data-dir", "{tmp}"], "cifar-10-batches"),
     "truncated idx": (["--dataset", "mnist", "--data-dir", "{truncated}"],
                       "train-images-idx3-ubyte"),
-    "corrupt cifar": (["--dataset", "cifar10", "--data-dir", "{cifar}"], "data_batch_1"),
     "more ranks than samples": (["--dataset", "mnist", "--data-dir", "{one_sample}"],
                                 "more ranks (2) than training samples (1)"),
     "unreadable config": (["--config", "{tmp}/bad.toml"], "cannot read config file"),
-    "missing config": (["--config", "{tmp}/none.toml"], "does not exist"),
     "int8 where it cannot go": (["--pso-preset", "paper", "--exchange-dtype", "int8"],
                                 "the particle rule (--pso-preset paper) has none"),
     "model failing on one rank": (["--dataset", "synthetic", "--model",
@@ -238,7 +223,6 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "tmp": str(base),
         "truncated": str(mnist_dir(base / "truncated", truncate=100)),
         "one_sample": str(mnist_dir(base / "one_sample", num_train=1)),
-        "cifar": str(bad_cifar_dir(base)),
     }
 
 
