@@ -165,26 +165,3 @@ def names(fh: h5py.File) -> list[str]:
     found: list[str] = []
     fh.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
     return found
-
-
-def test_a_round_in_flight_and_encoded_resumes_at_more_ranks(tmp_path: Path) -> None:
-    """A checkpoint of step 6 holds a round in flight (started at 4, landing at 8) and int8's
-    residuals; three ranks continue it: the round is dropped (each rank's progress goes into
-    the next one), the residuals start afresh, and the run ends on one model."""
-    flags = [*RUN, "--overlap", "--overlap-steps", "4", "--exchange-dtype", "int8", "--quiet"]
-    two, three = tmp_path / "two", tmp_path / "three"
-    res = launch([*flags, "--checkpoint-dir", str(two), "--checkpoint-every", "6",
-                  "--max-steps", "7"], ranks=2)
-    assert res.returncode == 0, res.stderr
-    with shard(two / "step-00000006", 0) as fh:
-        assert fh["sync/inflight"].attrs["step"] == 4 and "sync/codec/residual" in fh
-    res = launch([*flags, "--checkpoint-dir", str(three), "--resume", str(two / "step-00000006"),
-                  "--max-steps", "14"], ranks=3)
-    assert res.returncode == 0, res.stderr
-    final = newest(three)
-    positions = []
-    for rank in range(3):
-        with shard(final, rank) as fh:
-            assert "sync/inflight" not in fh
-            positions.append(fh["model/position"][()])
-    assert all(np.array_equal(p, positions[0]) for p in positions[1:])

@@ -1,7 +1,7 @@
 """Loading damaged or mismatched checkpoints: one line, exit code 2 on every rank, no h5py
 traceback and no hang (real 2-rank jobs on files this test damages; each kind of damage a
-shard reader or a state check refuses, truncation, garbage, a wrong shape, is a unit test in
-tests/unit/test_checkpoint.py)."""
+shard reader or a state check refuses, truncation, garbage, a missing file, a wrong shape,
+is a unit test in tests/unit/test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -43,10 +43,6 @@ def flip_byte(folder: Path) -> None:
     flip_in_dataset(folder / "rank-00001.h5", "model/position", index=5)
 
 
-def missing_shard(folder: Path) -> None:
-    (folder / "rank-00001.h5").unlink()
-
-
 def wrong_dtype(folder: Path) -> None:
     path = folder / "rank-00000.h5"
     with h5py.File(path, "a") as fh:
@@ -66,7 +62,6 @@ def nothing(folder: Path) -> None:
 
 CASES: dict[str, tuple[Callable[[Path], None], list[str], dict[str, str], str]] = {
     "checksum": (flip_byte, [], {}, "does not match its checksum"),
-    "missing": (missing_shard, [], {}, "rank-00001.h5 is missing"),
     "dtype": (wrong_dtype, [], {}, "'model/position' is (730,) float64"),
     "metadata": (garbage_metadata, [], {}, "cannot read"),
     "param-count": (nothing, [], {"CKPT_TEST_WIDTH": "24"}, "parameters per particle"),

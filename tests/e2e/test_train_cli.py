@@ -39,6 +39,7 @@ def test_default_run_learns_mnist1d_and_writes_final_metrics(tmp_path: Path) -> 
     assert final["config"]["algo"] == "pso-ps" and final["config"]["model"] == "cnn1d"
     assert final["world_size"] == 2 and final["comm_bytes_per_rank"] > 0
     assert "final: test acc" in res.stdout
+    assert "exchange allgather (auto: the cheaper for this swarm)" in res.stdout
 
 
 def read_shards(folder: Path, *names: str) -> list[dict[str, np.ndarray]]:
@@ -57,10 +58,12 @@ def final_checkpoint(root: Path) -> Path:
     return folders[-1].parent
 
 
-@pytest.mark.parametrize("algo", ["ssgd", "pa", "pso-ps"])
-def test_every_algorithm_runs_at_four_ranks(tmp_path: Path, algo: str) -> None:
-    """Four ranks end on one model (every algorithm: PSO-PS's default rule moves the swarm as
-    one), and each rank sent what the manual says its algorithm sends."""
+@pytest.mark.parametrize("algo", ["ssgd", "pso-ps"])
+def test_four_ranks_end_on_one_model_having_sent_what_the_manual_says(tmp_path: Path,
+                                                                      algo: str) -> None:
+    """SSGD and the default PSO-PS (its rule moves the swarm as one) at four ranks: one model
+    at the end, and each rank sent what the manual says its algorithm sends. (PA at four
+    ranks: the MPI tier and the killed runs; its bytes are SSGD's per round, plus a flag.)"""
     metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--algo", algo, "--dataset", "synthetic", "--epochs", "3", "--quiet",
                   "--exchange", "best", "--metrics-out", str(metrics),
@@ -149,12 +152,10 @@ def test_cifar10_with_augmentation_and_batchnorm(tmp_path: Path) -> None:
 def test_lr_schedule_gives_every_step_its_learning_rate(tmp_path: Path) -> None:
     """The model's extra parameter gets gradient 1 at every step, so under plain SGD it sits
     at minus the sum of the learning rates so far; checkpoints every 5 of the 20 steps show
-    the cosine schedule (lr/2 (1 + cos(pi step / 20))) and a linear one after a warmup of 4
-    steps, by hand."""
+    a linear schedule after a warmup of 4 steps, by hand (each schedule's formula:
+    tests/unit/test_recipe.py)."""
     lr, num_steps = 0.1, 20
-    rates = {("cosine", 0): [lr * 0.5 * (1 + math.cos(math.pi * j / num_steps))
-                             for j in range(num_steps)],
-             ("linear", 4): [lr * (j + 1) / 4 for j in range(4)]
+    rates = {("linear", 4): [lr * (j + 1) / 4 for j in range(4)]
              + [lr * (1 - (j - 4) / (num_steps - 4)) for j in range(4, num_steps)]}
     for (schedule, warmup), rate in rates.items():
         ckpt = tmp_path / schedule
@@ -200,13 +201,11 @@ def test_fitness_holdout_from_the_command_line(tmp_path: Path) -> None:
 # a user's model.
 BAD_INPUTS = {
     "unknown algo": (["--algo", "sgd"], "invalid choice: 'sgd'"),
-    "unknown model": (["--model", "vgg99"], "unknown model 'vgg99'"),
     "model that does not import": (["--model", "nosuchpkg.mod:make"], "cannot import module"),
     "truncated idx": (["--dataset", "mnist", "--data-dir", "{truncated}"],
                       "train-images-idx3-ubyte"),
     "more ranks than samples": (["--dataset", "mnist", "--data-dir", "{one_sample}"],
                                 "more ranks (2) than training samples (1)"),
-    "unreadable config": (["--config", "{tmp}/bad.toml"], "cannot read config file"),
     "int8 where it cannot go": (["--pso-preset", "paper", "--exchange-dtype", "int8"],
                                 "the particle rule (--pso-preset paper) has none"),
     "model failing on one rank": (["--dataset", "synthetic", "--model",
@@ -218,7 +217,6 @@ BAD_INPUTS = {
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     base = tmp_path_factory.mktemp("bad")
-    (base / "bad.toml").write_text("algo = = 'pa'\n")
     return {
         "tmp": str(base),
         "truncated": str(mnist_dir(base / "truncated", truncate=100)),
@@ -268,7 +266,10 @@ def test_nan_particle_never_becomes_gbest_and_restarts_there(tmp_path: Path) -> 
     assert read_metrics(metrics)[-1]["test_acc"] > 0.3  # the swarm's answer is rank 1's model
 
 
-def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path: Path) -> None:
+def test_another_seed_gives_another_run(tmp_path: Path) -> None:
+    """(The same seed gives the same run to the last bit: the killed and resumed runs of
+    tests/e2e/test_checkpoint_resume.py end as separate launches never stopped.)"""
+
     def final(seed: int, name: str) -> dict:
         metrics = tmp_path / name
         res = launch(["--dataset", "synthetic", "--max-steps", "40", "--seed", str(seed),
@@ -276,17 +277,16 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path: Path) 
         assert res.returncode == 0, res.stderr
         return read_metrics(metrics)[-1]
 
-    first, again, other = final(3, "a.jsonl"), final(3, "b.jsonl"), final(4, "c.jsonl")
-    assert (first["test_loss"], first["gbest_fitness"]) == (again["test_loss"],
-                                                            again["gbest_fitness"])
+    first, other = final(3, "a.jsonl"), final(4, "b.jsonl")
     assert first["test_loss"] != other["test_loss"]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16"])
 def test_mixed_precision_learns_on_the_cpu_and_keeps_fp32_state(tmp_path: Path,
                                                                  precision: str) -> None:
-    """Five epochs of the default PSO-PS in bf16 / fp16 autocast learn MNIST-1D (chance is
-    0.1; fp32 reaches about 0.73 here), and the checkpoint holds fp32 weights and swarm."""
+    """Five epochs of the default PSO-PS in bf16 autocast learn MNIST-1D (chance is 0.1; fp32
+    reaches about 0.73 here), and the checkpoint holds fp32 weights and swarm. (fp16: the
+    killed SSGD run in tests/e2e/test_checkpoint_resume.py keeps fp32 weights too.)"""
     metrics, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
     res = launch(["--epochs", "5", "--precision", precision, "--metrics-out", str(metrics),
                   "--checkpoint-dir", str(ckpt)], ranks=2)
