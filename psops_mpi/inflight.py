@@ -4,12 +4,14 @@ A :class:`Pending` is a non-blocking collective (or a short chain of them) that 
 and then leaves running while it trains. MPI moves the data only while the rank is inside an
 MPI call, so the synchroniser calls :meth:`Pending.test` after every backward pass and every
 optimizer step: each call lets MPI push whatever the network takes and returns at once.
-Measured on an emulated 1 Gbit/s link (4 ranks, a 4.4 MB Iallreduce, 16 steps of mlp-wide
-between rounds), one test per step left 20 ms of a 201 ms exchange to wait for at the next
-round, against 155 ms with no test at all; a thread testing every millisecond hid all of it but
-took 13% more compute time from the rank (docs/performance.md).
+Measured on an emulated 1 Gbit/s link (4 ranks on 2 cores, a 4.4 MB Iallreduce, 16 steps of
+mlp-wide between rounds, medians of 3 runs), one test per step left 54 ms of a 203 ms exchange
+to wait for at the next round, against 155 ms with no test at all; a thread testing every
+millisecond hid nearly all of it but made the steps 31% slower, for the same time in all
+(docs/performance.md).
 
-Only :mod:`psops_mpi.exchange` starts these; this module holds what they do once started:
+Only :mod:`psops_mpi.exchange` starts these (and calls MPI on their buffers); this module
+holds what they do once started:
 :class:`Requests` (MPI requests and a step to run when they are done) and
 :class:`QuantizedMean` (the mean of the ranks' vectors from quantized pieces, summed in fp32:
 an Alltoall of encoded chunks, each rank's chunk summed, then an Allgather of the encoded
@@ -31,13 +33,8 @@ from psops_mpi import codec
 HEADER = 8
 
 
-def mpi_buffer(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
-    """What to hand to mpi4py: a numpy view of a CPU tensor (mpi4py reads numpy's buffer
-    protocol about 20 us faster per call than a tensor's DLPack export, which matters for
-    every-step SSGD on small models), else the tensor itself (CUDA, or dtypes numpy lacks)."""
-    if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
-        return tensor.numpy()
-    return tensor
+# starts a collective on (what this rank sends, where every rank's lands): the exchange's
+Start = Callable[[torch.Tensor, torch.Tensor], MPI.Request]
 
 
 class Pending:
@@ -161,7 +158,8 @@ class QuantizedMean(Pending):
     is the same everywhere, with no MINLOC.
 
     Args:
-        comm: the communicator.
+        alltoall: starts phase 1 (an Ialltoall).
+        allgather: starts phase 2 (an Iallgather).
         space: the buffers.
         values: this rank's vector (float32, the padded length).
         weight: 1 to take part, 0 to be left out (send zeros).
@@ -174,10 +172,11 @@ class QuantizedMean(Pending):
         best_out: where the best vector lands (with_best).
     """
 
-    def __init__(self, comm: MPI.Comm, space: MeanSpace, values: torch.Tensor, weight: float,
-                 fitness: float, residual: torch.Tensor, sum_residual: torch.Tensor,
-                 out: torch.Tensor, best_out: torch.Tensor | None = None) -> None:
-        self.comm, self.space, self.out, self.best_out = comm, space, out, best_out
+    def __init__(self, alltoall: Start, allgather: Start, space: MeanSpace,
+                 values: torch.Tensor, weight: float, fitness: float, residual: torch.Tensor,
+                 sum_residual: torch.Tensor, out: torch.Tensor,
+                 best_out: torch.Tensor | None = None) -> None:
+        self.allgather, self.space, self.out, self.best_out = allgather, space, out, best_out
         self.sum_residual = sum_residual
         self.fitness = np.full(space.size, np.inf, dtype=np.float32)
         chunk, msg = space.chunk, space.msg
@@ -187,7 +186,7 @@ class QuantizedMean(Pending):
             piece = slice(j * chunk, (j + 1) * chunk)
             codec.encode(values[piece], part[HEADER:], space.dtype, residual[piece])
         self.phase = 1
-        self.request = comm.Ialltoall(mpi_buffer(space.send), mpi_buffer(space.recv))
+        self.request = alltoall(space.send, space.recv)
 
     def _advance(self) -> None:
         """Phase 1 done: sum this rank's chunk and start phase 2; phase 2 done: decode."""
@@ -195,8 +194,7 @@ class QuantizedMean(Pending):
         if self.phase == 1:
             self._reduce()
             self.phase = 2
-            self.request = self.comm.Iallgather(mpi_buffer(space.own),
-                                                mpi_buffer(space.gathered))
+            self.request = self.allgather(space.own, space.gathered)
         else:
             self._decode()
             self.done = True
