@@ -189,6 +189,35 @@ def against_ssgd(cells: dict[tuple[str, int], list[dict]]) -> None:
                   f"{'yes' if ppl <= 1.05 * base_ppl else 'no'}), {ratio:.0f}x fewer bytes "
                   f"(at least 20x: {'yes' if ratio >= 20 else 'no'}): "
                   f"{'met' if met else 'not met'}")
+    int8_against_fp32(cells)
+
+
+def int8_against_fp32(cells: dict[tuple[str, int], list[dict]]) -> None:
+    """Each method in flight and in int8 against itself blocking in fp32, at equal steps:
+    the paired change in perplexity (same seed), and whether the medians differ by more than
+    the larger of the two ranges over seeds (the target: within the spread)."""
+    pairs = [(m, n) for (m, n) in cells if m.endswith("-int8") and (m[:-5], n) in cells]
+    if not pairs:
+        return
+    print("\nIn flight and in int8 (`--overlap --exchange-dtype int8`) against blocking fp32, "
+          "the same steps and seeds:\n")
+    print("| method | --sync-every | fp32, median (range) | int8 in flight, median (range) | "
+          "paired change, median (range) | within the spread | bytes, int8 / fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for method, n in sorted(pairs, key=lambda c: (list(METHODS).index(c[0]), c[1])):
+        fp32, int8 = cells[(method[:-5], n)], cells[(method, n)]
+        by_seed = {r["seed"]: r["test_ppl"] for r in fp32}
+        change = [r["test_ppl"] / by_seed[r["seed"]] - 1 for r in int8 if r["seed"] in by_seed]
+        a, b = [r["test_ppl"] for r in fp32], [r["test_ppl"] for r in int8]
+        spread = max(max(a) - min(a), max(b) - min(b))
+        within = ("one seed" if min(len(a), len(b)) < 2 else
+                  "yes" if abs(statistics.median(b) - statistics.median(a)) <= spread else "no")
+        ratio = (statistics.median(r["comm_bytes_per_rank"] for r in int8)
+                 / statistics.median(r["comm_bytes_per_rank"] for r in fp32))
+        print(f"| {method[:-5]} | {n} | {statistics.median(a):.3f} ({min(a):.3f}-{max(a):.3f}) "
+              f"| {statistics.median(b):.3f} ({min(b):.3f}-{max(b):.3f}) | "
+              f"{statistics.median(change):+.1%} ({min(change):+.1%} to {max(change):+.1%}) | "
+              f"{within} | {ratio:.2f} |")
 
 
 def swarm_grid(cells: dict[tuple[str, int, float], list[dict]]) -> None:
