@@ -255,6 +255,10 @@ class TrainConfig:
     most --sync-every (0: a quarter of --sync-every, rounded up: on MNIST-1D's mlp-wide
     K up to a quarter of the period kept the blocking accuracy, half of it lost about a
     point, a whole period two to three)."""
+    local_after_steps: int = field(default=0, metadata={"metavar": "K"})
+    """PA, SlowMo and PSO-PS: take the first K steps as SSGD does (the gradient averaged over
+    the ranks at every step, so every rank takes the same step and keeps the same optimizer
+    state), and the periodic rounds only after them (post-local SGD); 0: from the start."""
     exchange_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """What a round of PA, SlowMo or PSO-PS's centre rules sends: the weights in fp32, or
     their difference from the last round's centre in bf16 or int8 (a scale per 128 values),
@@ -370,7 +374,8 @@ class TrainConfig:
             raise UsageError("--resume must be 'auto', 'none' or a checkpoint folder")
 
     def _check_exchange(self) -> None:
-        """--overlap, --overlap-steps and --exchange-dtype fit the algorithm."""
+        """--overlap, --overlap-steps, --exchange-dtype and --local-after-steps fit the
+        algorithm."""
         _integer("--overlap-steps", self.overlap_steps, 0)
         if self.overlap_steps and not self.overlap:
             raise UsageError("--overlap-steps sets when a round left in flight lands: add "
@@ -378,6 +383,10 @@ class TrainConfig:
         if self.overlap_steps > self.sync_every:
             raise UsageError(f"--overlap-steps {self.overlap_steps} is beyond the next round "
                              f"(--sync-every {self.sync_every}): a round lands by the next one")
+        _integer("--local-after-steps", self.local_after_steps, 0)
+        if self.algo == "ssgd" and self.local_after_steps:
+            raise UsageError("--local-after-steps starts PA, SlowMo or PSO-PS with SSGD's "
+                             "steps; SSGD takes them all along")
         if self.algo == "ssgd" and (self.overlap or self.exchange_dtype != "fp32"):
             raise UsageError("SSGD averages every step's gradient in fp32: --overlap and "
                              "--exchange-dtype are for pa, slowmo and pso-ps")

@@ -284,6 +284,8 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def describe(run: Run) -> str:
     cfg, world = run.config, run.world
     rule = "every step" if cfg.algo == "ssgd" else f"every {cfg.sync_every} steps"
+    if cfg.local_after_steps:
+        rule += f" after {cfg.local_after_steps} steps of SSGD"
     batch = (f"{cfg.grad_accum_steps} x {cfg.batch_size}" if cfg.grad_accum_steps > 1
              else str(cfg.batch_size))
     mixed = "" if cfg.precision == "fp32" else f" in {cfg.precision} (autocast)"

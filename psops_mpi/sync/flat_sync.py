@@ -24,7 +24,7 @@ and goes into the next round).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,6 +57,10 @@ class FlatSynchronizer(Synchronizer):
             after it started (at most ``sync_every``).
         exchange_dtype: what travels, for the synchronisers that average positions: fp32,
             bf16 or int8 (differences from the centre, with error feedback).
+        warm_steps: the first steps run as SSGD (the gradient averaged over the ranks after
+            every backward pass: every rank takes the same step), the periodic rounds only
+            after them (post-local SGD, Lin et al. 2020); 0: none.
+        loss_scale: under fp16, the current loss scale (see :class:`SSGDSync`).
     """
 
     extra_slots = 1  # slots after the weights in the flat buffer: the finite flag (PSO-PS:
@@ -73,11 +77,14 @@ class FlatSynchronizer(Synchronizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  comm: MPI.Comm | None = None, sync_every: int = 1,
                  cuda_aware: bool = False, *, max_nonfinite: int = MAX_NONFINITE,
-                 overlap_steps: int = 0, exchange_dtype: str = "fp32") -> None:
+                 overlap_steps: int = 0, exchange_dtype: str = "fp32", warm_steps: int = 0,
+                 loss_scale: Callable[[], float] | None = None) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {sync_every}")
         if max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be a positive integer, got {max_nonfinite}")
+        if warm_steps < 0:
+            raise ValueError(f"warm_steps must be at least 0, got {warm_steps}")
         if not 0 <= overlap_steps <= sync_every:
             raise ValueError(f"overlap_steps must be in [0, sync_every={sync_every}], got "
                              f"{overlap_steps}")
@@ -90,6 +97,8 @@ class FlatSynchronizer(Synchronizer):
         self.max_nonfinite = max_nonfinite
         self.overlap_steps = overlap_steps
         self.exchange_dtype = exchange_dtype
+        self.warm_steps = warm_steps
+        self.loss_scale = loss_scale
         self.flat = FlatParams(model, extra=self.extra_slots)
         self.buffers = FlatBuffers(model, extra=1)
         self.exchange = Exchange(self.comm, cuda_aware=cuda_aware,
@@ -124,13 +133,46 @@ class FlatSynchronizer(Synchronizer):
             self.exchange.bcast_(self.buffers.data, root=0)
         self.exchange.reset_counters()
 
+    @property
+    def warming_up(self) -> bool:
+        """Whether the next step is one of the first ``warm_steps``: taken as SSGD's."""
+        return self.steps < self.warm_steps
+
     def after_backward(self) -> bool:
-        """Nothing to do but let a round in flight move (only SSGD acts on gradients)."""
+        """During the warm start, average the gradient (SSGD's step); after it, nothing to do
+        but let a round in flight move."""
+        if self.warming_up:
+            return self._average_gradient()
         if self.inflight_step is not None:
             self.exchange.poke(self._pending)
         return True
 
+    def _average_gradient(self) -> bool:
+        """The gradient averaged over the ranks (a round); False, with every gradient
+        dropped so the optimizer skips the step, when the average is not finite."""
+        self.flat.attach_grads()
+        step = self.steps + 1
+        self.exchange.arrive(lambda: f"step {step}")
+        self.exchange.allreduce_mean_(self.flat.grad)
+        self.rounds += 1
+        finite = all_finite(self.flat.grad)
+        if not finite:
+            for param in self.flat.params:  # attach_grads() makes them views again next step
+                param.grad = None
+        if not finite and self.loss_scale is not None and self.loss_scale() > 1:
+            self.skipped += 1  # the scaler's overflow: skipped, not a step towards the limit
+        else:
+            self._count_sync(finite)
+        self._stop_if_stuck(step)
+        return finite
+
     def after_step(self, loss: torch.Tensor | None = None) -> bool:
+        if self.warming_up:
+            self.steps += 1
+            if not self.warming_up:  # the last warm step: the periods begin here
+                self.average_buffers()
+                self._begin_periods()
+            return False
         self.steps += 1
         self.steps_since_round += 1
         self._observe(loss)
@@ -146,6 +188,10 @@ class FlatSynchronizer(Synchronizer):
 
     def _round_due(self) -> bool:
         return self.steps_since_round >= self.sync_every
+
+    def _begin_periods(self) -> None:
+        """After the warm start every rank holds the same weights: what a synchroniser keeps
+        of the last round (a centre, the period's sums) starts from them."""
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         """Hook for synchronisers that need the loss (PSO-PS fitness)."""
@@ -254,7 +300,13 @@ class FlatSynchronizer(Synchronizer):
         """A round if local steps were taken since the last one. With overlap, between
         epochs (``final`` False) that round is left in flight like any other (the ranks
         evaluate the centre of the round that landed last); at the run's end the round in
-        flight lands and the round is a blocking one, so that every rank ends on it."""
+        flight lands and the round is a blocking one, so that every rank ends on it. During
+        the warm start the weights are one model already: only BatchNorm's statistics are
+        averaged, as SSGD does."""
+        if self.warming_up:
+            self.exchange.arrive(lambda: f"the BatchNorm averaging (step {self.steps})")
+            self.average_buffers()
+            return
         if not self.overlap_steps or not final:
             if self.steps_since_round:
                 self.sync_round()

@@ -38,6 +38,10 @@ class PASync(FlatSynchronizer):
         if self.overlap_steps or self.mean.dtype != "fp32":
             self.anchor = flat_buffer(data.numel(), data.dtype, data.device).copy_(data)
 
+    def _begin_periods(self) -> None:
+        if self.anchor is not None:
+            self.anchor.copy_(self.flat.data)
+
     def _start(self) -> Pending:
         sent = self._sent()
         self.sent_finite = all_finite(sent[: self.flat.numel])

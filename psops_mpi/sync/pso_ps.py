@@ -85,7 +85,8 @@ class PSOSync(FlatSynchronizer):
                  reset_momentum: bool = False, cuda_aware: bool = False,
                  max_nonfinite: int = MAX_NONFINITE, rounds_per_epoch: int = 1,
                  warmup_rounds: int = 0, overlap_steps: int = 0,
-                 exchange_dtype: str = "fp32", **overrides: object) -> None:
+                 exchange_dtype: str = "fp32", warm_steps: int = 0,
+                 loss_scale: Callable[[], float] | None = None, **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
@@ -94,7 +95,8 @@ class PSOSync(FlatSynchronizer):
                              "the particle rule has none")
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,
                          max_nonfinite=max_nonfinite, overlap_steps=overlap_steps,
-                         exchange_dtype=exchange_dtype)
+                         exchange_dtype=exchange_dtype, warm_steps=warm_steps,
+                         loss_scale=loss_scale)
         if (self.config.fitness == "holdout" or self.config.lr_spread > 1) and fitness_fn is None:
             raise ValueError("fitness 'holdout' and the learning-rate search need a fitness_fn "
                              "that returns the holdout loss")
@@ -173,7 +175,15 @@ class PSOSync(FlatSynchronizer):
         return self._loss_sum / max(self.steps_since_round, 1)
 
     def lr_scale(self) -> float:
-        return self.rate.multiplier(self.rank) if self.rate is not None else 1.0
+        if self.rate is None or self.warming_up:  # SSGD's steps: one rate on every rank
+            return 1.0
+        return self.rate.multiplier(self.rank)
+
+    def _begin_periods(self) -> None:
+        """The centre starts where the warm start ended (the bests, of infinite fitness
+        still, give way at the first round)."""
+        if self.anchor is not None:
+            self.anchor.copy_(self.flat.data)
 
     def _start(self) -> Pending:
         """Fitness (and the learning-rate search's scores: P scalars, blocking), personal

@@ -29,6 +29,7 @@ sends differences from it (:mod:`psops_mpi.sync.mean`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,10 +60,12 @@ class SlowMoSync(FlatSynchronizer):
                  outer_lr: float = 1.0, outer_momentum: float = 0.4,
                  outer_nesterov: bool = False, reset_momentum: bool = False,
                  cuda_aware: bool = False, max_nonfinite: int = MAX_NONFINITE,
-                 overlap_steps: int = 0, exchange_dtype: str = "fp32") -> None:
+                 overlap_steps: int = 0, exchange_dtype: str = "fp32", warm_steps: int = 0,
+                 loss_scale: Callable[[], float] | None = None) -> None:
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,
                          max_nonfinite=max_nonfinite, overlap_steps=overlap_steps,
-                         exchange_dtype=exchange_dtype)
+                         exchange_dtype=exchange_dtype, warm_steps=warm_steps,
+                         loss_scale=loss_scale)
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self.outer_nesterov, self.reset_momentum = outer_nesterov, reset_momentum
         data = self.flat.data
@@ -73,6 +76,9 @@ class SlowMoSync(FlatSynchronizer):
         self.lr_sum = 0.0  # the local learning rates of this period's steps, summed
         self.period_lr = 0.0  # the mean rate of the period of the round last started
         self._unknown_rates = 0  # steps of the period whose rates a 0.2.0 checkpoint lacks
+
+    def _begin_periods(self) -> None:
+        self.anchor.copy_(self.flat.data)
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         self.lr_sum += float(self.optimizer.param_groups[0]["lr"])  # a Python float: no sync

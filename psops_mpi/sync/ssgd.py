@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from psops_mpi.flat import all_finite
 from psops_mpi.sync.flat_sync import FlatSynchronizer
 
 
@@ -37,27 +35,8 @@ class SSGDSync(FlatSynchronizer):
     nonfinite = "the averaged gradient was not finite"
     sync_unit = "steps"
 
-    def __init__(self, *args: Any, loss_scale: Callable[[], float] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loss_scale = loss_scale
-
     def after_backward(self) -> bool:
-        self.flat.attach_grads()
-        step = self.steps + 1
-        self.exchange.arrive(lambda: f"step {step}")
-        self.exchange.allreduce_mean_(self.flat.grad)
-        self.rounds += 1
-        finite = all_finite(self.flat.grad)
-        if not finite:
-            for param in self.flat.params:  # attach_grads() makes them views again next step
-                param.grad = None
-        if not finite and self.loss_scale is not None and self.loss_scale() > 1:
-            self.skipped += 1  # the scaler's overflow: skipped, not a step towards the limit
-        else:
-            self._count_sync(finite)
-        self._stop_if_stuck(step)
-        return finite
+        return self._average_gradient()
 
     def _round_due(self) -> bool:
         return False  # the gradient was averaged in after_backward(): that was the round

@@ -75,7 +75,7 @@ def last_event(metrics: Path) -> dict:
 
 
 FP16 = ("--precision", "fp16")
-IN_FLIGHT = ("--overlap", "--overlap-steps", "8")
+IN_FLIGHT = ("--overlap", "--overlap-steps", "8", "--local-after-steps", "24")
 
 
 @pytest.mark.parametrize(("algo", "flags"), [("pso-ps", ()), ("ssgd", FP16),
@@ -86,7 +86,8 @@ def test_killed_run_resumes_bit_identically(tmp_path: Path, algo: str,
     end (step 124, across an epoch boundary) holds the same bytes as a run never stopped.
     In fp16 the loss scaler's scale and growth counter are in every shard and resume too,
     and the weights are kept in fp32 (PA resumes exactly: the CIFAR-10 test below);
-    with --overlap the checkpoint of step 36 holds the round of step 32 in flight (its
+    SlowMo takes its first 24 steps as SSGD's (--local-after-steps), then rounds every 8
+    steps left in flight: the checkpoint of step 36 holds the round of step 32 in flight (its
     snapshot and result, saved unapplied), which the resumed run lands at step 40."""
     args = [*RUN, "--algo", algo, *flags]
     whole, broken = tmp_path / "whole", tmp_path / "broken"

@@ -186,7 +186,7 @@ def signal_mid_training(args: list[str], pid_dir: Path, target: str, signum: int
 @pytest.mark.parametrize(("target", "signum", "flags"), [
     ("launcher", signal.SIGTERM, ()),
     ("rank 1", signal.SIGUSR1, ("--overlap", "--overlap-steps", "8", "--exchange-dtype",
-                                "int8"))])
+                                "int8", "--local-after-steps", "8"))])
 def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
         tmp_path: Path, uninterrupted, target: str, signum: int,
         flags: tuple[str, ...]) -> None:
@@ -195,7 +195,8 @@ def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
     second: here every 40 to 50 steps), after a checkpoint of that step, exit code 75; the
     same command then continues to the end, and every rank's weights, momentum and swarm
     end bit for bit as in the run that was never signalled. With --overlap a round is in
-    flight at every step after the first round: the checkpoint keeps it."""
+    flight at every step after the first round (here at step 16, after 8 warm steps of
+    SSGD's): the checkpoint keeps it."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = [*SIGNALLED, *flags, "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics)]
     res = signal_mid_training(args, tmp_path, target, signum)
@@ -217,7 +218,7 @@ def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
     assert start_event["resumed_from"] == stopped["checkpoint"]
     if flags:  # a round starts every 8 steps and lands 8 steps later, when the next starts
         with h5py.File(ckpt / f"step-{step:08d}" / "rank-00000.h5") as fh:
-            assert ("sync/inflight" in fh) == (step >= 8)
+            assert ("sync/inflight" in fh) == (step >= 16)
     for rank in range(2):
         want = final_state(uninterrupted(flags), rank)
         got = final_state(ckpt / f"step-{LAST_STEP:08d}", rank)

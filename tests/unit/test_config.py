@@ -47,6 +47,8 @@ def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
         ({"exchange_dtype": "int4"}, "unknown exchange dtype 'int4'"),
         ({"pso_preset": "paper", "exchange_dtype": "int8"}, "the particle rule"),
         ({"exchange": "allgather", "exchange_dtype": "bf16"}, "use --exchange best or auto"),
+        ({"local_after_steps": -1}, "--local-after-steps must be an integer >= 0"),
+        ({"algo": "ssgd", "local_after_steps": 8}, "SSGD takes them all along"),
     ],
 )
 def test_bad_values_raise_one_line(kwargs: dict, needle: str) -> None:
