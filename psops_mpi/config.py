@@ -259,6 +259,11 @@ class TrainConfig:
     """PA, SlowMo and PSO-PS: take the first K steps as SSGD does (the gradient averaged over
     the ranks at every step, so every rank takes the same step and keeps the same optimizer
     state), and the periodic rounds only after them (post-local SGD); 0: from the start."""
+    average_optimizer_state: bool = False
+    """PA, SlowMo and PSO-PS: at every round, average the ranks' optimizer state too
+    (momentum; AdamW's moments), so that every rank continues with the moments of all the
+    gradients, not only its own; one more Allreduce of the state's size (2N values for
+    AdamW)."""
     exchange_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """What a round of PA, SlowMo or PSO-PS's centre rules sends: the weights in fp32, or
     their difference from the last round's centre in bf16 or int8 (a scale per 128 values),
@@ -384,6 +389,12 @@ class TrainConfig:
             raise UsageError(f"--overlap-steps {self.overlap_steps} is beyond the next round "
                              f"(--sync-every {self.sync_every}): a round lands by the next one")
         _integer("--local-after-steps", self.local_after_steps, 0)
+        if self.algo == "ssgd" and self.average_optimizer_state:
+            raise UsageError("--average-optimizer-state is for pa, slowmo and pso-ps: SSGD's "
+                             "ranks hold one optimizer state already")
+        if self.average_optimizer_state and self.reset_momentum:
+            raise UsageError("--average-optimizer-state and --reset-momentum both set what the "
+                             "optimizer keeps at a round: choose one")
         if self.algo == "ssgd" and self.local_after_steps:
             raise UsageError("--local-after-steps starts PA, SlowMo or PSO-PS with SSGD's "
                              "steps; SSGD takes them all along")

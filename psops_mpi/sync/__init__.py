@@ -30,7 +30,8 @@ def make_sync(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opti
     period of its learning-rate search."""
     limit = config.max_nonfinite
     rounds = {"overlap_steps": config.landing_steps, "exchange_dtype": config.exchange_dtype,
-              "warm_steps": config.local_after_steps, "loss_scale": loss_scale}
+              "warm_steps": config.local_after_steps, "loss_scale": loss_scale,
+              "average_state": config.average_optimizer_state}
     if config.algo == "ssgd":
         return SSGDSync(model, optimizer, comm, 1, cuda_aware, max_nonfinite=limit,
                         loss_scale=loss_scale)

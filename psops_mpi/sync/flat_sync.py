@@ -61,6 +61,8 @@ class FlatSynchronizer(Synchronizer):
             every backward pass: every rank takes the same step), the periodic rounds only
             after them (post-local SGD, Lin et al. 2020); 0: none.
         loss_scale: under fp16, the current loss scale (see :class:`SSGDSync`).
+        average_state: at every round, replace each rank's optimizer state (momentum, Adam's
+            moments) by the ranks' mean as well (one more Allreduce of its size).
     """
 
     extra_slots = 1  # slots after the weights in the flat buffer: the finite flag (PSO-PS:
@@ -78,7 +80,8 @@ class FlatSynchronizer(Synchronizer):
                  comm: MPI.Comm | None = None, sync_every: int = 1,
                  cuda_aware: bool = False, *, max_nonfinite: int = MAX_NONFINITE,
                  overlap_steps: int = 0, exchange_dtype: str = "fp32", warm_steps: int = 0,
-                 loss_scale: Callable[[], float] | None = None) -> None:
+                 loss_scale: Callable[[], float] | None = None,
+                 average_state: bool = False) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {sync_every}")
         if max_nonfinite < 1:
@@ -99,6 +102,8 @@ class FlatSynchronizer(Synchronizer):
         self.exchange_dtype = exchange_dtype
         self.warm_steps = warm_steps
         self.loss_scale = loss_scale
+        self.average_state = average_state
+        self._state_buffer: torch.Tensor | None = None
         self.flat = FlatParams(model, extra=self.extra_slots)
         self.buffers = FlatBuffers(model, extra=1)
         self.exchange = Exchange(self.comm, cuda_aware=cuda_aware,
@@ -223,7 +228,46 @@ class FlatSynchronizer(Synchronizer):
         if self._x0 is not None:
             self._x0.copy_(self.flat.packed)
         self.exchange.finish(self._start(), self._where)
+        self._average_optimizer_state()
         self._finish()
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """The optimizer's per-parameter tensors (momentum, Adam's moments), in a fixed
+        order; none before the rank's first step, or after a restart."""
+        state = self.optimizer.state
+        return [value for param in self.flat.params for key, value in
+                sorted(state.get(param, {}).items())
+                if torch.is_tensor(value) and value.is_floating_point()
+                and value.shape == param.shape]
+
+    def _average_optimizer_state(self) -> None:
+        """With ``average_state``: every rank's optimizer state becomes the mean over the
+        ranks whose state is finite (before the round's result is applied, so a rank that
+        restarts there still starts afresh). A rank without state yet sends zeros and keeps
+        none: the optimizer makes its own at its next step."""
+        if not self.average_state:
+            return
+        tensors = self._state_tensors()
+        mine = sum(t.numel() for t in tensors)
+        sizes = self.exchange.allgather_scalar(float(mine))
+        total = int(sizes.max())
+        if mine not in (0, total):
+            raise RuntimeError(f"rank {self.rank}'s optimizer state holds {mine} values, "
+                               f"another rank's {total}: it cannot be averaged")
+        if total == 0:
+            return
+        if self._state_buffer is None or self._state_buffer.numel() != total + 1:
+            data = self.flat.data
+            self._state_buffer = flat_buffer(total + 1, data.dtype, data.device)
+        packed = self._state_buffer
+        if mine:
+            torch.cat([t.reshape(-1) for t in tensors], out=packed[:total])
+        finite = bool(mine) and all_finite(packed[:total])
+        if self.exchange.allreduce_finite_mean_(packed, finite) and mine:
+            offset = 0
+            for t in tensors:
+                t.copy_(packed[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def _sent(self) -> torch.Tensor:
         """The packed position ``[x ; slots]`` this round sends: the model's own buffer, or
@@ -254,6 +298,7 @@ class FlatSynchronizer(Synchronizer):
         else:  # the rule overwrites the position whole: the snapshot holds the progress
             delta = torch.sub(x, x0, out=x0)
         restarts = self.restarts
+        self._average_optimizer_state()
         self._finish()
         self.inflight_step = None
         if self.restarts != restarts:  # restarted at the result: its progress is lost too

@@ -86,7 +86,8 @@ class PSOSync(FlatSynchronizer):
                  max_nonfinite: int = MAX_NONFINITE, rounds_per_epoch: int = 1,
                  warmup_rounds: int = 0, overlap_steps: int = 0,
                  exchange_dtype: str = "fp32", warm_steps: int = 0,
-                 loss_scale: Callable[[], float] | None = None, **overrides: object) -> None:
+                 loss_scale: Callable[[], float] | None = None,
+                 average_state: bool = False, **overrides: object) -> None:
         cfg = config or PSOConfig()
         self.config = PSOConfig(**{**vars(cfg), **overrides}) if overrides else cfg
         self.exchange_kind = ""  # allgather or best: chosen once the sizes are known
@@ -96,7 +97,7 @@ class PSOSync(FlatSynchronizer):
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,
                          max_nonfinite=max_nonfinite, overlap_steps=overlap_steps,
                          exchange_dtype=exchange_dtype, warm_steps=warm_steps,
-                         loss_scale=loss_scale)
+                         loss_scale=loss_scale, average_state=average_state)
         if (self.config.fitness == "holdout" or self.config.lr_spread > 1) and fitness_fn is None:
             raise ValueError("fitness 'holdout' and the learning-rate search need a fitness_fn "
                              "that returns the holdout loss")

@@ -61,11 +61,12 @@ class SlowMoSync(FlatSynchronizer):
                  outer_nesterov: bool = False, reset_momentum: bool = False,
                  cuda_aware: bool = False, max_nonfinite: int = MAX_NONFINITE,
                  overlap_steps: int = 0, exchange_dtype: str = "fp32", warm_steps: int = 0,
-                 loss_scale: Callable[[], float] | None = None) -> None:
+                 loss_scale: Callable[[], float] | None = None,
+                 average_state: bool = False) -> None:
         super().__init__(model, optimizer, comm, sync_every, cuda_aware,
                          max_nonfinite=max_nonfinite, overlap_steps=overlap_steps,
                          exchange_dtype=exchange_dtype, warm_steps=warm_steps,
-                         loss_scale=loss_scale)
+                         loss_scale=loss_scale, average_state=average_state)
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self.outer_nesterov, self.reset_momentum = outer_nesterov, reset_momentum
         data = self.flat.data

@@ -186,7 +186,8 @@ def signal_mid_training(args: list[str], pid_dir: Path, target: str, signum: int
 @pytest.mark.parametrize(("target", "signum", "flags"), [
     ("launcher", signal.SIGTERM, ()),
     ("rank 1", signal.SIGUSR1, ("--overlap", "--overlap-steps", "8", "--exchange-dtype",
-                                "int8", "--local-after-steps", "8"))])
+                                "int8", "--local-after-steps", "8",
+                                "--average-optimizer-state"))])
 def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
         tmp_path: Path, uninterrupted, target: str, signum: int,
         flags: tuple[str, ...]) -> None:
@@ -196,7 +197,7 @@ def test_a_stop_signal_checkpoints_and_the_run_resumes_bit_identically(
     same command then continues to the end, and every rank's weights, momentum and swarm
     end bit for bit as in the run that was never signalled. With --overlap a round is in
     flight at every step after the first round (here at step 16, after 8 warm steps of
-    SSGD's): the checkpoint keeps it."""
+    SSGD's, each round averaging the momentum too): the checkpoint keeps it."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = [*SIGNALLED, *flags, "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics)]
     res = signal_mid_training(args, tmp_path, target, signum)

@@ -38,14 +38,15 @@ def test_a_language_model_learns_english_text_with_adamw_warmup_and_clipping(
 def test_own_data_with_workers_and_the_modern_recipe_resume_exactly_and_resize(
         tmp_path: Path) -> None:
     """A user's map-style set (noise drawn as each sample is read) through two DataLoader
-    workers per rank, SlowMo (its period's rates are state too) with AdamW, a warmup,
-    clipping and accumulation: 16 batches an epoch at 2 ranks, 8 optimizer steps of 2.
+    workers per rank, SlowMo (its period's rates are state too) with AdamW (its moments
+    averaged at every round), a warmup, clipping and accumulation: 16 batches an epoch at 2
+    ranks, 8 optimizer steps of 2.
     Killed and resumed at step 3 (mid-epoch, mid-period, mid-warmup), it ends bit-identical
     to a run never stopped. The same checkpoint continues on 3 ranks: the new rank's AdamW
     state starts fresh, and the data order continues at the same fraction of the epoch."""
     args = ["--dataset", "tests.helpers.user_data:blobs", "--model", "mlp", "--algo", "slowmo",
-            "--sync-every", "2", *RECIPE, "--grad-accum-steps", "2", "--epochs", "3",
-            "--batch-size", "32", "--data-workers", "2", "--quiet"]
+            "--sync-every", "2", "--average-optimizer-state", *RECIPE, "--grad-accum-steps", "2",
+            "--epochs", "3", "--batch-size", "32", "--data-workers", "2", "--quiet"]
     resume_matches_uninterrupted(tmp_path, args, every=3, resume_at=3, final=24)
     res = launch([*args, "--checkpoint-dir", str(tmp_path / "three"), "--resume",
                   str(tmp_path / "whole" / "step-00000003")], ranks=3)

@@ -49,6 +49,9 @@ def test_defaults_are_valid_and_resolve_to_plain_values() -> None:
         ({"exchange": "allgather", "exchange_dtype": "bf16"}, "use --exchange best or auto"),
         ({"local_after_steps": -1}, "--local-after-steps must be an integer >= 0"),
         ({"algo": "ssgd", "local_after_steps": 8}, "SSGD takes them all along"),
+        ({"algo": "ssgd", "average_optimizer_state": True}, "one optimizer state already"),
+        ({"algo": "slowmo", "average_optimizer_state": True, "reset_momentum": True},
+         "choose one"),
     ],
 )
 def test_bad_values_raise_one_line(kwargs: dict, needle: str) -> None:
