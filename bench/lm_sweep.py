@@ -14,7 +14,12 @@ model, data order, recipe and number of optimizer steps (``--max-steps``); the m
 * ``pso-search``, ``elastic``, ``elastic-0.25``: PSO-PS searching the learning rate, and the
   elastic swarm at rho 0.5 and 0.25 (the swarm's own grid, with ``--lrs``);
 * ``pa-int8``, ``slowmo-int8``, ``diloco-int8``, ``pso-int8``: those methods with their rounds
-  in flight (``--overlap``) and encoded in int8.
+  in flight (``--overlap``) and encoded in int8;
+* ``pa-avg`` ... ``pso-avg``: with the ranks' AdamW moments averaged at every round
+  (``--average-optimizer-state``); ``pa-warm`` ... ``pso-warm``: with the first 100 steps
+  taken as SSGD's (``--local-after-steps 100``).
+
+By default (``--methods``) the first five.
 
 at ``--sync-every`` 16, 64 and 256 and seeds 0-2, at ``--lr`` or at each of ``--lrs``. Each
 run is appended to ``OUT/runs.jsonl`` as soon as it ends; ``--resume`` skips the runs already
@@ -28,8 +33,8 @@ starting rates, a column per rate and the search against SlowMo.
 
 Rounds in flight and in int8 against blocking fp32 (the blocking runs are bench/results/lm's):
 
-    python bench/lm_sweep.py --out bench/results/lm --methods pa-int8,slowmo-int8,pso-int8 \
---syncs 16,64 --resume
+    python bench/lm_sweep.py --out bench/results/lm --methods pa-int8,slowmo-int8,diloco-int8,\
+pso-int8 --syncs 16,64 --resume
 
 The swarm's own grid on the language model:
 
@@ -64,13 +69,19 @@ METHODS: dict[str, list[str]] = {
 # against their blocking fp32 runs, perplexity at equal steps.
 INT8 = ["--overlap", "--exchange-dtype", "int8"]
 METHODS.update({f"{m}-int8": [*METHODS[m], *INT8] for m in ("pa", "slowmo", "diloco", "pso")})
+# The language model's own options (its issue): the ranks' AdamW moments averaged at every
+# round, and the first 100 steps (the warmup's) taken as SSGD's (post-local SGD).
+OPTIONS = {"avg": ["--average-optimizer-state"], "warm": ["--local-after-steps", "100"]}
+METHODS.update({f"{m}-{o}": [*METHODS[m], *flags] for o, flags in OPTIONS.items()
+                for m in ("pa", "slowmo", "diloco", "pso")})
+BASE = "ssgd,pa,slowmo,diloco,pso"  # the default --methods
 DEFAULT_LR = 3e-3  # runs at this rate keep the keys they had before --lrs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=BASE)
     p.add_argument("--syncs", default="16,64,256")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ranks", type=int, default=4)
@@ -200,7 +211,8 @@ def int8_against_fp32(cells: dict[tuple[str, int], list[dict]]) -> None:
     if not pairs:
         return
     print("\nIn flight and in int8 (`--overlap --exchange-dtype int8`) against blocking fp32, "
-          "the same steps and seeds:\n")
+          "the same steps and seeds (`python bench/lm_sweep.py --out bench/results/lm "
+          "--methods pa-int8,slowmo-int8,diloco-int8,pso-int8 --syncs 16,64 --resume`):\n")
     print("| method | --sync-every | fp32, median (range) | int8 in flight, median (range) | "
           "paired change, median (range) | within the spread | bytes, int8 / fp32 |")
     print("|---|---|---|---|---|---|---|")
