@@ -14,6 +14,14 @@ def local_step(model: nn.Module, opt: torch.optim.Optimizer, sync, step: int,
                comm: MPI.Comm = MPI.COMM_WORLD, nan: bool = False) -> None:
     """One SGD step on this rank's own batch (different on every rank and step) with the
     four loop calls; ``nan``: this rank's weights turn NaN first."""
+    sync.after_step(step_before_the_round(model, opt, sync, step, comm, nan))
+
+
+def step_before_the_round(model: nn.Module, opt: torch.optim.Optimizer, sync, step: int,
+                          comm: MPI.Comm = MPI.COMM_WORLD,
+                          nan: bool = False) -> torch.Tensor:
+    """:func:`local_step` but for its last call, ``sync.after_step`` (where a round may
+    run); the step's loss, to hand to it."""
     if nan:
         with torch.no_grad():
             next(model.parameters()).fill_(math.nan)
@@ -24,4 +32,4 @@ def local_step(model: nn.Module, opt: torch.optim.Optimizer, sync, step: int,
     loss.backward()
     sync.after_backward()
     opt.step()
-    sync.after_step(loss)
+    return loss

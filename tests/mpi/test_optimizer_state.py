@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from tests.helpers.training import local_step
+from tests.helpers.training import local_step, step_before_the_round
 from tests.mpi.test_overlap import agreed, make, mlp
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -22,16 +22,9 @@ def moments(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def step_until_the_round(model, opt, sync, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The round's step up to (not including) the synchroniser's after_step: the moments
-    every rank then holds, averaged over the ranks by hand."""
-    gen = torch.Generator().manual_seed(100 * step + COMM.Get_rank())
-    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-    opt.zero_grad(set_to_none=False)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    sync.after_backward()
-    opt.step()
-    mine = moments(opt)
-    return [torch.stack(COMM.allgather(t)).mean(0) for t in mine], loss
+    every rank then holds, averaged over the ranks by hand, and the step's loss."""
+    loss = step_before_the_round(model, opt, sync, step)
+    return [torch.stack(COMM.allgather(t)).mean(0) for t in moments(opt)], loss
 
 
 @pytest.mark.parametrize("kind", ["pa", "slowmo", "centre"])
