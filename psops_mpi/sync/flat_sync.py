@@ -366,7 +366,7 @@ class FlatSynchronizer(Synchronizer):
     def consensus(self) -> Iterator[None]:
         """Evaluate :meth:`_consensus_weights` in place of this rank's position, then restore
         it (the model as it is when there is nothing else to evaluate)."""
-        answer = self._consensus_weights()
+        answer = None if self.warming_up else self._consensus_weights()
         if answer is None:
             yield
             return
@@ -380,6 +380,14 @@ class FlatSynchronizer(Synchronizer):
     def _consensus_weights(self) -> torch.Tensor | None:
         """The weights every rank evaluates, when not its own (None)."""
         return None
+
+    def consensus_source(self) -> tuple[int, str | None]:
+        """During the warm start every rank's model is the one (what a synchroniser keeps
+        of its rounds starts only after it); then :meth:`_answer_source`."""
+        return (0, None) if self.warming_up else self._answer_source()
+
+    def _answer_source(self) -> tuple[int, str | None]:
+        return 0, None
 
     def summary(self) -> dict[str, Any]:
         """Whether a round is in flight, and the steps since the last one (a resume that

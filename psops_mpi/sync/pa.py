@@ -63,7 +63,7 @@ class PASync(FlatSynchronizer):
         self._count_sync(True)
         self.average_buffers()
 
-    def consensus_source(self) -> tuple[int, str | None]:
+    def _answer_source(self) -> tuple[int, str | None]:
         return (0, "anchor") if self.overlap_steps else (0, None)
 
     def _consensus_weights(self) -> torch.Tensor | None:

@@ -332,7 +332,7 @@ class PSOSync(FlatSynchronizer):
         # no finite fitness yet: nothing better to offer than the particle itself
         return self.swarm.gbest if self.swarm.gbest_owner >= 0 else None
 
-    def consensus_source(self) -> tuple[int, str | None]:
+    def _answer_source(self) -> tuple[int, str | None]:
         owner = self.swarm.gbest_owner
         if self._own is not None or (self.anchor is not None and self.overlap_steps):
             return 0, "anchor"

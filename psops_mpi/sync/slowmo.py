@@ -123,7 +123,7 @@ class SlowMoSync(FlatSynchronizer):
     def _consensus_weights(self) -> torch.Tensor | None:
         return self.anchor if self.overlap_steps else None
 
-    def consensus_source(self) -> tuple[int, str | None]:
+    def _answer_source(self) -> tuple[int, str | None]:
         return (0, "anchor") if self.overlap_steps else (0, None)
 
     optional_state_keys = (*FlatSynchronizer.optional_state_keys, "lr_sum", "period_lr")

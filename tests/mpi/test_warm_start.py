@@ -25,8 +25,10 @@ def test_the_warm_steps_are_ssgds_and_the_periods_start_from_them(kind: str,
     reference = mlp()
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
     ssgd = SSGDSync(reference, ref_opt, COMM, 1)
+    ssgd_weights = []
     for step in range(WARM):
         local_step(reference, ref_opt, ssgd, step)
+        ssgd_weights.append(ssgd.flat.data.clone())
 
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
@@ -34,6 +36,11 @@ def test_the_warm_steps_are_ssgds_and_the_periods_start_from_them(kind: str,
     for step in range(WARM):
         assert sync.warming_up and sync.lr_scale() == 1.0
         local_step(model, opt, sync, step)
+        if step == 1:  # between epochs inside the warm start: the model itself is evaluated
+            sync.flush(final=False)
+            assert sync.consensus_source() == (0, None) and sync.inflight_step is None
+            with sync.consensus():
+                assert torch.equal(sync.flat.data, ssgd_weights[step])
     assert not sync.warming_up and sync.rounds == WARM and sync.steps_since_round == 0
     assert torch.equal(sync.flat.data, ssgd.flat.data) and agreed(sync.flat.data)
     for name in ("exp_avg", "exp_avg_sq"):
