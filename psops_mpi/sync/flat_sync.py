@@ -116,6 +116,7 @@ class FlatSynchronizer(Synchronizer):
         self.skipped = 0  # syncs skipped on every rank: no rank had finite values
         self.consecutive_skipped = 0
         self.mean: RankMean | None = None  # the ranks' mean, for those that exchange one
+        self.anchor: torch.Tensor | None = None  # the last round's centre, for those with one
         self.inflight_step: int | None = None  # the step at which the round in flight began
         self._pending: Pending = Done()
         self.sent_finite = True  # whether the position sent at the last round was finite
@@ -195,8 +196,11 @@ class FlatSynchronizer(Synchronizer):
         return self.steps_since_round >= self.sync_every
 
     def _begin_periods(self) -> None:
-        """After the warm start every rank holds the same weights: what a synchroniser keeps
-        of the last round (a centre, the period's sums) starts from them."""
+        """After the warm start every rank holds the same weights: the centre, where there
+        is one, starts from them (the bests of PSO-PS, of infinite fitness still, give way
+        at the first round)."""
+        if self.anchor is not None:
+            self.anchor.copy_(self.flat.data)
 
     def _observe(self, loss: torch.Tensor | None) -> None:
         """Hook for synchronisers that need the loss (PSO-PS fitness)."""

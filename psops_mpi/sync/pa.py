@@ -34,13 +34,8 @@ class PASync(FlatSynchronizer):
         data = self.flat.data
         self.mean = RankMean(self.exchange, self.flat.numel, data, self.exchange_dtype,
                              in_flight=bool(self.overlap_steps), own_buffer=False)
-        self.anchor: torch.Tensor | None = None
         if self.overlap_steps or self.mean.dtype != "fp32":
             self.anchor = flat_buffer(data.numel(), data.dtype, data.device).copy_(data)
-
-    def _begin_periods(self) -> None:
-        if self.anchor is not None:
-            self.anchor.copy_(self.flat.data)
 
     def _start(self) -> Pending:
         sent = self._sent()

@@ -180,11 +180,6 @@ class PSOSync(FlatSynchronizer):
             return 1.0
         return self.rate.multiplier(self.rank)
 
-    def _begin_periods(self) -> None:
-        """The centre starts where the warm start ended (the bests, of infinite fitness
-        still, give way at the first round)."""
-        if self.anchor is not None:
-            self.anchor.copy_(self.flat.data)
 
     def _start(self) -> Pending:
         """Fitness (and the learning-rate search's scores: P scalars, blocking), personal

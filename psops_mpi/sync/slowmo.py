@@ -78,9 +78,6 @@ class SlowMoSync(FlatSynchronizer):
         self.period_lr = 0.0  # the mean rate of the period of the round last started
         self._unknown_rates = 0  # steps of the period whose rates a 0.2.0 checkpoint lacks
 
-    def _begin_periods(self) -> None:
-        self.anchor.copy_(self.flat.data)
-
     def _observe(self, loss: torch.Tensor | None) -> None:
         self.lr_sum += float(self.optimizer.param_groups[0]["lr"])  # a Python float: no sync
 
